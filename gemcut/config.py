@@ -49,7 +49,7 @@ class SplitConfig(Section):
     stratify: bool = Field(True, description="Stratify by label where records have one.")
 
     @model_validator(mode="after")
-    def _fractions_leave_training_data(self) -> "SplitConfig":
+    def _fractions_leave_training_data(self) -> SplitConfig:
         if self.validation + self.test >= 1:
             raise ValueError(f"split.validation + split.test = {self.validation + self.test} leaves no training data; make the sum < 1")
         return self
@@ -181,7 +181,7 @@ class RunConfig(Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
-    def _cross_field_checks(self) -> "RunConfig":
+    def _cross_field_checks(self) -> RunConfig:
         es = self.train.early_stopping
         if es.metric.endswith("loss") and es.mode == "max":
             raise ValueError(f"train.early_stopping: metric {es.metric!r} is a loss but mode is 'max'; set train.early_stopping.mode=min")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 import typer
 
@@ -15,7 +14,7 @@ app.add_typer(config_app, name="config")
 
 
 @config_app.command("show")
-def show(config: Optional[str] = typer.Argument(None, help="YAML run file; omitted means defaults."),
+def show(config: str | None = typer.Argument(None, help="YAML run file; omitted means defaults."),
          overrides: list[str] = typer.Argument(None, help="key.sub=value overrides")) -> None:
     """Print the resolved config (file + overrides + defaults) as YAML."""
     overrides = list(overrides or [])

@@ -1,0 +1,88 @@
+"""Tiny random models and a tiny tokenizer, built in-process, for logic tests.
+
+Every test that needs a model uses these instead of a download: a byte-level BPE tokenizer trained on a
+few sentences (with a ChatML chat template like SmolLM2's), a 2-layer Llama, and a 2-layer BERT encoder.
+Seeds are fixed, so the weights, and so pinned losses, are identical on every run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "hello world, this is a tiny corpus for a tiny tokenizer.",
+    "the quick brown fox jumps over the lazy dog.",
+    "what is the capital of france? paris is the capital of france.",
+    "i love this product, it is great and wonderful!",
+    "i hate waiting, this is terrible and awful.",
+    "the weather is okay today, nothing special.",
+    "user assistant system: answer the question briefly.",
+    "0123456789 positive negative neutral",
+]
+
+
+def tiny_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def tiny_llama(tokenizer=None, seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
+    tokenizer = tokenizer or tiny_tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert_classifier(tokenizer=None, num_labels: int = 3, seed: int = 0) -> BertForSequenceClassification:
+    tokenizer = tokenizer or tiny_tokenizer()
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=128, num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def save_tiny_llama(path: str | Path, seed: int = 0) -> Path:
+    """A local model folder (safetensors + tokenizer) that gemcut resolves like any user's folder."""
+    path = Path(path)
+    tok = tiny_tokenizer()
+    tiny_llama(tok, seed=seed).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def save_tiny_bert(path: str | Path, num_labels: int = 3, seed: int = 0) -> Path:
+    path = Path(path)
+    tok = tiny_tokenizer()
+    tiny_bert_classifier(tok, num_labels=num_labels, seed=seed).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
