@@ -75,6 +75,10 @@ class DataConfig(Section):
     train_on: Literal["completion", "all"] = Field("completion", description="Which tokens carry loss in SFT: only completion/assistant tokens, or all.")
     packing: bool = Field(False, description="Pack several examples into one sequence (no attention across examples).")
     system_prompt: str | None = Field(None, description="System message prepended to prompts that have none.")
+    instruction: str = Field(
+        "Classify the sentiment of the text as one of: {labels}. Answer with the label only.\n\nText: {text}",
+        description="How `label` records are rendered as a prompt when a causal LM learns them as a generative classifier ({labels}, {text} are filled in).",
+    )
 
 
 class ModelConfig(Section):
