@@ -1,0 +1,469 @@
+"""Evaluate a run folder: the tuned model against its base, a forgetting check, eval.json and report.html.
+
+    gemcut eval runs/<name> [--split test] [--checkpoint final|best|last|step-N] [--no-base] [--max-examples N]
+    python -c "import gemcut; print(gemcut.evaluate('runs/<name>')['headline'])"
+
+Reads the run's `config.yaml` and its prepared `data/<split>.jsonl`, loads the chosen checkpoint with
+`gemcut.models.load.load_run`, and scores it by task (chosen from the record kind and the model):
+
+| task                        | records                       | tuned and base are scored by                       |
+|-----------------------------|-------------------------------|----------------------------------------------------|
+| `classification`            | label, sequence classifier    | argmax of the logits                               |
+| `generative_classification` | label, causal LM              | greedy answer mapped to a label (eval/labels.py)   |
+| `generation`                | prompt_completion, messages   | EM/ROUGE/BLEU of the answer, perplexity of the reference |
+| `language_modeling`         | text                          | perplexity                                         |
+| `preference`                | preference                    | pairwise accuracy (reward score or log-likelihood) |
+
+The base model of a LoRA run is the same model with the adapter switched off (peft `disable_adapter()`),
+so no second copy is loaded; other runs load the base weights once more (`load_base`). Each metric's
+tuned-minus-base difference gets a paired bootstrap interval (eval.bootstrap resamples, seed train.seed).
+For a causal LM the forgetting check measures perplexity on general held-out conversations
+(`eval.forgetting_data`, default the packaged chatterbot corpus) before and after, and warns when the
+tuned model is worse by more than `eval.forgetting_margin`. Outputs, in the run folder: `eval.json`
+(everything shown), `eval_predictions.jsonl` (one line per example: reference, base and tuned answers) and
+`report.html`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from gemcut.config import RunConfig, load_config
+from gemcut.errors import GemcutError
+from gemcut.eval import scoring
+from gemcut.eval.examples import Example, read_split, split_labels, to_example
+from gemcut.eval.labels import map_many
+from gemcut.eval.summary import ModelResults, headline_text, summarise
+
+FORGETTING_MAX_EXAMPLES = 200  # conversations scored for the forgetting check: enough for a stable perplexity
+
+
+# ---------------------------------------------------------------- model plumbing
+
+
+def unwrap(model):
+    """The transformers model under a peft wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def is_sequence_classifier(model) -> bool:
+    return type(unwrap(model)).__name__.endswith("ForSequenceClassification")
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+@contextlib.contextmanager
+def base_model(loaded, cfg: RunConfig):
+    """The base model for comparison: the adapter-disabled model for LoRA runs, else a fresh load of the base."""
+    model = loaded.model
+    if is_lora(model):
+        with model.disable_adapter():
+            yield model
+        return
+    from gemcut.models.load import load_base
+
+    base = load_base(cfg.model, loaded.task, labels=loaded.labels)
+    base_model_obj = getattr(base, "model", base)
+    base_model_obj.to(next(model.parameters()).device)
+    base_model_obj.eval()
+    try:
+        yield base_model_obj
+    finally:
+        del base, base_model_obj
+
+
+def render_ids(template, messages: list[dict]) -> list[int]:
+    """Token ids of `template.render(messages)`, whatever container the template returns them in."""
+    rendered = template.render(messages)
+    for key in ("input_ids", "ids"):
+        if isinstance(rendered, dict) and key in rendered:
+            return list(rendered[key])
+        if hasattr(rendered, key):
+            return list(getattr(rendered, key))
+    if isinstance(rendered, tuple):
+        return list(rendered[0])
+    return list(rendered)
+
+
+def reference_targets(example: Example, tokenizer, template, max_length: int, response: str | None = None) -> tuple[list[int], int]:
+    """(ids, target_start) for the NLL of the example's reference (or of `response`) given its prompt.
+
+    With a prompt the conversation is rendered by the run's template, so the reference tokens include the
+    end-of-turn token the model learned to emit; the prompt is `template.prompt_ids` of the turns before it.
+    Sequences longer than `max_length` are cut like training data (the end is dropped).
+    """
+    answer = example.reference if response is None else response
+    if example.prompt is None:
+        ids = list(tokenizer(answer, add_special_tokens=True)["input_ids"])
+        return ids[:max_length], 1
+    prompt = list(template.prompt_ids(example.prompt))
+    full = render_ids(template, [*example.prompt, {"role": "assistant", "content": answer}])
+    if full[: len(prompt)] != prompt:  # a template whose prompt is not a prefix of the render: score the answer alone
+        full = prompt + list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    return full[:max_length], len(prompt)
+
+
+# ---------------------------------------------------------------- scoring one model
+
+
+def choose_task(examples: list[Example], model) -> str:
+    kinds = sorted({e.kind for e in examples})
+    if len(kinds) != 1:
+        raise GemcutError(f"the split mixes record kinds {kinds}; evaluation needs one kind per run")
+    kind = kinds[0]
+    if kind == "label":
+        return "classification" if is_sequence_classifier(model) else "generative_classification"
+    if kind == "preference":
+        return "preference"
+    if kind == "text":
+        return "language_modeling"
+    return "generation"
+
+
+def score_model(task: str, model, tokenizer, template, examples: list[Example], labels: list[str], cfg: RunConfig,
+                log: Callable[[str], None]) -> ModelResults:
+    """Run one model over the examples; what is computed depends on the task (module docstring)."""
+    t0 = time.time()
+    ev, max_len = cfg.eval, cfg.data.max_length
+    res = ModelResults()
+    if task == "classification":
+        ids = [list(tokenizer(e.text, truncation=True, max_length=max_len)["input_ids"]) for e in examples]
+        index = scoring.predict_classes(model, tokenizer, ids, batch_size=ev.batch_size)
+        res.predictions = [labels[i] if 0 <= i < len(labels) else None for i in index]
+    elif task in ("generative_classification", "generation"):
+        prompts = [list(template.prompt_ids(e.prompt)) for e in examples]
+        gens = scoring.generate_texts(model, tokenizer, prompts, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
+                                      top_p=ev.top_p, seed=cfg.train.seed, batch_size=ev.batch_size)
+        res.texts = [g.text for g in gens]
+        res.extra["finish_reasons"] = {r: sum(g.finish_reason == r for g in gens) for r in ("stop", "length")}
+        if task == "generative_classification":
+            res.predictions, res.rules = map_many(res.texts, labels)
+        else:
+            targets = [reference_targets(e, tokenizer, template, max_len) for e in examples]
+            res.nll = scoring.sequence_nll(model, [t[0] for t in targets], [t[1] for t in targets])
+    elif task == "language_modeling":
+        targets = [reference_targets(e, tokenizer, template, max_len) for e in examples]
+        res.nll = scoring.sequence_nll(model, [t[0] for t in targets], [t[1] for t in targets])
+    elif task == "preference":
+        if is_sequence_classifier(model):
+            def text_ids(e: Example, answer: str) -> list[int]:
+                return render_ids(template, [*e.prompt, {"role": "assistant", "content": answer}])[:max_len]
+
+            res.chosen = scoring.reward_scores(model, tokenizer, [text_ids(e, e.reference) for e in examples], batch_size=ev.batch_size)
+            res.rejected = scoring.reward_scores(model, tokenizer, [text_ids(e, e.rejected) for e in examples], batch_size=ev.batch_size)
+        else:
+            # Summed log-likelihood of each answer given the prompt: the quantity DPO's implicit reward is built on.
+            for side in ("chosen", "rejected"):
+                targets = [reference_targets(e, tokenizer, template, max_len, e.reference if side == "chosen" else e.rejected)
+                           for e in examples]
+                nll = scoring.sequence_nll(model, [t[0] for t in targets], [t[1] for t in targets])
+                setattr(res, side, [-x[0] for x in nll])
+    else:
+        raise ValueError(f"unknown evaluation task {task!r}")
+    res.seconds = time.time() - t0
+    log(f"  scored {len(examples)} examples in {res.seconds:.1f}s")
+    return res
+
+
+# ---------------------------------------------------------------- forgetting check
+
+
+def forgetting_examples(spec: str, *, system_prompt: str | None, limit: int = FORGETTING_MAX_EXAMPLES) -> list[Example]:
+    """General held-out conversations: a packaged alias (gemcut.data.assets) or a jsonl file of records."""
+    path = Path(spec)
+    if path.is_file():
+        records = _read_jsonl(path)
+    else:
+        from gemcut.data.assets import packaged_data
+
+        records = packaged_data(spec)
+        if isinstance(records, (str, Path)):
+            records = _read_jsonl(Path(records))
+    out = []
+    for r in records:
+        try:
+            ex = to_example(r, labels=None, instruction="", system_prompt=system_prompt)
+        except GemcutError:
+            continue  # a conversation without an assistant turn after a prompt has nothing to score
+        if ex.kind in ("messages", "prompt_completion", "text"):
+            out.append(ex)
+        if len(out) >= limit:
+            break
+    return out
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Records already in the normalised shapes (what `gemcut data prepare` writes), one per line."""
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                out.append({"_source": f"{path}:{i}", **json.loads(line)})
+            except json.JSONDecodeError as e:
+                raise GemcutError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    return out
+
+
+def forgetting_check(loaded, cfg: RunConfig, *, with_base: bool, log: Callable[[str], None]) -> dict | None:
+    """Perplexity on general conversations, tuned vs base, and whether it rose by more than the margin."""
+    spec = cfg.eval.forgetting_data
+    if spec is None:
+        return {"skipped": "eval.forgetting_data is None"}
+    if is_sequence_classifier(loaded.model):
+        return {"skipped": "a classifier head has no language-model perplexity to compare"}
+    if not with_base:
+        return {"skipped": "needs the base model (run without --no-base)"}
+    examples = forgetting_examples(spec, system_prompt=cfg.data.system_prompt)
+    if not examples:
+        return {"skipped": f"{spec}: no conversations with an assistant turn to score"}
+    log(f"forgetting check: perplexity on {len(examples)} examples of {spec}")
+    targets = [reference_targets(e, loaded.tokenizer, loaded.template, cfg.data.max_length) for e in examples]
+    ids, starts = [t[0] for t in targets], [t[1] for t in targets]
+    tuned = ModelResults(nll=scoring.sequence_nll(loaded.model, ids, starts))
+    with base_model(loaded, cfg) as bm:
+        base = ModelResults(nll=scoring.sequence_nll(bm, ids, starts))
+    s = summarise("language_modeling", [e.reference for e in examples], [], tuned, base,
+                  n_resamples=cfg.eval.bootstrap, seed=cfg.train.seed)
+    before, after = s["base"]["perplexity"], s["tuned"]["perplexity"]
+    rise = after / before - 1 if before and math.isfinite(before) else float("nan")
+    out = {"data": spec, "n": len(examples), "tokens": s["tuned"]["nll_tokens"], "perplexity_base": before,
+           "perplexity_tuned": after, "relative_change": rise, "margin": cfg.eval.forgetting_margin,
+           "delta": s["deltas"]["perplexity"], "warning": None}
+    if math.isfinite(rise) and rise > cfg.eval.forgetting_margin:
+        out["warning"] = (f"general perplexity rose {rise:+.1%} on {spec} ({before:.2f} -> {after:.2f}), more than "
+                          f"eval.forgetting_margin={cfg.eval.forgetting_margin:.0%}: the tuned model may have forgotten "
+                          "general ability; try fewer epochs, a lower lr, or a smaller LoRA rank")
+    return out
+
+
+# ---------------------------------------------------------------- the whole evaluation
+
+
+def run_config(run_dir: Path) -> RunConfig:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise GemcutError(f"{run_dir}: not a run folder (no config.yaml); pass the folder `gemcut train` created under runs/")
+    return load_config(path)
+
+
+def samples(examples: list[Example], tuned: ModelResults, base: ModelResults | None, n: int) -> list[dict]:
+    """The first n examples side by side: prompt, reference, base and tuned answers."""
+    def answer(r: ModelResults | None, i: int):
+        if r is None:
+            return None
+        if r.texts is not None:
+            return r.texts[i]
+        if r.predictions is not None:
+            return r.predictions[i] if r.predictions[i] is not None else "(unparseable)"
+        if r.nll is not None and r.nll[i][1]:
+            return f"perplexity {math.exp(r.nll[i][0] / r.nll[i][1]):.2f}"
+        if r.chosen is not None:
+            return f"chosen {r.chosen[i]:.3f} vs rejected {r.rejected[i]:.3f}"
+        return None
+
+    out = []
+    for i, e in enumerate(examples[:n]):
+        prompt = e.prompt[-1]["content"] if e.prompt else (e.text or "")
+        row = {"source": e.source, "prompt": prompt, "reference": e.reference, "base": answer(base, i), "tuned": answer(tuned, i)}
+        if tuned.predictions is not None and tuned.texts is not None:
+            row["tuned_label"] = tuned.predictions[i]
+            row["base_label"] = base.predictions[i] if base is not None else None
+        out.append(row)
+    return out
+
+
+def _predictions_lines(examples: list[Example], tuned: ModelResults, base: ModelResults | None) -> list[dict]:
+    lines = []
+    for i, e in enumerate(examples):
+        row: dict = {"source": e.source, "reference": e.reference}
+        for name, r in (("tuned", tuned), ("base", base)):
+            if r is None:
+                continue
+            if r.texts is not None:
+                row[f"{name}_text"] = r.texts[i]
+            if r.predictions is not None:
+                row[f"{name}_label"] = r.predictions[i]
+            if r.nll is not None:
+                row[f"{name}_nll"], row[f"{name}_tokens"] = r.nll[i]
+            if r.chosen is not None:
+                row[f"{name}_chosen"], row[f"{name}_rejected"] = r.chosen[i], r.rejected[i]
+        lines.append(row)
+    return lines
+
+
+def _json_default(x):
+    if hasattr(x, "item"):
+        return x.item()
+    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+def _clean_floats(obj):
+    """NaN and infinity are not JSON: write them as null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clean_floats(v) for v in obj]
+    return obj
+
+
+def evaluate(run_dir, *, split: str = "test", checkpoint: str = "final", base: bool = True, max_examples: int | None = None,
+             report: bool = True, log: Callable[[str], None] | None = None) -> dict:
+    """Evaluate `run_dir` on `split`; write eval.json, eval_predictions.jsonl and report.html; return eval.json's dict.
+
+    Args:
+        split: prepared split to score (data/<split>.jsonl).
+        checkpoint: "final", "best", "last" or "step-N" (see gemcut.models.load.load_run).
+        base: also score the base model and compute differences with bootstrap intervals (and the
+            forgetting check); the run's `eval.compare_base` is the default the CLI passes.
+        max_examples: score only the first N examples (default eval.max_examples); the count left out is recorded.
+        report: write report.html.
+        log: called with one line per stage (the CLI prints them).
+    """
+    from gemcut.models.load import load_run
+
+    log = log or (lambda _msg: None)
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    t_start = time.time()
+    records = read_split(run_dir, split)
+    n_total = len(records)
+    limit = max_examples or cfg.eval.max_examples
+    if limit is not None:
+        records = records[:limit]
+    if not records:
+        raise GemcutError(f"{run_dir}/data/{split}.jsonl has no records to evaluate")
+    log(f"loading {run_dir} ({checkpoint})")
+    loaded = load_run(run_dir, checkpoint=checkpoint)
+    labels = split_labels(records, getattr(loaded, "labels", None) or cfg.data.labels)
+    examples = [to_example(r, labels=labels, instruction=cfg.data.instruction, system_prompt=cfg.data.system_prompt) for r in records]
+    task = choose_task(examples, loaded.model)
+    references = [e.reference for e in examples]
+
+    log(f"task {task}: scoring the tuned model on {len(examples)} {split} examples")
+    tuned = score_model(task, loaded.model, loaded.tokenizer, loaded.template, examples, labels, cfg, log)
+    base_res = None
+    if base:
+        log("scoring the base model" + (" (adapter disabled)" if is_lora(loaded.model) else ""))
+        with base_model(loaded, cfg) as bm:
+            base_res = score_model(task, bm, loaded.tokenizer, loaded.template, examples, labels, cfg, log)
+    summary = summarise(task, references, labels, tuned, base_res, n_resamples=cfg.eval.bootstrap, seed=cfg.train.seed)
+    forgetting = forgetting_check(loaded, cfg, with_base=base, log=log)
+
+    result = {
+        "run": str(run_dir), "split": split, "checkpoint": checkpoint, "task": task, "labels": labels if summary["tuned"].get("per_class") else None,
+        "n_examples": len(examples), "n_in_split": n_total, "n_left_out": n_total - len(examples),
+        "headline": headline_text(summary), **summary, "forgetting": forgetting,
+        "samples": samples(examples, tuned, base_res, cfg.eval.num_samples),
+        "generation": {"max_new_tokens": cfg.eval.max_new_tokens, "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
+                       "finish_reasons": {"tuned": tuned.extra.get("finish_reasons"),
+                                          "base": base_res.extra.get("finish_reasons") if base_res else None}},
+        "warnings": [], "seconds": None,
+    }
+    if forgetting and forgetting.get("warning"):
+        result["warnings"].append(forgetting["warning"])
+    for name, r in (("tuned", summary["tuned"]), ("base", summary["base"])):
+        if r and r.get("unparseable"):
+            result["warnings"].append(f"{name}: {r['unparseable']} of {r['n']} answers matched no label; they count as wrong "
+                                      "(see the 'unparseable' column of the confusion matrix)")
+    result["seconds"] = round(time.time() - t_start, 2)
+    result = _clean_floats(result)
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=2, default=_json_default))
+    with (run_dir / "eval_predictions.jsonl").open("w", encoding="utf-8") as f:
+        for row in _predictions_lines(examples, tuned, base_res):
+            f.write(json.dumps(_clean_floats(row), default=_json_default) + "\n")
+    if report:
+        from gemcut.eval.report import write_report
+
+        write_report(run_dir, result)
+    log(f"wrote {run_dir / 'eval.json'}" + (f" and {run_dir / 'report.html'}" if report else ""))
+    return result
+
+
+# ---------------------------------------------------------------- checkpoint choice
+
+
+def _final_step(run_dir: Path) -> int | None:
+    """The step whose weights final/ holds, from final/state.json or manifest.json when the loop recorded it."""
+    for path, keys in ((run_dir / "final" / "state.json", ("step",)), (run_dir / "manifest.json", ("final_step",))):
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                continue
+            for key in keys:
+                if isinstance(data.get(key), int):
+                    return data[key]
+    return None
+
+
+def _metric_name(metric: str | None, cfg: RunConfig, task: str) -> str:
+    """A metric of this evaluation: given, or the early-stopping metric without its `val_` prefix.
+
+    A loss means perplexity for language tasks (exp of the mean token loss: the same order) and the
+    task's headline metric otherwise.
+    """
+    from gemcut.eval.summary import HEADLINE
+
+    name = metric or cfg.train.early_stopping.metric
+    name = name.removeprefix("val_")
+    if name == "loss":
+        return "perplexity" if task in ("generation", "language_modeling") else HEADLINE[task]
+    return name
+
+
+def select_checkpoint(run_dir, metric: str | None = None, *, split: str = "validation", max_examples: int | None = None,
+                      log: Callable[[str], None] | None = None) -> dict:
+    """Evaluate every kept checkpoint on `split`, mark the best by `metric`, and say which one final/ holds.
+
+    `metric` is a metric name of the task (macro_f1, accuracy, rougeL, perplexity, ...); default: the run's
+    `train.early_stopping.metric`. Lower is better for perplexity, higher for the rest. Writes
+    `checkpoints.json` into the run folder and returns it: {split, metric, higher_is_better, checkpoints:
+    [{name, step, value, best}], best, loop_best (the loop's `checkpoints/best`), final_step, final_is_best}.
+    """
+    from gemcut.eval.summary import LOWER_IS_BETTER
+    from gemcut.models.load import load_run
+    from gemcut.train.checkpoint import best_checkpoint, complete_checkpoints
+
+    log = log or (lambda _msg: None)
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    found = complete_checkpoints(run_dir / "checkpoints")
+    if not found:
+        raise GemcutError(f"{run_dir}/checkpoints: no complete checkpoint to choose from (train with train.save_every or train.eval_every)")
+    records = read_split(run_dir, split)[: max_examples or cfg.eval.max_examples or None]
+    rows, name, task = [], None, None
+    for path in found:
+        log(f"evaluating {path.name} on {split}")
+        loaded = load_run(run_dir, checkpoint=path.name)
+        labels = split_labels(records, getattr(loaded, "labels", None) or cfg.data.labels)
+        examples = [to_example(r, labels=labels, instruction=cfg.data.instruction, system_prompt=cfg.data.system_prompt) for r in records]
+        task = choose_task(examples, loaded.model)
+        name = _metric_name(metric, cfg, task)
+        res = score_model(task, loaded.model, loaded.tokenizer, loaded.template, examples, labels, cfg, log)
+        values = summarise(task, [e.reference for e in examples], labels, res, None)["tuned"]
+        if name not in values:
+            shown = sorted(k for k, v in values.items() if isinstance(v, float))
+            raise GemcutError(f"metric {name!r} is not computed for task {task}; choose one of: {', '.join(shown)}")
+        rows.append({"name": path.name, "step": int(path.name.split("-", 1)[1]), "value": values[name], "best": False})
+        del loaded
+    higher = name not in LOWER_IS_BETTER
+    finite = [r for r in rows if r["value"] is not None and math.isfinite(r["value"])]
+    best = (max if higher else min)(finite, key=lambda r: r["value"]) if finite else None
+    if best is not None:
+        best["best"] = True
+    loop_best = best_checkpoint(run_dir / "checkpoints")
+    final_step = _final_step(run_dir)
+    out = {"split": split, "metric": name, "higher_is_better": higher, "task": task, "checkpoints": rows,
+           "best": best["name"] if best else None, "loop_best": loop_best.name if loop_best else None,
+           "final_step": final_step, "final_is_best": (best is not None and final_step == best["step"]) if final_step is not None else None}
+    (run_dir / "checkpoints.json").write_text(json.dumps(_clean_floats(out), indent=2))
+    return out

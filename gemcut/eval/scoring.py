@@ -1,0 +1,123 @@
+"""Run one model over evaluation records and return per-example results (no metrics, no files).
+
+    python -m pytest -q tests/test_eval_scoring.py
+
+`evaluate.py` calls these once for the tuned model and once for the base model, then turns the
+per-example results into metrics and bootstrap intervals. Each function takes plain inputs (token ids,
+texts, message lists), so the same code scores any model:
+
+- `predict_classes`: argmax of a sequence classifier's logits -> class index per text.
+- `generate_texts`: the next assistant turn for each prompt conversation (via `gemcut.generation`).
+- `sequence_nll`: summed negative log-likelihood and token count of each sequence's target tokens,
+  computed by the training objective (`gemcut.objectives.causal_lm.CausalLM`), so evaluation and training
+  measure loss the same way.
+- `reward_scores`: the scalar output of a reward model (a one-logit sequence classifier) per text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from gemcut.generation import GenerationResult, generate
+
+IGNORE = -100
+
+
+def _device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def _batches(n: int, size: int):
+    for start in range(0, n, size):
+        yield range(start, min(n, start + size))
+
+
+@torch.no_grad()
+def predict_classes(model, tokenizer, input_ids: Sequence[Sequence[int]], *, batch_size: int = 16,
+                    progress: Callable[[int], None] | None = None) -> list[int]:
+    """Class index (argmax of logits) for each tokenized text."""
+    model.eval()
+    device = _device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    preds: list[int] = []
+    for rows in _batches(len(input_ids), batch_size):
+        ids, mask = _right_pad([input_ids[i] for i in rows], pad)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        preds.extend(int(x) for x in logits.argmax(dim=-1).tolist())
+        if progress:
+            progress(len(rows))
+    return preds
+
+
+@torch.no_grad()
+def reward_scores(model, tokenizer, input_ids: Sequence[Sequence[int]], *, batch_size: int = 16) -> list[float]:
+    """The first logit of a sequence classifier for each tokenized text (a reward model has exactly one)."""
+    model.eval()
+    device = _device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[float] = []
+    for rows in _batches(len(input_ids), batch_size):
+        ids, mask = _right_pad([input_ids[i] for i in rows], pad)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        out.extend(float(x) for x in logits[:, 0].float().tolist())
+    return out
+
+
+def generate_texts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+                   top_p: float = 1.0, seed: int | None = 0, batch_size: int = 16, stop: list[str] | None = None,
+                   progress: Callable[[int], None] | None = None) -> list[GenerationResult]:
+    """Generate for every prompt in batches of `batch_size`, reporting progress after each batch."""
+    results: list[GenerationResult] = []
+    for rows in _batches(len(prompt_ids), batch_size):
+        # One seed per batch start keeps a sampled evaluation reproducible whatever the number of batches.
+        batch_seed = None if seed is None else seed + rows.start
+        results.extend(generate(model, tokenizer, [list(prompt_ids[i]) for i in rows], max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, seed=batch_seed, stop=stop))
+        if progress:
+            progress(len(rows))
+    return results
+
+
+@torch.no_grad()
+def sequence_nll(model, ids: Sequence[Sequence[int]], target_start: Sequence[int], *,
+                 progress: Callable[[int], None] | None = None) -> list[tuple[float, int]]:
+    """(summed NLL, token count) of tokens ids[i][target_start[i]:] given what precedes them, per sequence.
+
+    Each sequence is scored alone (batch of one) by the training objective, so no padding enters the
+    numbers; a sequence with no target token (target_start >= len) gives (0.0, 0).
+    """
+    from gemcut.objectives.causal_lm import CausalLM
+
+    objective = CausalLM()
+    model.eval()
+    device = _device(model)
+    out: list[tuple[float, int]] = []
+    for seq, start in zip(ids, target_start):
+        start = max(int(start), 1)  # the first token has no context to be predicted from
+        if start >= len(seq):
+            out.append((0.0, 0))
+        else:
+            input_ids = torch.tensor([list(seq)], dtype=torch.long, device=device)
+            labels = input_ids.clone()
+            labels[:, :start] = IGNORE
+            batch = {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids)}
+            result = objective(model, batch)
+            out.append((float(result.loss_sum), int(result.n_targets)))
+        if progress:
+            progress(1)
+    return out

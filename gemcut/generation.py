@@ -1,0 +1,283 @@
+"""Text generation: the one place sampling lives (eval, serve and RL rollouts all call `generate`).
+
+    from gemcut.generation import generate
+    results = generate(model, tokenizer, [ids_a, ids_b], max_new_tokens=32)          # greedy
+    results = generate(model, tokenizer, prompts, max_new_tokens=32, temperature=0.8, top_p=0.9, seed=1)
+
+A batch of prompts is left-padded so that every row's next token is produced at the same column; position
+ids restart at 0 at each row's first real token, so a padded row computes what it would compute alone (the
+test checks that batched greedy output equals one-by-one greedy output). Decoding keeps a KV cache and
+feeds one token per step. `temperature == 0` is greedy (argmax, no randomness); otherwise tokens are drawn
+from the temperature-scaled, nucleus-truncated distribution with a `torch.Generator` seeded from `seed`, so
+the same seed, prompts and batch split give the same text.
+
+A row finishes on an end-of-sequence id (`finish_reason="stop"`, the id is not part of the text), on a stop
+string (`"stop"`, the text is cut before the stop string), or after `max_new_tokens` (`"length"`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class GenerationResult:
+    """One completion: the decoded text (without the end token or stop string), the generated token ids
+    (the end-of-sequence id excluded; for a stop string, the tokens up to the one that completed it), and
+    why it ended: "stop" (eos id or stop string) or "length" (max_new_tokens reached)."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+
+
+def _device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def default_eos_ids(model, tokenizer) -> set[int]:
+    """End-of-sequence ids: the tokenizer's eos plus the model's generation config eos (one id or a list)."""
+    ids: set[int] = set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+    if eos is None:
+        eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, Iterable):
+        ids.update(int(e) for e in eos)
+    return ids
+
+
+def _left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        if len(p):
+            ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Pick one token per row from last-position logits [B, V]."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    # Sampling on the CPU keeps a seeded run identical across devices.
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def _first_stop(text: str, stop: Sequence[str]) -> int:
+    """Index of the earliest stop string in text, or -1."""
+    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return min(hits) if hits else -1
+
+
+@torch.no_grad()
+def _generate_batch(model, tokenizer, prompt_ids, *, max_new_tokens, temperature, top_p, generator, stop, eos_ids):
+    device = _device(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos_ids) if eos_ids else 0)
+    input_ids, mask = _left_pad(prompt_ids, pad_id, device)
+    # Positions count real tokens only, so a left-padded row sees the same positions as it would alone.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    n = len(prompt_ids)
+    out: list[list[int]] = [[] for _ in range(n)]
+    results: list[GenerationResult | None] = [None] * n
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device) if eos_ids else None
+
+    past = None
+    step_ids, step_pos = input_ids, positions
+    for _ in range(max_new_tokens):
+        output = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past, use_cache=True)
+        past = getattr(output, "past_key_values", None)
+        nxt = _next_tokens(output.logits[:, -1, :], temperature, top_p, generator)
+        is_eos = torch.isin(nxt, eos) if eos is not None else torch.zeros_like(nxt, dtype=torch.bool)
+        for i in range(n):
+            if results[i] is not None:
+                continue
+            tok = int(nxt[i])
+            if bool(is_eos[i]):
+                results[i] = GenerationResult(tokenizer.decode(out[i], skip_special_tokens=True), list(out[i]), "stop")
+                continue
+            out[i].append(tok)
+            if stop:
+                text = tokenizer.decode(out[i], skip_special_tokens=True)
+                cut = _first_stop(text, stop)
+                if cut >= 0:
+                    results[i] = GenerationResult(text[:cut], list(out[i]), "stop")
+        if all(r is not None for r in results):
+            break
+        # Finished rows keep being fed (their output is ignored) so the batch stays rectangular.
+        last_pos = step_pos[:, -1:]
+        step_ids = nxt.unsqueeze(-1)
+        step_pos = last_pos + 1
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=-1)
+        if past is None:
+            raise RuntimeError(f"{type(model).__name__} returned no past_key_values; gemcut.generation needs a KV cache")
+    for i in range(n):
+        if results[i] is None:
+            results[i] = GenerationResult(tokenizer.decode(out[i], skip_special_tokens=True), list(out[i]), "length")
+    return results
+
+
+def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, eos_ids=None,
+             batch_size: int | None = None) -> list[GenerationResult]:
+    """Complete each prompt (a list of token ids) with at most `max_new_tokens` tokens.
+
+    Args:
+        model: a causal LM (transformers or peft) in eval mode; it is not moved.
+        tokenizer: decodes the generated ids (special tokens are dropped from `text`).
+        prompt_ids: one list of token ids per prompt, already templated (see `generate_messages`).
+        temperature: 0 means greedy; > 0 samples from softmax(logits / temperature).
+        top_p: nucleus sampling mass (only with temperature > 0).
+        seed: seeds the sampling generator; the same seed, prompts and batch_size give the same output.
+        stop: strings that end a completion; the text is cut before the first one.
+        eos_ids: ids that end a completion; default: the tokenizer's and the model's eos ids.
+        batch_size: prompts per forward batch; None runs all prompts as one batch.
+    Returns: one `GenerationResult` per prompt, in order.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token; got an empty prompt")
+    eos_set = set(default_eos_ids(model, tokenizer) if eos_ids is None else ([eos_ids] if isinstance(eos_ids, int) else eos_ids))
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(seed if seed is not None else torch.seed())
+    was_training = model.training
+    model.eval()
+    try:
+        size = batch_size or max(1, len(prompt_ids))
+        results: list[GenerationResult] = []
+        for start in range(0, len(prompt_ids), size):
+            results.extend(_generate_batch(model, tokenizer, prompt_ids[start:start + size], max_new_tokens=max_new_tokens,
+                                           temperature=temperature, top_p=top_p, generator=generator,
+                                           stop=list(stop or []), eos_ids=eos_set))
+        return results
+    finally:
+        if was_training:
+            model.train()
+
+
+def generate_messages(model, tokenizer, template, messages_list: list[list[dict]], **kwargs) -> list[GenerationResult]:
+    """Generate the next assistant turn for each conversation, using the run's chat template.
+
+    `template.prompt_ids(messages)` renders the conversation plus the assistant header (the same template
+    used in training and serving); keyword arguments go to `generate`.
+    """
+    prompts = [list(template.prompt_ids(messages)) for messages in messages_list]
+    return generate(model, tokenizer, prompts, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streaming (added by the serving layer for `stream: true` and `gemcut chat`): one prompt, token by token.
+# It reuses `_next_tokens`, `_first_stop` and `default_eos_ids` above, and seeds the same way as `generate`,
+# so a streamed completion equals the non-streamed one for the same prompt, seed and parameters.
+
+
+@dataclass
+class StreamDelta:
+    """A piece of a streamed completion: new text (may be empty), the ids generated in this step, and
+    `finish_reason` ("stop" or "length") on the last delta only."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def _held_back(text: str, stop: Sequence[str]) -> int:
+    """How many trailing characters could still grow into a stop string (or are a half-decoded byte)."""
+    hold = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    if text.endswith("\ufffd"):  # an incomplete multi-byte character; wait for the next token
+        hold = max(hold, 1)
+    return hold
+
+
+@torch.no_grad()
+def stream_generate(model, tokenizer, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 0.0,
+                    top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, eos_ids=None):
+    """Yield `StreamDelta`s completing one prompt; the concatenated texts equal `generate(...)[0].text`.
+
+    Same arguments as `generate` for a single prompt. Text that might be the start of a stop string is held
+    back until it is known not to be one, so a stop string never reaches the client.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if len(prompt_ids) == 0:
+        raise ValueError("the prompt needs at least one token; got an empty prompt")
+    eos_set = set(default_eos_ids(model, tokenizer) if eos_ids is None else ([eos_ids] if isinstance(eos_ids, int) else eos_ids))
+    stop = [s for s in (stop or []) if s]
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(seed if seed is not None else torch.seed())
+    was_training = model.training
+    model.eval()
+    try:
+        device = _device(model)
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+        mask = torch.ones_like(ids)
+        pos = torch.arange(ids.shape[1], device=device).unsqueeze(0)
+        out: list[int] = []
+        sent = 0  # characters of the decoded text already yielded
+        past = None
+        for _ in range(max_new_tokens):
+            output = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
+            past = output.past_key_values
+            tok = int(_next_tokens(output.logits[:, -1, :], temperature, top_p, generator)[0])
+            if tok in eos_set:
+                text = tokenizer.decode(out, skip_special_tokens=True)
+                yield StreamDelta(text[sent:], [], "stop")
+                return
+            out.append(tok)
+            text = tokenizer.decode(out, skip_special_tokens=True)
+            cut = _first_stop(text, stop) if stop else -1
+            if cut >= 0:
+                yield StreamDelta(text[sent:cut] if cut > sent else "", [tok], "stop")
+                return
+            ready = len(text) - _held_back(text, stop)
+            if ready > sent:
+                yield StreamDelta(text[sent:ready], [tok])
+                sent = ready
+            else:
+                yield StreamDelta("", [tok])
+            ids = torch.tensor([[tok]], dtype=torch.long, device=device)
+            pos = pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones((1, 1), dtype=mask.dtype, device=device)], dim=-1)
+        text = tokenizer.decode(out, skip_special_tokens=True)
+        yield StreamDelta(text[sent:], [], "length")
+    finally:
+        if was_training:
+            model.train()
