@@ -116,6 +116,7 @@ class RLConfig(Section):
     gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     ppo_epochs: int = Field(1, ge=1, description="Optimisation passes over each rollout batch.")
+    kl_warn: float = Field(10.0, gt=0, description="KL to the reference (nats per completion) above which a still-rising reward triggers a reward-hacking warning.")
 
 
 class ObjectiveConfig(Section):
@@ -136,6 +137,7 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
     batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding); the order stays a seeded shuffle.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int | None = Field(None, ge=0, description="Warmup steps; when None, warmup_ratio of the total.")

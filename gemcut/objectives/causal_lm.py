@@ -1,0 +1,80 @@
+"""Next-token cross-entropy: the objective of continued pretraining and of supervised fine-tuning.
+
+    python -m pytest -q tests/test_objectives.py
+
+The autoregressive language-modelling loss of Radford et al., "Improving Language Understanding by
+Generative Pre-Training" (2018), eq. 1 — maximise sum_t log P(x_t | x_<t) — applied as in Ouyang et al.,
+"Training language models to follow instructions with human feedback" (2022) for SFT: only the tokens whose
+label is not -100 (the completion / assistant tokens when the data layer masks the prompt) contribute.
+
+Batch (see docs/architecture.md): `input_ids` [B,T], `labels` [B,T] aligned with `input_ids` (this module
+does the shift: position t predicts labels[t+1]), `attention_mask` [B,T], optional `position_ids` [B,T]
+(packed documents), optional `loss_weight` [B,T] float, a per-token multiplier of the loss (per-message
+`weight` in `messages` records). Tokens with weight 0 are not targets and are not counted.
+
+Speed: for decoder architectures whose logits are exactly `lm_head(last_hidden_state)` the head runs only
+on the target positions. With a 49k vocabulary the head is a fifth of SmolLM2-135M's forward cost and its
+[B,T,V] fp32 logits the largest activation; prompt and padding tokens need neither.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gemcut.objectives.base import ObjectiveOutput
+
+IGNORE = -100
+
+# Architectures whose causal-LM forward is `lm_head(decoder(...).last_hidden_state)` with nothing between
+# (no logit soft-capping or scaling), so computing the head on a subset of positions is exact.
+_PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2"})
+
+
+def _target_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, T-1] bool: which shifted positions are trained."""
+    mask = batch["labels"][:, 1:] != IGNORE
+    weight = batch.get("loss_weight")
+    if weight is not None:
+        mask = mask & (weight[:, 1:] > 0)
+    return mask
+
+
+def _decoder_and_head(model: torch.nn.Module):
+    """(decoder, lm_head) when the head can run on selected positions only; None otherwise."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return None  # DDP's gradient hooks need the wrapped forward to run
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrapper
+    config = getattr(inner, "config", None)
+    if getattr(config, "model_type", None) not in _PLAIN_HEAD_TYPES:
+        return None
+    if not hasattr(inner, "get_decoder") or not hasattr(inner, "get_output_embeddings"):
+        return None
+    return inner.get_decoder(), inner.get_output_embeddings()
+
+
+class CausalLM:
+    """Shifted token cross-entropy, summed over target tokens (optionally weighted per token)."""
+
+    task = "causal_lm"
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(_target_mask(batch).sum())
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        mask = _target_mask(batch)
+        targets = batch["labels"][:, 1:][mask]
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_weight")}
+        split = _decoder_and_head(model)
+        if split is not None:
+            decoder, head = split
+            hidden = decoder(**inputs, use_cache=False).last_hidden_state
+            logits = head(hidden[:, :-1][mask])
+        else:
+            logits = model(**inputs, use_cache=False).logits[:, :-1][mask]
+        # fp32 for the softmax: bf16 log-probabilities over a large vocabulary lose the small differences.
+        token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
+        weight = batch.get("loss_weight")
+        if weight is not None:
+            token_loss = token_loss * weight[:, 1:][mask].to(token_loss.dtype)
+        return ObjectiveOutput(token_loss.sum(), int(targets.numel()), {})

@@ -1,0 +1,242 @@
+"""Atomic, resumable checkpoints: `runs/<name>/checkpoints/step-N/`.
+
+    python -m pytest -q tests/test_checkpoint.py
+
+A checkpoint is written into `checkpoints/.tmp-step-N/`, every file fsynced, a `COMPLETE` marker written
+last, and only then renamed to `step-N` (a rename within one folder is atomic). A process killed at any
+moment leaves either a `.tmp-*` folder, which resume ignores and the next save removes, or a complete
+`step-N`. Contents:
+
+| file                | what                                                                          |
+|---------------------|-------------------------------------------------------------------------------|
+| `model.safetensors` | the trainable parameters only (`requires_grad`), by their names in the model  |
+| `optimizer.pt`      | optimizer state_dict                                                          |
+| `scheduler.pt`      | learning-rate scheduler state_dict                                            |
+| `rng.pt`            | Python, NumPy, torch CPU (and CUDA) generator states, as tensors and lists    |
+| `state.json`        | step, epoch, index in the epoch's order, tokens seen, best metric, data hash  |
+| `config.yaml`       | the resolved run config                                                       |
+| `COMPLETE`          | written last                                                                  |
+
+Every `.pt` file holds only tensors, numbers, strings, lists and dicts, so it loads with
+`torch.load(weights_only=True)`: a checkpoint never unpickles code. `checkpoints/best` is a text file
+naming the best checkpoint (`step-N`); pruning to `keep_last_n` never removes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from gemcut.errors import TrainingError
+
+COMPLETE = "COMPLETE"
+BEST = "best"
+TMP_PREFIX = ".tmp-"
+# Settings that may change between a run and its resume without changing what is computed.
+RESUME_MAY_DIFFER = ("train.force", "train.num_threads", "train.log_every", "train.sample_prompts", "eval.", "output.")
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where training stands. `index` counts examples of epoch `epoch`'s order already consumed."""
+
+    step: int = 0
+    epoch: int = 0
+    index: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    data_hash: str = ""
+
+
+# ---------------------------------------------------------------- weights and RNG
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train, by name, as contiguous CPU tensors (what safetensors stores)."""
+    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: torch.nn.Module, path: Path) -> None:
+    """Copy saved trainable weights into `model`; the names must match exactly."""
+    saved = load_file(str(Path(path) / "model.safetensors"))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    if missing or unexpected:
+        raise TrainingError(
+            f"{path}/model.safetensors does not match the model's trainable parameters "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was it made with another model or adapter config?"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+
+
+def rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- files
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-", 1)[1])
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """`step-N` folders with a COMPLETE marker, oldest first (`.tmp-*` and unmarked folders are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit() and (p / COMPLETE).is_file()]
+    return sorted(found, key=_step_of)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def best_checkpoint(root: Path) -> Path | None:
+    marker = Path(root) / BEST
+    if not marker.is_file():
+        return None
+    path = Path(root) / marker.read_text().strip()
+    return path if (path / COMPLETE).is_file() else None
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(root: Path, *, model: torch.nn.Module, optimizer, scheduler, state: TrainState,
+                    config: dict, keep_last_n: int, is_best: bool = False) -> Path:
+    """Write `root/step-<state.step>` atomically, mark it best if asked, prune to `keep_last_n` (+ best)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(TMP_PREFIX + "*"):  # left by a process killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
+    name = f"step-{state.step}"
+    tmp = root / (TMP_PREFIX + name)
+    tmp.mkdir()
+    save_file(trainable_state_dict(model), str(tmp / "model.safetensors"), metadata={"step": str(state.step)})
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state), indent=2))
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    for f in tmp.iterdir():
+        _fsync(f)
+    (tmp / COMPLETE).write_text(f"{state.step} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+    _fsync(tmp / COMPLETE)
+    _fsync(tmp)
+    final = root / name
+    if final.exists():  # the same step saved again (e.g. interrupted right after a resume)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    if is_best:
+        _write_text_atomic(root / BEST, name + "\n")
+    _fsync(root)
+    prune(root, keep_last_n)
+    return final
+
+
+def prune(root: Path, keep_last_n: int) -> list[Path]:
+    """Remove all but the newest `keep_last_n` complete checkpoints, never the best one."""
+    found = complete_checkpoints(root)
+    best = best_checkpoint(root)
+    removed = []
+    for path in found[:-keep_last_n] if keep_last_n > 0 else found:
+        if best is not None and path.resolve() == best.resolve():
+            continue
+        shutil.rmtree(path)
+        removed.append(path)
+    return removed
+
+
+# ---------------------------------------------------------------- resume
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_compatible(path: Path, *, data_hash: str, config: dict) -> None:
+    """Refuse to resume from `path` when the data or the training-relevant config differ."""
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    if state.get("data_hash") != data_hash:
+        raise TrainingError(
+            f"{path}: the training data changed since this checkpoint (data hash {state.get('data_hash')!r}, "
+            f"now {data_hash!r}); resume needs the same data, or start a new run with another output.name"
+        )
+    saved = _flatten(yaml.safe_load((path / "config.yaml").read_text()) or {})
+    now = _flatten(config)
+    differ = [k for k in sorted(set(saved) | set(now))
+              if saved.get(k) != now.get(k) and not k.startswith(RESUME_MAY_DIFFER)]
+    if differ:
+        shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in differ[:5])
+        raise TrainingError(
+            f"{path}: the config differs from the one this checkpoint was made with ({shown}); "
+            "resume with the same config, or start a new run with another output.name"
+        )
+
+
+def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, scheduler) -> TrainState:
+    """Restore weights, optimizer, scheduler and RNG states in place; return the training position."""
+    path = Path(path)
+    load_trainable(model, path)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    fields = json.loads((path / "state.json").read_text())
+    return TrainState(**{f.name: fields[f.name] for f in dataclasses.fields(TrainState) if f.name in fields})
