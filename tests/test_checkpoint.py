@@ -1,0 +1,136 @@
+"""Checkpoints: atomic layout, exact resume after SIGKILL, a kill during a save, compatibility checks,
+pruning that keeps the best, and loading with weights_only.
+
+    python -m pytest -q tests/test_checkpoint.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import TINY_RUN, causal_examples, collate_causal, config, deterministic, llama, tiny_run, train_losses
+
+from gemcut.errors import TrainingError
+from gemcut.objectives import CausalLM
+from gemcut.train import checkpoint as ckpt
+from gemcut.train.loop import fit
+
+HELPER = Path(__file__).parent / "train_helpers.py"
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> dict[int, float]:
+    """Per-step losses of the fixed tiny run, uninterrupted."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    tiny_run(run)
+    return train_losses(run)
+
+
+def test_layout_and_weights_only_contents(tmp_path):
+    deterministic()
+    model = llama()
+    for name, p in model.named_parameters():  # freeze all but the last block, like adapter=freeze
+        p.requires_grad = "layers.1." in name
+    fit(model, CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path, config=config(max_steps=2, save_every=1, keep_last_n=5))
+    path = ckpt.latest_checkpoint(tmp_path / "checkpoints")
+    assert path.name == "step-2"
+    assert sorted(p.name for p in path.iterdir()) == sorted(
+        ["COMPLETE", "config.yaml", "model.safetensors", "optimizer.pt", "rng.pt", "scheduler.pt", "state.json"])
+    saved = load_file(str(path / "model.safetensors"))
+    assert saved.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+    for f in ("optimizer.pt", "scheduler.pt", "rng.pt"):
+        torch.load(path / f, weights_only=True)  # raises if anything needs unpickling
+    state = json.loads((path / "state.json").read_text())
+    assert state["step"] == 2 and state["index"] == 8 and state["epoch"] == 0
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(tmp_path, straight):
+    run = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, str(HELPER), str(run), "--hang-at", "8"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    ready = run.with_suffix(".ready")
+    deadline = time.time() + 120
+    while not ready.exists():
+        if child.poll() is not None:
+            pytest.fail(f"training child exited early: {child.stderr.read().decode()[-2000:]}")
+        if time.time() > deadline:
+            child.kill()
+            pytest.fail("training child never reached step 8")
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    latest = ckpt.latest_checkpoint(run / "checkpoints")
+    assert latest.name == "step-6"  # saves every 3; killed inside step 8
+    assert json.loads((latest / "state.json").read_text())["index"] == 24  # mid-epoch: 24 of 32 examples
+    result = tiny_run(run, resume=True)
+    assert result.state.step == TINY_RUN["max_steps"]
+    assert train_losses(run) == pytest.approx(straight, rel=1e-6)
+
+
+def test_kill_during_save_resumes_from_previous_good_checkpoint(tmp_path, straight):
+    run = tmp_path / "run"
+    tiny_run(run)
+    root = run / "checkpoints"
+    for late in ("step-9", "step-12"):  # as if the run had been killed after step 6's save
+        shutil.rmtree(root / late)
+    # what a process killed while saving step 9 leaves: a half-written .tmp folder, no COMPLETE marker
+    half = root / ".tmp-step-9"
+    shutil.copytree(root / "step-6", half)
+    (half / "COMPLETE").unlink()
+    (half / "optimizer.pt").write_bytes(b"truncat")
+    # and a step folder without marker (never produced by save_checkpoint, but ignored all the same)
+    shutil.copytree(half, root / "step-12")
+    assert ckpt.latest_checkpoint(root).name == "step-6"
+    result = tiny_run(run, resume=True)
+    assert result.state.step == 12
+    assert train_losses(run) == pytest.approx(straight, rel=1e-6)
+    assert not half.exists()  # the next save cleaned it up
+
+
+def test_resume_refuses_other_data_or_config(tmp_path):
+    deterministic()
+    fit(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path, data_hash="a", config=config(max_steps=1))
+    with pytest.raises(TrainingError, match="training data changed"):
+        fit(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path, data_hash="b", config=config(max_steps=2), resume=True)
+    with pytest.raises(TrainingError, match=r"train\.lr: checkpoint 0\.01, now 0\.5"):
+        fit(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path, data_hash="a", config=config(max_steps=1, lr=0.5),
+            resume=True)
+    # settings that do not change the computation may differ
+    ckpt.check_compatible(ckpt.latest_checkpoint(tmp_path / "checkpoints"), data_hash="a",
+                          config=config(max_steps=1, log_every=5, force=True).model_dump(mode="json"))
+    with pytest.raises(TrainingError, match="no complete checkpoint"):
+        fit(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path / "empty", config=config(max_steps=1), resume=True)
+
+
+def test_prune_keeps_best_and_newest(tmp_path):
+    model = llama()
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    for step in range(1, 6):
+        ckpt.save_checkpoint(tmp_path, model=model, optimizer=opt, scheduler=sched, state=ckpt.TrainState(step=step),
+                             config={}, keep_last_n=2, is_best=step == 2)
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step-2", "step-4", "step-5"]
+    assert (tmp_path / "best").read_text().strip() == "step-2"
+
+
+def test_rng_state_roundtrip():
+    import random
+
+    import numpy as np
+
+    state = ckpt.rng_state()
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    random.random(), np.random.rand(), torch.rand(())
+    ckpt.set_rng_state(state)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected
