@@ -1,0 +1,156 @@
+"""`gemcut serve|export|chat|monitor`: put a run in front of clients and watch it.
+
+    gemcut export runs/my-run --merge --dtype bf16 --out exported/my-run
+    GEMCUT_API_KEYS=secret gemcut serve --model runs/my-run --model runs/other-run --port 8000
+    gemcut chat runs/my-run
+    gemcut monitor --db sqlite:///runs/serve.db --run runs/my-run --since 7d
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+
+import typer
+
+from gemcut.cli import app
+from gemcut.errors import GemcutError
+
+
+@app.command("serve")
+def serve(
+    model: list[str] = typer.Option(None, "--model", "-m", help="Run folder, exported folder or model name; repeat for several."),
+    host: str = typer.Option(None, help="Interface to bind (default 127.0.0.1, loopback only)."),
+    port: int = typer.Option(None, help="TCP port (default 8000)."),
+    config: Path | None = typer.Option(None, help="YAML file of serve settings (keys as in `ServeSettings`)."),
+    api_key: list[str] = typer.Option(None, "--api-key", help="Accepted bearer key (repeatable); also read from $GEMCUT_API_KEYS."),
+    db: str | None = typer.Option(None, help="SQLAlchemy URL of the request log (default sqlite:///runs/serve.db)."),
+    log_prompts: bool = typer.Option(None, "--log-prompts/--no-log-prompts", help="Store prompt and answer text (needed for drift and data export)."),
+    max_queue: int | None = typer.Option(None, help="Waiting requests before 429 (default 64)."),
+    max_batch: int | None = typer.Option(None, help="Sequences per batch (default 8)."),
+    threads: int | None = typer.Option(None, help="torch CPU threads for the model worker."),
+) -> None:
+    """Serve runs behind an OpenAI-compatible API (FastAPI on uvicorn)."""
+    import uvicorn
+
+    from gemcut.serve.app import create_app
+    from gemcut.serve.settings import load_settings
+
+    settings = load_settings(config, models=list(model) or None, host=host, port=port, db_url=db, log_prompts=log_prompts,
+                             max_queue=max_queue, max_batch=max_batch, num_threads=threads)
+    if api_key:
+        settings.api_keys = sorted(set(settings.api_keys) | set(api_key))
+    if not settings.all_api_keys():
+        # Never serve unauthenticated: make a key for this session and show it once.
+        settings.api_keys = [secrets.token_urlsafe(24)]
+        typer.echo(f"no API key configured; this session's key is: {settings.api_keys[0]}\n"
+                   "(set GEMCUT_API_KEYS or pass --api-key to choose your own)")
+    if settings.host not in ("127.0.0.1", "localhost", "::1"):
+        typer.secho(f"warning: binding {settings.host} exposes the API beyond this machine", fg="yellow", err=True)
+    application = create_app(settings)
+    typer.echo(f"serving {', '.join(application.state.engine.models)} on http://{settings.host}:{settings.port}/v1")
+    uvicorn.run(application, host=settings.host, port=settings.port, log_level="info")
+
+
+@app.command("export")
+def export(
+    run: Path = typer.Argument(..., help="Run folder (with final/)."),
+    merge: bool = typer.Option(True, "--merge/--no-merge", help="Merge LoRA into the base (default) or export the adapter alone."),
+    dtype: str = typer.Option("fp32", help="Weights dtype of a merged export: fp32 or bf16."),
+    quantize: str | None = typer.Option(None, help="int8: gemcut's int8 format for CPU serving (see docs/serving.md)."),
+    out: Path | None = typer.Option(None, help="Output folder (default RUN/export/<kind>)."),
+) -> None:
+    """Export a run as a merged transformers folder, a peft adapter, or int8 for CPU."""
+    from gemcut.export.merge import export_run
+
+    folder = export_run(run, out, merge=merge, dtype=dtype, quantize=quantize)
+    info = json.loads((folder / "export.json").read_text(encoding="utf-8"))
+    typer.echo(f"exported {info['format']} to {folder} ({info['bytes']['weights'] / 1e6:.1f} MB of weights)")
+    if "int8_report" in info:
+        r = info["int8_report"]
+        typer.echo(f"  size  {r['weights_bytes']['float32'] / 1e6:.1f} MB fp32 -> {r['weights_bytes']['int8'] / 1e6:.1f} MB int8")
+        typer.echo(f"  speed {r['tokens_per_second']['float32']} -> {r['tokens_per_second']['int8']} tokens/s")
+        q = r["quality"]
+        typer.echo(f"  perplexity {q['perplexity_float32']} -> {q['perplexity_int8']}; top-1 agreement {q['top1_agreement']:.1%}")
+
+
+@app.command("chat")
+def chat(
+    run: str = typer.Argument(..., help="Run folder, exported folder or model name."),
+    max_tokens: int = typer.Option(256, help="Tokens per answer."),
+    temperature: float = typer.Option(0.7, help="0 is greedy."),
+    top_p: float = typer.Option(0.9),
+    system: str | None = typer.Option(None, help="System message."),
+    seed: int | None = typer.Option(None),
+) -> None:
+    """Talk to a model in the terminal with the run's chat template (/reset clears, /quit or Ctrl-D ends)."""
+    from gemcut.generation import stream_generate
+    from gemcut.serve.engine import Engine
+    from gemcut.serve.settings import ServeSettings
+
+    engine = Engine(ServeSettings())
+    served = engine.add(run)
+    if served.task != "causal_lm" or served.template is None:
+        raise GemcutError(f"{run}: chat needs a generative model with a chat template (this is a {served.task} model)")
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    typer.echo(f"{served.name} (context {served.context_length} tokens). /reset clears the conversation, /quit ends.")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            typer.echo()
+            return
+        if text in ("/quit", "/exit"):
+            return
+        if text == "/reset":
+            history = history[:1] if system else []
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        ids = served.template.prompt_ids(history)
+        budget = min(max_tokens, served.context_length - len(ids))
+        if budget < 1:
+            typer.echo("(the conversation fills the context; /reset to start again)")
+            history.pop()
+            continue
+        typer.echo("bot> ", nl=False)
+        answer = []
+        with served.activate():
+            for delta in stream_generate(served.model, served.tokenizer, ids, max_new_tokens=budget, temperature=temperature,
+                                         top_p=top_p, seed=seed, eos_ids=served.eos_ids()):
+                answer.append(delta.text)
+                typer.echo(delta.text, nl=False)
+        typer.echo()
+        history.append({"role": "assistant", "content": "".join(answer)})
+
+
+@app.command("monitor")
+def monitor(
+    db: str = typer.Option("sqlite:///runs/serve.db", help="The server's request-log database."),
+    run: Path | None = typer.Option(None, help="Run whose training prompts are the drift reference."),
+    reference: Path | None = typer.Option(None, help="JSONL of training records, instead of --run."),
+    since: str | None = typer.Option(None, help="Only requests newer than this: 7d, 12h, 30m or an ISO date."),
+    model: str | None = typer.Option(None, help="Only this served model."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    export_data: Path | None = typer.Option(None, help="Also write feedback and logged prompts as training data into this folder."),
+) -> None:
+    """Latency percentiles, feedback rate and prompt drift; recommends retraining past the thresholds."""
+    from gemcut.serve.db import make_engine
+    from gemcut.serve.feedback import export_training_data
+    from gemcut.serve.monitor import format_report, monitor_report, parse_since, read_reference, run_reference
+    from gemcut.serve.store import Store
+
+    if db.startswith("sqlite:///") and not Path(db.removeprefix("sqlite:///")).is_file():
+        raise GemcutError(f"{db}: no such database; pass the --db the server was started with")
+    make_engine(db).dispose()
+    # Retention is the server's job; the monitor only reads (an effectively infinite retention purges nothing).
+    store = Store(db, retention_days=1e6)
+    ref = read_reference(reference) if reference else run_reference(run) if run else None
+    since_dt = parse_since(since)
+    report = monitor_report(store, ref, since=since_dt, model=model)
+    typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if export_data is not None:
+        result = export_training_data(store, export_data, since=since_dt)
+        typer.echo(f"wrote {result['written']} to {export_data} (skipped: {result['skipped'] or 'none'})")

@@ -1,0 +1,82 @@
+"""The FastAPI app: OpenAI-compatible inference, feedback, metrics and health, behind bearer keys.
+
+    gemcut serve --model runs/my-run                    # the CLI builds ServeSettings and runs uvicorn
+    app = create_app(ServeSettings(models=["runs/my-run"], api_keys=["k"]))   # in Python / tests
+
+Routes: GET /health (public), GET /metrics, GET /v1/models, POST /v1/chat/completions,
+POST /v1/completions, POST /v1/classify, POST /v1/feedback, and the ranking page under /label when
+gemcut.label is installed. Every route but /health needs `Authorization: Bearer <key>`.
+Models load when the app is created (so a bad --model fails before the port opens); the worker thread
+starts and stops with the app's lifespan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import Response
+
+from gemcut.errors import GemcutError
+from gemcut.serve import feedback, openai_api
+from gemcut.serve.auth import require_api_key
+from gemcut.serve.engine import Engine
+from gemcut.serve.errors import install_error_handlers
+from gemcut.serve.metrics import Metrics
+from gemcut.serve.settings import API_KEYS_ENV, ServeSettings
+from gemcut.serve.store import Store
+
+log = logging.getLogger("gemcut.serve")
+
+
+def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI:
+    """Build the app: load the models named in `settings.models` (unless an `engine` is given), open the store."""
+    if not settings.all_api_keys():
+        raise GemcutError(f"no API key configured: set ${API_KEYS_ENV}=key1,key2 or pass --api-key; every route but /health needs one")
+    metrics = engine.metrics if engine is not None else Metrics()
+    if engine is None:
+        if not settings.models:
+            raise GemcutError("nothing to serve: pass --model RUN_OR_NAME (a run folder, an exported folder or a model name)")
+        engine = Engine(settings, metrics)
+        for source in settings.models:
+            engine.add(source)
+    store = Store(settings.db_url, settings.log_retention_days)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="gemcut", version="0.1.0", lifespan=lifespan, dependencies=[Depends(require_api_key)])
+    app.state.settings, app.state.engine, app.state.metrics, app.state.store = settings, engine, metrics, store
+    install_error_handlers(app, on_error=metrics.record_error)
+
+    @app.get("/health")
+    def health() -> dict:
+        alive = engine._thread is not None and engine._thread.is_alive()
+        return {"status": "ok" if alive else "starting", "models": sorted(engine.models), "queue_depth": engine.depth()}
+
+    @app.get("/metrics")
+    def prometheus(request: Request) -> Response:
+        metrics.queue_depth.set(engine.depth())
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    app.include_router(openai_api.router)
+    app.include_router(feedback.router)
+    _mount_labeling(app, settings)
+    return app
+
+
+def _mount_labeling(app: FastAPI, settings: ServeSettings) -> None:
+    """The ranking page of gemcut.label, when that package is present, on the same database."""
+    try:
+        from gemcut.label.app import install
+        from gemcut.label.store import LabelStore
+    except ImportError:
+        return
+    install(app, LabelStore(settings.db_url))
