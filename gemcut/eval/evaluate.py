@@ -79,35 +79,31 @@ def base_model(loaded, cfg: RunConfig):
         del base, base_model_obj
 
 
-def render_ids(template, messages: list[dict]) -> list[int]:
-    """Token ids of `template.render(messages)`, whatever container the template returns them in."""
-    rendered = template.render(messages)
-    for key in ("input_ids", "ids"):
-        if isinstance(rendered, dict) and key in rendered:
-            return list(rendered[key])
-        if hasattr(rendered, key):
-            return list(getattr(rendered, key))
-    if isinstance(rendered, tuple):
-        return list(rendered[0])
-    return list(rendered)
+def reference_targets(example: Example, tokenizer, template, max_length: int, response: str | None = None) -> tuple[list[int], list[bool]]:
+    """(ids, target mask) for the NLL of the example's reference (or of `response`) given its prompt.
 
-
-def reference_targets(example: Example, tokenizer, template, max_length: int, response: str | None = None) -> tuple[list[int], int]:
-    """(ids, target_start) for the NLL of the example's reference (or of `response`) given its prompt.
-
-    With a prompt the conversation is rendered by the run's template, so the reference tokens include the
-    end-of-turn token the model learned to emit; the prompt is `template.prompt_ids` of the turns before it.
-    Sequences longer than `max_length` are cut like training data (the end is dropped).
+    With a prompt, the conversation is rendered by the run's template and the targets are the tokens the
+    template gives loss weight in training (the answer and its end-of-turn token), after the prompt; so
+    evaluation perplexity and training loss measure the same tokens. Plain text: every token after the
+    first. Sequences longer than `max_length` are cut at the end, like training data.
     """
     answer = example.reference if response is None else response
     if example.prompt is None:
-        ids = list(tokenizer(answer, add_special_tokens=True)["input_ids"])
-        return ids[:max_length], 1
-    prompt = list(template.prompt_ids(example.prompt))
-    full = render_ids(template, [*example.prompt, {"role": "assistant", "content": answer}])
-    if full[: len(prompt)] != prompt:  # a template whose prompt is not a prefix of the render: score the answer alone
-        full = prompt + list(tokenizer(answer, add_special_tokens=False)["input_ids"])
-    return full[:max_length], len(prompt)
+        ids = list(tokenizer(answer, add_special_tokens=True)["input_ids"])[:max_length]
+        return ids, [i > 0 for i in range(len(ids))]
+    ids, weights = template.render([*example.prompt, {"role": "assistant", "content": answer}])
+    prompt = template.prompt_ids(example.prompt)
+    # Earlier assistant turns of a conversation are context here, not the reference being scored.
+    start = len(prompt) if list(ids[: len(prompt)]) == list(prompt) else 0
+    mask = [i >= start and w > 0 for i, w in enumerate(weights)]
+    return list(ids)[:max_length], mask[:max_length]
+
+
+def stop_ids(model, tokenizer, template) -> set[int]:
+    """End-of-turn ids of the template plus the model's own eos ids: generation stops on any of them."""
+    from gemcut.generation import default_eos_ids
+
+    return set(getattr(template, "stop_token_ids", []) or []) | default_eos_ids(model, tokenizer)
 
 
 # ---------------------------------------------------------------- scoring one model
@@ -140,7 +136,8 @@ def score_model(task: str, model, tokenizer, template, examples: list[Example], 
     elif task in ("generative_classification", "generation"):
         prompts = [list(template.prompt_ids(e.prompt)) for e in examples]
         gens = scoring.generate_texts(model, tokenizer, prompts, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
-                                      top_p=ev.top_p, seed=cfg.train.seed, batch_size=ev.batch_size)
+                                      top_p=ev.top_p, seed=cfg.train.seed, batch_size=ev.batch_size,
+                                      eos_ids=stop_ids(model, tokenizer, template))
         res.texts = [g.text for g in gens]
         res.extra["finish_reasons"] = {r: sum(g.finish_reason == r for g in gens) for r in ("stop", "length")}
         if task == "generative_classification":
@@ -154,7 +151,7 @@ def score_model(task: str, model, tokenizer, template, examples: list[Example], 
     elif task == "preference":
         if is_sequence_classifier(model):
             def text_ids(e: Example, answer: str) -> list[int]:
-                return render_ids(template, [*e.prompt, {"role": "assistant", "content": answer}])[:max_len]
+                return template.render([*e.prompt, {"role": "assistant", "content": answer}])[0][:max_len]
 
             res.chosen = scoring.reward_scores(model, tokenizer, [text_ids(e, e.reference) for e in examples], batch_size=ev.batch_size)
             res.rejected = scoring.reward_scores(model, tokenizer, [text_ids(e, e.rejected) for e in examples], batch_size=ev.batch_size)
@@ -175,40 +172,31 @@ def score_model(task: str, model, tokenizer, template, examples: list[Example], 
 # ---------------------------------------------------------------- forgetting check
 
 
-def forgetting_examples(spec: str, *, system_prompt: str | None, limit: int = FORGETTING_MAX_EXAMPLES) -> list[Example]:
-    """General held-out conversations: a packaged alias (gemcut.data.assets) or a jsonl file of records."""
-    path = Path(spec)
-    if path.is_file():
-        records = _read_jsonl(path)
-    else:
-        from gemcut.data.assets import packaged_data
+def forgetting_examples(spec: str, *, limit: int = FORGETTING_MAX_EXAMPLES) -> tuple[list[Example], dict]:
+    """General held-out conversations from a packaged alias or a file/folder (any format gemcut reads).
 
-        records = packaged_data(spec)
-        if isinstance(records, (str, Path)):
-            records = _read_jsonl(Path(records))
-    out = []
-    for r in records:
+    Conversations need an assistant turn after a prompt; others are counted, not scored. When there are
+    more than `limit`, evenly spaced ones are taken (so every topic file of a corpus is represented).
+    Returns the examples and counts {unusable, used}.
+    """
+    from gemcut.data.assets import resolve_source
+    from gemcut.data.readers import read_source
+
+    usable, unusable = [], 0
+    for row in read_source(resolve_source(spec), display=spec):
+        value = row.value if row.error is None else None
         try:
-            ex = to_example(r, labels=None, instruction="", system_prompt=system_prompt)
+            if not isinstance(value, dict) or not ({"messages", "completion", "text"} & set(value)):
+                raise GemcutError("not a conversation, prompt/completion or text record")
+            ex = to_example({**value, "_source": row.source})
         except GemcutError:
-            continue  # a conversation without an assistant turn after a prompt has nothing to score
-        if ex.kind in ("messages", "prompt_completion", "text"):
-            out.append(ex)
-        if len(out) >= limit:
-            break
-    return out
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    """Records already in the normalised shapes (what `gemcut data prepare` writes), one per line."""
-    out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                out.append({"_source": f"{path}:{i}", **json.loads(line)})
-            except json.JSONDecodeError as e:
-                raise GemcutError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-    return out
+            unusable += 1
+            continue
+        usable.append(ex)
+    if len(usable) > limit:
+        step = len(usable) / limit
+        usable = [usable[int(i * step)] for i in range(limit)]
+    return usable, {"unusable": unusable, "used": len(usable)}
 
 
 def forgetting_check(loaded, cfg: RunConfig, *, with_base: bool, log: Callable[[str], None]) -> dict | None:
@@ -220,20 +208,22 @@ def forgetting_check(loaded, cfg: RunConfig, *, with_base: bool, log: Callable[[
         return {"skipped": "a classifier head has no language-model perplexity to compare"}
     if not with_base:
         return {"skipped": "needs the base model (run without --no-base)"}
-    examples = forgetting_examples(spec, system_prompt=cfg.data.system_prompt)
+    examples, counts = forgetting_examples(spec)
     if not examples:
-        return {"skipped": f"{spec}: no conversations with an assistant turn to score"}
+        return {"skipped": f"{spec}: no conversations with an assistant turn to score ({counts['unusable']} unusable records)"}
     log(f"forgetting check: perplexity on {len(examples)} examples of {spec}")
     targets = [reference_targets(e, loaded.tokenizer, loaded.template, cfg.data.max_length) for e in examples]
-    ids, starts = [t[0] for t in targets], [t[1] for t in targets]
-    tuned = ModelResults(nll=scoring.sequence_nll(loaded.model, ids, starts))
+    ids, masks = [t[0] for t in targets], [t[1] for t in targets]
+    tuned = ModelResults(nll=scoring.sequence_nll(loaded.model, ids, masks))
     with base_model(loaded, cfg) as bm:
-        base = ModelResults(nll=scoring.sequence_nll(bm, ids, starts))
+        base = ModelResults(nll=scoring.sequence_nll(bm, ids, masks))
     s = summarise("language_modeling", [e.reference for e in examples], [], tuned, base,
                   n_resamples=cfg.eval.bootstrap, seed=cfg.train.seed)
     before, after = s["base"]["perplexity"], s["tuned"]["perplexity"]
     rise = after / before - 1 if before and math.isfinite(before) else float("nan")
-    out = {"data": spec, "n": len(examples), "tokens": s["tuned"]["nll_tokens"], "perplexity_base": before,
+    in_training = spec in cfg.data.train
+    out = {"data": spec, "n": len(examples), "unusable_records": counts["unusable"], "in_training_data": in_training,
+           "tokens": s["tuned"]["nll_tokens"], "perplexity_base": before,
            "perplexity_tuned": after, "relative_change": rise, "margin": cfg.eval.forgetting_margin,
            "delta": s["deltas"]["perplexity"], "warning": None}
     if math.isfinite(rise) and rise > cfg.eval.forgetting_margin:
@@ -344,7 +334,7 @@ def evaluate(run_dir, *, split: str = "test", checkpoint: str = "final", base: b
     log(f"loading {run_dir} ({checkpoint})")
     loaded = load_run(run_dir, checkpoint=checkpoint)
     labels = split_labels(records, getattr(loaded, "labels", None) or cfg.data.labels)
-    examples = [to_example(r, labels=labels, instruction=cfg.data.instruction, system_prompt=cfg.data.system_prompt) for r in records]
+    examples = [to_example(r, labels=labels, instruction=cfg.data.instruction) for r in records]
     task = choose_task(examples, loaded.model)
     references = [e.reference for e in examples]
 
@@ -445,7 +435,7 @@ def select_checkpoint(run_dir, metric: str | None = None, *, split: str = "valid
         log(f"evaluating {path.name} on {split}")
         loaded = load_run(run_dir, checkpoint=path.name)
         labels = split_labels(records, getattr(loaded, "labels", None) or cfg.data.labels)
-        examples = [to_example(r, labels=labels, instruction=cfg.data.instruction, system_prompt=cfg.data.system_prompt) for r in records]
+        examples = [to_example(r, labels=labels, instruction=cfg.data.instruction) for r in records]
         task = choose_task(examples, loaded.model)
         name = _metric_name(metric, cfg, task)
         res = score_model(task, loaded.model, loaded.tokenizer, loaded.template, examples, labels, cfg, log)

@@ -14,7 +14,8 @@ answer is:
 | `preference`        | user: prompt                                           | chosen (and rejected)    |
 | `text`              | none                                                   | the text (perplexity)    |
 
-`data.system_prompt` is prepended where a conversation has no system message, as in training.
+The run's `ChatTemplate` adds `data.system_prompt` when it renders a conversation that has none, exactly
+as in training, so the views here leave it out.
 """
 
 from __future__ import annotations
@@ -76,35 +77,29 @@ def label_prompt(instruction: str, labels: list[str], text: str) -> str:
                           "write literal braces as {{ and }}") from None
 
 
-def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
-    if system_prompt and not any(m["role"] == "system" for m in messages):
-        return [{"role": "system", "content": system_prompt}, *messages]
-    return messages
-
-
-def to_example(record: dict, *, labels: list[str] | None, instruction: str, system_prompt: str | None) -> Example:
+def to_example(record: dict, *, labels: list[str] | None = None, instruction: str = "") -> Example:
     """View one record as an evaluation example (table in the module docstring)."""
     kind = record_kind(record)
     source = str(record.get("_source", "?"))
     if kind == "label":
         prompt = [{"role": "user", "content": label_prompt(instruction, labels or [], record["text"])}]
-        return Example(source, kind, _with_system(prompt, system_prompt), str(record["label"]), label=str(record["label"]),
+        return Example(source, kind, prompt, str(record["label"]), label=str(record["label"]),
                        text=record["text"])
     if kind == "prompt_completion":
         prompt = [{"role": "user", "content": record["prompt"]}]
         if record.get("system"):
             prompt.insert(0, {"role": "system", "content": record["system"]})
-        return Example(source, kind, _with_system(prompt, system_prompt), record["completion"])
+        return Example(source, kind, prompt, record["completion"])
     if kind == "messages":
         msgs = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
         last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
         if last is None or last == 0:
             raise DataError("a messages record needs an assistant turn after at least one other turn to be evaluated",
                             path=source, field="messages")
-        return Example(source, kind, _with_system(msgs[:last], system_prompt), msgs[last]["content"])
+        return Example(source, kind, msgs[:last], msgs[last]["content"])
     if kind == "preference":
         prompt = [{"role": "user", "content": record["prompt"]}]
-        return Example(source, kind, _with_system(prompt, system_prompt), record["chosen"], rejected=record["rejected"])
+        return Example(source, kind, prompt, record["chosen"], rejected=record["rejected"])
     return Example(source, kind, None, record["text"], text=record["text"])
 
 

@@ -80,26 +80,26 @@ def reward_scores(model, tokenizer, input_ids: Sequence[Sequence[int]], *, batch
 
 def generate_texts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
                    top_p: float = 1.0, seed: int | None = 0, batch_size: int = 16, stop: list[str] | None = None,
-                   progress: Callable[[int], None] | None = None) -> list[GenerationResult]:
+                   eos_ids=None, progress: Callable[[int], None] | None = None) -> list[GenerationResult]:
     """Generate for every prompt in batches of `batch_size`, reporting progress after each batch."""
     results: list[GenerationResult] = []
     for rows in _batches(len(prompt_ids), batch_size):
         # One seed per batch start keeps a sampled evaluation reproducible whatever the number of batches.
         batch_seed = None if seed is None else seed + rows.start
         results.extend(generate(model, tokenizer, [list(prompt_ids[i]) for i in rows], max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, seed=batch_seed, stop=stop))
+                                temperature=temperature, top_p=top_p, seed=batch_seed, stop=stop, eos_ids=eos_ids))
         if progress:
             progress(len(rows))
     return results
 
 
 @torch.no_grad()
-def sequence_nll(model, ids: Sequence[Sequence[int]], target_start: Sequence[int], *,
+def sequence_nll(model, ids: Sequence[Sequence[int]], targets: Sequence[Sequence[bool]], *,
                  progress: Callable[[int], None] | None = None) -> list[tuple[float, int]]:
-    """(summed NLL, token count) of tokens ids[i][target_start[i]:] given what precedes them, per sequence.
+    """(summed NLL, token count) of the tokens of ids[i] where targets[i] is True, given what precedes them.
 
     Each sequence is scored alone (batch of one) by the training objective, so no padding enters the
-    numbers; a sequence with no target token (target_start >= len) gives (0.0, 0).
+    numbers; the first token is never a target (nothing predicts it); a sequence without targets gives (0.0, 0).
     """
     from gemcut.objectives.causal_lm import CausalLM
 
@@ -107,15 +107,14 @@ def sequence_nll(model, ids: Sequence[Sequence[int]], target_start: Sequence[int
     model.eval()
     device = _device(model)
     out: list[tuple[float, int]] = []
-    for seq, start in zip(ids, target_start):
-        start = max(int(start), 1)  # the first token has no context to be predicted from
-        if start >= len(seq):
+    for seq, mask in zip(ids, targets):
+        if len(seq) < 2 or not any(mask[1:]):
             out.append((0.0, 0))
         else:
             input_ids = torch.tensor([list(seq)], dtype=torch.long, device=device)
-            labels = input_ids.clone()
-            labels[:, :start] = IGNORE
-            batch = {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids)}
+            keep = torch.tensor([list(mask)], dtype=torch.bool, device=device)
+            batch = {"input_ids": input_ids, "labels": input_ids.masked_fill(~keep, IGNORE),
+                     "attention_mask": torch.ones_like(input_ids)}
             result = objective(model, batch)
             out.append((float(result.loss_sum), int(result.n_targets)))
         if progress:
