@@ -17,7 +17,7 @@ string (`"stop"`, the text is cut before the stop string), or after `max_new_tok
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -90,33 +90,48 @@ def _first_stop(text: str, stop: Sequence[str]) -> int:
     return min(hits) if hits else -1
 
 
-@torch.no_grad()
-def _generate_batch(model, tokenizer, prompt_ids, *, max_new_tokens, temperature, top_p, generator, stop, eos_ids):
+def _token_steps(model, prompt_ids, *, temperature, top_p, generator, pad_id) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, step after step, keeping a KV cache; the caller stops it.
+
+    Rows are left-padded; positions count real tokens only, so a padded row sees the same positions as it
+    would alone. Finished rows keep being fed (the caller ignores them) so the batch stays rectangular.
+    """
     device = _device(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos_ids) if eos_ids else 0)
     input_ids, mask = _left_pad(prompt_ids, pad_id, device)
-    # Positions count real tokens only, so a left-padded row sees the same positions as it would alone.
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    step_ids, step_pos = input_ids, (mask.cumsum(-1) - 1).clamp(min=0)
+    past = None
+    while True:
+        with torch.no_grad():
+            output = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past, use_cache=True)
+        past = getattr(output, "past_key_values", None)
+        if past is None:
+            raise RuntimeError(f"{type(model).__name__} returned no past_key_values; gemcut.generation needs a KV cache")
+        nxt = _next_tokens(output.logits[:, -1, :], temperature, top_p, generator)
+        yield nxt
+        step_ids, step_pos = nxt.unsqueeze(-1), step_pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], dim=-1)
+
+
+def _pad_id(tokenizer, eos_ids) -> int:
+    # The pad id never reaches attention (masked), any valid id will do.
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos_ids) if eos_ids else 0)
+
+
+def _generate_batch(model, tokenizer, prompt_ids, *, max_new_tokens, temperature, top_p, generator, stop, eos_ids):
     n = len(prompt_ids)
     out: list[list[int]] = [[] for _ in range(n)]
     results: list[GenerationResult | None] = [None] * n
-    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device) if eos_ids else None
-
-    past = None
-    step_ids, step_pos = input_ids, positions
+    steps = _token_steps(model, prompt_ids, temperature=temperature, top_p=top_p, generator=generator,
+                         pad_id=_pad_id(tokenizer, eos_ids))
     for _ in range(max_new_tokens):
-        output = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past, use_cache=True)
-        past = getattr(output, "past_key_values", None)
-        nxt = _next_tokens(output.logits[:, -1, :], temperature, top_p, generator)
-        is_eos = torch.isin(nxt, eos) if eos is not None else torch.zeros_like(nxt, dtype=torch.bool)
+        nxt = next(steps).tolist()
         for i in range(n):
             if results[i] is not None:
                 continue
-            tok = int(nxt[i])
-            if bool(is_eos[i]):
+            if nxt[i] in eos_ids:
                 results[i] = GenerationResult(tokenizer.decode(out[i], skip_special_tokens=True), list(out[i]), "stop")
                 continue
-            out[i].append(tok)
+            out[i].append(nxt[i])
             if stop:
                 text = tokenizer.decode(out[i], skip_special_tokens=True)
                 cut = _first_stop(text, stop)
@@ -124,17 +139,34 @@ def _generate_batch(model, tokenizer, prompt_ids, *, max_new_tokens, temperature
                     results[i] = GenerationResult(text[:cut], list(out[i]), "stop")
         if all(r is not None for r in results):
             break
-        # Finished rows keep being fed (their output is ignored) so the batch stays rectangular.
-        last_pos = step_pos[:, -1:]
-        step_ids = nxt.unsqueeze(-1)
-        step_pos = last_pos + 1
-        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=-1)
-        if past is None:
-            raise RuntimeError(f"{type(model).__name__} returned no past_key_values; gemcut.generation needs a KV cache")
+    steps.close()
     for i in range(n):
         if results[i] is None:
             results[i] = GenerationResult(tokenizer.decode(out[i], skip_special_tokens=True), list(out[i]), "length")
     return results
+
+
+def _check(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def _generator(temperature: float, seed: int | None) -> torch.Generator | None:
+    if temperature == 0:
+        return None
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(seed if seed is not None else int(torch.seed()))
+    return generator
+
+
+def _eos_set(model, tokenizer, eos_ids) -> set[int]:
+    if eos_ids is None:
+        return default_eos_ids(model, tokenizer)
+    return {int(eos_ids)} if isinstance(eos_ids, int) else {int(e) for e in eos_ids}
 
 
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
@@ -154,19 +186,11 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
         batch_size: prompts per forward batch; None runs all prompts as one batch.
     Returns: one `GenerationResult` per prompt, in order.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    _check(max_new_tokens, temperature, top_p)
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token; got an empty prompt")
-    eos_set = set(default_eos_ids(model, tokenizer) if eos_ids is None else ([eos_ids] if isinstance(eos_ids, int) else eos_ids))
-    generator = None
-    if temperature > 0:
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(seed if seed is not None else torch.seed())
+    eos_set = _eos_set(model, tokenizer, eos_ids)
+    generator = _generator(temperature, seed)
     was_training = model.training
     model.eval()
     try:
@@ -182,26 +206,10 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
             model.train()
 
 
-def generate_messages(model, tokenizer, template, messages_list: list[list[dict]], **kwargs) -> list[GenerationResult]:
-    """Generate the next assistant turn for each conversation, using the run's chat template.
-
-    `template.prompt_ids(messages)` renders the conversation plus the assistant header (the same template
-    used in training and serving); keyword arguments go to `generate`.
-    """
-    prompts = [list(template.prompt_ids(messages)) for messages in messages_list]
-    return generate(model, tokenizer, prompts, **kwargs)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Streaming (added by the serving layer for `stream: true` and `gemcut chat`): one prompt, token by token.
-# It reuses `_next_tokens`, `_first_stop` and `default_eos_ids` above, and seeds the same way as `generate`,
-# so a streamed completion equals the non-streamed one for the same prompt, seed and parameters.
-
-
 @dataclass
 class StreamDelta:
-    """A piece of a streamed completion: new text (may be empty), the ids generated in this step, and
-    `finish_reason` ("stop" or "length") on the last delta only."""
+    """A piece of a streamed completion: new text (may be empty), the id generated in this step (none on a
+    final eos delta), and `finish_reason` ("stop" or "length") on the last delta only."""
 
     text: str
     token_ids: list[int] = field(default_factory=list)
@@ -216,50 +224,36 @@ def _held_back(text: str, stop: Sequence[str]) -> int:
             if text.endswith(s[:k]):
                 hold = max(hold, k)
                 break
-    if text.endswith("\ufffd"):  # an incomplete multi-byte character; wait for the next token
+    if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
         hold = max(hold, 1)
     return hold
 
 
-@torch.no_grad()
 def stream_generate(model, tokenizer, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 0.0,
-                    top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, eos_ids=None):
-    """Yield `StreamDelta`s completing one prompt; the concatenated texts equal `generate(...)[0].text`.
+                    top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+                    eos_ids=None) -> Iterator[StreamDelta]:
+    """Yield one `StreamDelta` per generated token for one prompt (serving's `stream: true`, `gemcut chat`).
 
-    Same arguments as `generate` for a single prompt. Text that might be the start of a stop string is held
-    back until it is known not to be one, so a stop string never reaches the client.
+    Same arguments, decoding steps and seeding as `generate` for a single prompt, so the concatenated texts
+    equal `generate(...)[0].text`. Text that might be the start of a stop string, or half of a multi-byte
+    character, is held back until it is known to be final, so a stop string never reaches the client.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if len(prompt_ids) == 0:
+    _check(max_new_tokens, temperature, top_p)
+    if not prompt_ids:
         raise ValueError("the prompt needs at least one token; got an empty prompt")
-    eos_set = set(default_eos_ids(model, tokenizer) if eos_ids is None else ([eos_ids] if isinstance(eos_ids, int) else eos_ids))
+    eos_set = _eos_set(model, tokenizer, eos_ids)
     stop = [s for s in (stop or []) if s]
-    generator = None
-    if temperature > 0:
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(seed if seed is not None else torch.seed())
     was_training = model.training
     model.eval()
+    steps = _token_steps(model, [list(prompt_ids)], temperature=temperature, top_p=top_p,
+                         generator=_generator(temperature, seed), pad_id=_pad_id(tokenizer, eos_set))
+    out: list[int] = []
+    sent = 0  # characters of the decoded text already yielded
     try:
-        device = _device(model)
-        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-        mask = torch.ones_like(ids)
-        pos = torch.arange(ids.shape[1], device=device).unsqueeze(0)
-        out: list[int] = []
-        sent = 0  # characters of the decoded text already yielded
-        past = None
         for _ in range(max_new_tokens):
-            output = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
-            past = output.past_key_values
-            tok = int(_next_tokens(output.logits[:, -1, :], temperature, top_p, generator)[0])
+            tok = int(next(steps)[0])
             if tok in eos_set:
-                text = tokenizer.decode(out, skip_special_tokens=True)
-                yield StreamDelta(text[sent:], [], "stop")
+                yield StreamDelta(tokenizer.decode(out, skip_special_tokens=True)[sent:], [], "stop")
                 return
             out.append(tok)
             text = tokenizer.decode(out, skip_special_tokens=True)
@@ -268,16 +262,21 @@ def stream_generate(model, tokenizer, prompt_ids: list[int], *, max_new_tokens: 
                 yield StreamDelta(text[sent:cut] if cut > sent else "", [tok], "stop")
                 return
             ready = len(text) - _held_back(text, stop)
-            if ready > sent:
-                yield StreamDelta(text[sent:ready], [tok])
-                sent = ready
-            else:
-                yield StreamDelta("", [tok])
-            ids = torch.tensor([[tok]], dtype=torch.long, device=device)
-            pos = pos[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones((1, 1), dtype=mask.dtype, device=device)], dim=-1)
-        text = tokenizer.decode(out, skip_special_tokens=True)
-        yield StreamDelta(text[sent:], [], "length")
+            yield StreamDelta(text[sent:ready] if ready > sent else "", [tok])
+            sent = max(sent, ready)
+        yield StreamDelta(tokenizer.decode(out, skip_special_tokens=True)[sent:], [], "length")
     finally:
+        steps.close()
         if was_training:
             model.train()
+
+
+def generate_messages(model, tokenizer, template, messages_list: list[list[dict]], **kwargs) -> list[GenerationResult]:
+    """Generate the next assistant turn for each conversation, using the run's chat template.
+
+    `template.prompt_ids(messages)` renders the conversation plus the assistant header (the same template
+    used in training and serving); keyword arguments go to `generate`.
+    """
+    prompts = [list(template.prompt_ids(messages)) for messages in messages_list]
+    return generate(model, tokenizer, prompts, **kwargs)
+

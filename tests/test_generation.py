@@ -109,3 +109,21 @@ def test_bad_arguments():
         generate(m, tok, [[]], max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p"):
         generate(m, tok, [[1, 2]], max_new_tokens=2, top_p=0)
+
+
+def test_stream_equals_generate(model, tok):
+    from gemcut.generation import stream_generate
+
+    prompt = ids(tok, ["hello world"])[0]
+    for kwargs in ({}, {"temperature": 1.0, "seed": 11}, {"temperature": 0.9, "top_p": 0.8, "seed": 2}):
+        whole = generate(model, tok, [prompt], max_new_tokens=15, eos_ids=[], **kwargs)[0]
+        deltas = list(stream_generate(model, tok, prompt, max_new_tokens=15, eos_ids=[], **kwargs))
+        assert "".join(d.text for d in deltas) == whole.text
+        assert [t for d in deltas for t in d.token_ids] == whole.token_ids
+        assert [d.finish_reason for d in deltas[:-1]] == [None] * (len(deltas) - 1) and deltas[-1].finish_reason == "length"
+    sampled = generate(model, tok, [prompt], max_new_tokens=20, temperature=1.0, seed=5, eos_ids=[])[0]
+    stop = sampled.text[4:7]
+    cut = generate(model, tok, [prompt], max_new_tokens=20, temperature=1.0, seed=5, eos_ids=[], stop=[stop])[0]
+    deltas = list(stream_generate(model, tok, prompt, max_new_tokens=20, temperature=1.0, seed=5, eos_ids=[], stop=[stop]))
+    assert "".join(d.text for d in deltas) == cut.text and deltas[-1].finish_reason == "stop"
+    assert all(stop not in d.text for d in deltas)
