@@ -51,6 +51,11 @@ class FitResult:
     seconds: float
 
 
+def example_length(example: dict) -> int:
+    """Tokens in an example: `input_ids`, or both sides of a preference pair (`chosen_input_ids`, ...)."""
+    return sum(len(v) for k, v in example.items() if k.endswith("input_ids"))
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """"auto" is bf16 where the hardware computes it natively (AVX-512 BF16 / AMX on CPU), else fp32."""
     if precision != "auto":
@@ -79,7 +84,7 @@ def epoch_order(lengths: Sequence[int], *, seed: int, epoch: int, batch_size: in
 def evaluate(model, objective: Objective, examples: Sequence[dict], collate, *, batch_size: int, accelerator) -> dict[str, float]:
     """Mean loss over all validation targets (and accuracy when the objective counts `correct`)."""
     model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))  # less padding
+    order = sorted(range(len(examples)), key=lambda i: example_length(examples[i]))  # less padding
     loss, n, sums = torch.zeros((), device=accelerator.device), 0, {}
     with torch.no_grad(), accelerator.autocast():
         for s in range(0, len(order), batch_size):
@@ -90,8 +95,8 @@ def evaluate(model, objective: Objective, examples: Sequence[dict], collate, *, 
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0) + v
     result = {"val_loss": loss.item() / max(n, 1), "val_targets": n}
-    if "correct" in sums:
-        result["val_accuracy"] = float(sums["correct"]) / max(n, 1)
+    for k, v in sums.items():  # metric sums become means over the targets; `correct` is accuracy
+        result["val_accuracy" if k == "correct" else f"val_{k}"] = float(v) / max(n, 1)
     model.train()
     return result
 
@@ -174,7 +179,7 @@ def fit(model: torch.nn.Module, objective: Objective, train_set: Sequence[dict],
         ckpt.check_compatible(last_saved, data_hash=data_hash, config=config_dict)
         state = ckpt.load_checkpoint(last_saved, model=acc.unwrap_model(model), optimizer=optimizer, scheduler=scheduler)
     log = logger or RunLogger(run_dir, total_steps=total, start_step=state.step)
-    lengths = [len(ex["input_ids"]) for ex in train_set]
+    lengths = [example_length(ex) for ex in train_set]
     es, orders, pending = cfg.early_stopping, {}, []
     stopped, t_log, tokens_log = "completed", time.time(), (state.tokens, state.trained_tokens)
 
@@ -215,7 +220,7 @@ def fit(model: torch.nn.Module, objective: Objective, train_set: Sequence[dict],
                 micro = [take[s:s + per_micro] for s in range(0, len(take), per_micro)][acc.process_index::world]
                 batches = [collate([train_set[i] for i in ids]) for ids in micro]
                 counts = [objective.count(b) for b in batches]  # on the host, before any forward
-                state.tokens += sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
+                state.tokens += sum(lengths[i] for ids in micro for i in ids)  # real tokens, padding excluded
                 n_step = sum(counts)
                 if world > 1:  # normalise by the targets of the step on all processes; DDP averages the grads
                     n_step = int(acc.reduce(torch.tensor(n_step, device=acc.device), "sum")) / world
