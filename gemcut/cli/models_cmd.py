@@ -1,0 +1,53 @@
+"""`gemcut models` and `gemcut estimate CONFIG`: what models are here, and will a run fit.
+
+    gemcut models
+    gemcut estimate examples/sft_chatterbot.yaml train.batch_size=4 [--no-probe] [--json]
+"""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gemcut.cli import app
+
+console = Console()
+
+
+@app.command("models")
+def models(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """List the models available locally (packaged aliases, converted folders, the HF cache), with sizes."""
+    from gemcut.models.resolve import format_parameters, gemcut_home, list_local_models
+
+    rows = list_local_models()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"models (gemcut home: {gemcut_home()})")
+    for col in ("name", "parameters", "status", "source", "path"):
+        table.add_column(col, overflow="fold", justify="right" if col == "parameters" else "left")
+    for r in rows:
+        table.add_row(r["name"], format_parameters(r["parameters"]), r["status"], r["source"], r["path"] or "-")
+    console.print(table)
+
+
+@app.command("estimate")
+def estimate_cmd(config: str = typer.Argument(..., help="YAML run file."),
+                 overrides: list[str] = typer.Argument(None, help="key.sub=value overrides"),
+                 probe: bool = typer.Option(True, "--probe/--no-probe", help="Time a few real forward+backward passes."),
+                 as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text.")) -> None:
+    """Parameters, memory (weights, gradients, optimizer, activations) and time of a run, before launching it."""
+    from gemcut.config import load_config
+    from gemcut.models.estimate import estimate
+
+    est = estimate(load_config(config, list(overrides or [])), probe=probe)
+    if as_json:
+        typer.echo(json.dumps(est.to_dict(), indent=2))
+    else:
+        for line in est.lines():
+            console.print(line, markup=False, highlight=False)
+    if not est.fits:
+        raise typer.Exit(1)

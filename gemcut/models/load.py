@@ -1,0 +1,306 @@
+"""Load a base model for training, save a finished run, and load any run back: the one way to do each.
+
+    python -m pytest -q tests/test_models_load.py
+
+- `load_base(cfg.model, task)`: resolve the name (gemcut/models/resolve.py), load the tokenizer and the
+  model for `causal_lm` (AutoModelForCausalLM) or `classify`/`reward` (AutoModelForSequenceClassification
+  with a new head: `num_labels` classes, or 1 score for a reward model). Safetensors only; remote code only
+  when `model.trust_remote_code`; decoders get a pad token (their EOS) because batches are padded.
+- `save_final(model, tokenizer, template, out_dir, labels=..., meta=...)`: `final/` holds the adapter
+  (peft format) or the full model, the tokenizer (its chat template set to the one used in training),
+  `template.json` + `chat_template.jinja`, `labels.json`, and `gemcut_run.json` (base model, task, adapter
+  method, resolved config). Written to a temporary folder and renamed into place.
+- `load_run(run_dir, checkpoint)`: `final`, `best`, `last` or `step-N`. For an adapter run it loads the
+  base model then the adapter; for a checkpoint (which holds only the trainable weights, see
+  gemcut/train/checkpoint.py) it rebuilds base + adapter from the checkpoint's `config.yaml` and copies the
+  saved weights in. Eval, export and serve all load runs through this.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gemcut.errors import ConfigError, GemcutError
+from gemcut.models.resolve import resolve_model
+
+RUN_META = "gemcut_run.json"
+LABELS = "labels.json"
+CLASSIFY_TASKS = ("classify", "reward")
+
+
+@dataclass
+class LoadedRun:
+    """A run loaded for inference: the model in eval mode and everything needed to prompt it."""
+
+    model: Any
+    tokenizer: Any
+    template: Any  # ChatTemplate, or None for classifiers whose tokenizer has no chat template
+    labels: list[str] | None
+    task: str
+    config: dict
+    base_name: str
+    path: Path | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}[name]
+
+
+def _model_class(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if task == "causal_lm" or task in ("dpo", "ppo", "grpo"):
+        return AutoModelForCausalLM
+    if task in CLASSIFY_TASKS:
+        return AutoModelForSequenceClassification
+    raise ConfigError(f"task {task!r} is not one of causal_lm, classify, reward")
+
+
+def load_tokenizer(source, *, trust_remote_code: bool = False, revision: str | None = None):
+    """The model's tokenizer, with a pad token (decoders pad with their EOS; labels mask the padding)."""
+    from transformers import AutoTokenizer
+
+    kwargs = {"revision": revision} if isinstance(source, str) and revision else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"the tokenizer of {source} has neither a pad nor an EOS token; batches cannot be padded")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(cfg, task: str, num_labels: int | None = None,
+              label_names: list[str] | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of the pre-trained model named by `cfg` (ModelConfig), ready for `task`.
+
+    For classify, the head has `num_labels` outputs (or len(label_names)) and id2label/label2id are set; for
+    reward it has one output. The new head is initialised from torch's global RNG: seed before calling.
+    """
+    source = resolve_model(cfg.name, cfg.revision)
+    tokenizer = load_tokenizer(source, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    kwargs: dict[str, Any] = {
+        "dtype": _torch_dtype(cfg.dtype), "attn_implementation": cfg.attn_implementation,
+        "trust_remote_code": cfg.trust_remote_code, "use_safetensors": True,
+    }
+    if isinstance(source, str) and cfg.revision:
+        kwargs["revision"] = cfg.revision
+    if task in CLASSIFY_TASKS:
+        if task == "reward":
+            label_names = ["reward"]
+        elif label_names is None:
+            if num_labels is None:
+                raise ConfigError("a classifier needs its labels: pass label_names (or num_labels)")
+            label_names = [f"LABEL_{i}" for i in range(num_labels)]
+        if num_labels is not None and task != "reward" and num_labels != len(label_names):
+            raise ConfigError(f"num_labels={num_labels} but {len(label_names)} label names were given")
+        kwargs |= {
+            "num_labels": len(label_names),
+            "id2label": dict(enumerate(label_names)),
+            "label2id": {name: i for i, name in enumerate(label_names)},
+            # A folder that is already a classifier with another label count gets a fresh head.
+            "ignore_mismatched_sizes": True,
+        }
+    try:
+        model = _model_class(task).from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise GemcutError(f"model {cfg.name!r} ({source}) could not be loaded with safetensors: {e}") from None
+    if model.config.pad_token_id is None:
+        # Decoder classifiers find each row's last real token through pad_token_id.
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------- saving
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def run_meta(config, task: str, labels: list[str] | None = None, base_path: str | None = None) -> dict:
+    """The `gemcut_run.json` contents for a RunConfig (or its dict): what `load_run` needs to rebuild the run."""
+    cfg = config.model_dump(mode="json") if hasattr(config, "model_dump") else dict(config)
+    return {"base_model": cfg["model"]["name"], "base_path": base_path, "task": task,
+            "adapter": cfg["adapter"]["method"], "labels": labels, "config": cfg}
+
+
+def write_run_meta(directory: str | Path, meta: dict) -> Path:
+    """Write `gemcut_run.json` atomically (the loop puts one at the run root so checkpoints can be loaded)."""
+    path = Path(directory) / RUN_META
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(meta, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def save_final(model, tokenizer, template, out_dir: str | Path, *, labels: list[str] | None = None, meta: dict) -> Path:
+    """Write the finished run into `out_dir` (see the module docstring); returns `out_dir`.
+
+    `meta` holds at least `task` and `config` (the resolved run config as a dict; `run_meta()` builds it).
+    """
+    import gemcut
+
+    if "task" not in meta or "config" not in meta:
+        raise ValueError("save_final: meta needs 'task' and 'config' (use gemcut.models.load.run_meta)")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        fmt = "adapter" if _is_peft(model) else "full"
+        model.save_pretrained(tmp)
+        if template is not None:
+            # The folder's tokenizer carries the training template, so plain transformers (and vLLM) prompt
+            # the model exactly as it was trained.
+            tokenizer.chat_template = template.source
+        tokenizer.save_pretrained(tmp)
+        if template is not None:
+            template.save(tmp)
+        if labels is not None:
+            (tmp / LABELS).write_text(json.dumps(list(labels), indent=2))
+        write_run_meta(tmp, {**meta, "format": fmt, "labels": list(labels) if labels is not None else meta.get("labels"),
+                             "gemcut_version": gemcut.__version__})
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+# ---------------------------------------------------------------- loading runs
+
+
+def _read_json(path: Path) -> dict | list | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _checkpoint_dir(run_dir: Path, checkpoint: str) -> Path:
+    from gemcut.train.checkpoint import COMPLETE, best_checkpoint, complete_checkpoints, latest_checkpoint
+
+    root = run_dir / "checkpoints"
+    available = ", ".join(p.name for p in complete_checkpoints(root)) or "none"
+    if checkpoint == "best":
+        path = best_checkpoint(root)
+        if path is None:
+            raise GemcutError(f"{run_dir}: no best checkpoint marked (checkpoints/best); complete checkpoints: {available}")
+        return path
+    if checkpoint == "last":
+        path = latest_checkpoint(root)
+        if path is None:
+            raise GemcutError(f"{run_dir}: no complete checkpoint under checkpoints/")
+        return path
+    if checkpoint.startswith("step-") and checkpoint[5:].isdigit():
+        path = root / checkpoint
+        if not (path / COMPLETE).is_file():
+            raise GemcutError(f"{path}: not a complete checkpoint (no {COMPLETE} marker); complete checkpoints: {available}")
+        return path
+    raise GemcutError(f"checkpoint {checkpoint!r} is not one of final, best, last, step-N")
+
+
+def _infer_task(config: dict) -> str:
+    kind = config.get("objective", {}).get("kind", "auto")
+    if kind != "auto":
+        return kind
+    return "classify" if config.get("data", {}).get("kind") == "label" else "causal_lm"
+
+
+def _head_size(weights_file: Path) -> int | None:
+    """Output rows of the classification head in a checkpoint's weights (its label count)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights_file), framework="pt") as f:
+        for key in f.keys():
+            if key.endswith(".weight") and any(h in key for h in ("classifier.", "score.")) and "lora_" not in key:
+                return int(f.get_slice(key).get_shape()[0])
+    return None
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "final") -> LoadedRun:
+    """Load a run for inference (eval mode, no gradients needed); see the module docstring."""
+    from gemcut.config import AdapterConfig, ModelConfig
+    from gemcut.data.templates import TEMPLATE_JSON, ChatTemplate
+    from gemcut.models.adapters import apply_adapter
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise GemcutError(f"{run_dir}: no such run folder")
+    if checkpoint == "final":
+        where = run_dir / "final"
+        meta = _read_json(where / RUN_META)
+        if meta is None:
+            raise GemcutError(f"{where}: no {RUN_META}; the run has not finished (try checkpoint='last')")
+        config = meta["config"]
+        task = meta["task"]
+        labels = meta.get("labels") or _read_json(where / LABELS)
+        model_cfg = ModelConfig(**config["model"])
+        if meta.get("format") == "adapter":
+            from peft import PeftModel
+
+            base, _ = load_base(model_cfg, task, label_names=labels if task == "classify" else None)
+            model = PeftModel.from_pretrained(base, where)
+        else:
+            kwargs: dict[str, Any] = {"dtype": _torch_dtype(model_cfg.dtype), "use_safetensors": True,
+                                      "attn_implementation": model_cfg.attn_implementation,
+                                      "trust_remote_code": model_cfg.trust_remote_code}
+            model = _model_class(task).from_pretrained(where, **kwargs)
+        tokenizer = load_tokenizer(where, trust_remote_code=model_cfg.trust_remote_code)
+        template = ChatTemplate.load(where, tokenizer) if (where / TEMPLATE_JSON).is_file() else None
+    else:
+        where = _checkpoint_dir(run_dir, checkpoint)
+        config = yaml.safe_load((where / "config.yaml").read_text())
+        meta = (_read_json(where / RUN_META) or _read_json(run_dir / RUN_META)
+                or _read_json(run_dir / "final" / RUN_META) or {})
+        task = meta.get("task") or _infer_task(config)
+        labels = meta.get("labels") or _read_json(run_dir / LABELS) or config.get("data", {}).get("labels")
+        num_labels = None
+        if task == "classify" and labels is None:
+            num_labels = _head_size(where / "model.safetensors")
+            if num_labels is None:
+                raise GemcutError(f"{where}: cannot tell the classifier's labels (no labels.json, no data.labels, "
+                                  "no head weights in model.safetensors)")
+        model_cfg = ModelConfig(**config["model"])
+        model, tokenizer = load_base(model_cfg, task, num_labels=num_labels,
+                                     label_names=labels if task == "classify" else None)
+        if task == "classify" and labels is None:
+            labels = [model.config.id2label[i] for i in range(num_labels)]
+        # The same wrapping training used, so the checkpoint's parameter names line up.
+        model = apply_adapter(model, AdapterConfig(**config["adapter"]), task)
+        from gemcut.train.checkpoint import load_trainable
+
+        load_trainable(model, where)
+        template = None
+        for candidate in (where, run_dir / "final", run_dir):
+            if (candidate / TEMPLATE_JSON).is_file():
+                template = ChatTemplate.load(candidate, tokenizer)
+                break
+        if template is None and task not in CLASSIFY_TASKS:
+            data = config.get("data", {})
+            template = ChatTemplate.from_tokenizer(tokenizer, data.get("template"), data.get("system_prompt"))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    base = meta.get("base_model") or config.get("model", {}).get("name", "?")
+    return LoadedRun(model=model, tokenizer=tokenizer, template=template, labels=labels, task=task,
+                     config=config, base_name=base, path=where, meta=meta)
+
