@@ -89,6 +89,15 @@ class Estimate:
         out += [f"note: {n}" for n in self.notes]
         return out
 
+    def __str__(self) -> str:
+        text = (f"{self.summary}; needs {self.required_bytes / GB:.2f} GB of {self.available_bytes / GB:.2f} GB available "
+                f"on {self.device} ({'fits' if self.fits else 'does not fit'})")
+        if self.seconds_per_step is not None:
+            text += f"; {self.seconds_per_step:.2f} s/step"
+            if self.total_seconds is not None:
+                text += f" x {self.steps} steps = {_duration(self.total_seconds)}"
+        return text
+
     def to_dict(self) -> dict:
         return asdict(self) | {"required_bytes": self.required_bytes, "total_bytes": self.total_bytes}
 
