@@ -67,16 +67,20 @@ def base_model(loaded, cfg: RunConfig):
         with model.disable_adapter():
             yield model
         return
+    import torch
+
     from gemcut.models.load import load_base
 
-    base = load_base(cfg.model, loaded.task, labels=loaded.labels)
-    base_model_obj = getattr(base, "model", base)
-    base_model_obj.to(next(model.parameters()).device)
-    base_model_obj.eval()
+    # A classifier's base gets a freshly initialised head; seeding makes that head the same on every evaluation.
+    torch.manual_seed(cfg.train.seed)
+    task = loaded.task
+    base, _ = load_base(cfg.model, task, label_names=loaded.labels if task == "classify" else None)
+    base.to(next(model.parameters()).device)
+    base.eval()
     try:
-        yield base_model_obj
+        yield base
     finally:
-        del base, base_model_obj
+        del base
 
 
 def reference_targets(example: Example, tokenizer, template, max_length: int, response: str | None = None) -> tuple[list[int], list[bool]]:
@@ -130,8 +134,10 @@ def score_model(task: str, model, tokenizer, template, examples: list[Example], 
     ev, max_len = cfg.eval, cfg.data.max_length
     res = ModelResults()
     if task == "classification":
+        # Truncated like training's `data.overlong=truncate` (special tokens such as [SEP] kept at the end).
         ids = [list(tokenizer(e.text, truncation=True, max_length=max_len)["input_ids"]) for e in examples]
-        index = scoring.predict_classes(model, tokenizer, ids, batch_size=ev.batch_size)
+        index, res.nll = scoring.predict_classes(model, tokenizer, ids, [labels.index(e.label) for e in examples],
+                                                 batch_size=ev.batch_size)
         res.predictions = [labels[i] if 0 <= i < len(labels) else None for i in index]
     elif task in ("generative_classification", "generation"):
         prompts = [list(template.prompt_ids(e.prompt)) for e in examples]
@@ -142,9 +148,9 @@ def score_model(task: str, model, tokenizer, template, examples: list[Example], 
         res.extra["finish_reasons"] = {r: sum(g.finish_reason == r for g in gens) for r in ("stop", "length")}
         if task == "generative_classification":
             res.predictions, res.rules = map_many(res.texts, labels)
-        else:
-            targets = [reference_targets(e, tokenizer, template, max_len) for e in examples]
-            res.nll = scoring.sequence_nll(model, [t[0] for t in targets], [t[1] for t in targets])
+        # The reference's loss: for a generative classifier, the validation loss of training on this split.
+        targets = [reference_targets(e, tokenizer, template, max_len) for e in examples]
+        res.nll = scoring.sequence_nll(model, [t[0] for t in targets], [t[1] for t in targets])
     elif task == "language_modeling":
         targets = [reference_targets(e, tokenizer, template, max_len) for e in examples]
         res.nll = scoring.sequence_nll(model, [t[0] for t in targets], [t[1] for t in targets])
@@ -334,8 +340,12 @@ def evaluate(run_dir, *, split: str = "test", checkpoint: str = "final", base: b
     log(f"loading {run_dir} ({checkpoint})")
     loaded = load_run(run_dir, checkpoint=checkpoint)
     labels = split_labels(records, getattr(loaded, "labels", None) or cfg.data.labels)
-    examples = [to_example(r, labels=labels, instruction=cfg.data.instruction) for r in records]
+    examples = [to_example(r, labels=labels, data_cfg=cfg.data) for r in records]
     task = choose_task(examples, loaded.model)
+    unknown = [e for e in examples if e.label is not None and e.label not in labels]
+    if unknown:
+        raise GemcutError(f"{unknown[0].source}: label {unknown[0].label!r} is not one the model was trained on ({', '.join(labels)}); "
+                          f"{len(unknown)} {split} records have such labels; re-prepare the data with data.labels covering them")
     references = [e.reference for e in examples]
 
     log(f"task {task}: scoring the tuned model on {len(examples)} {split} examples")
@@ -382,31 +392,33 @@ def evaluate(run_dir, *, split: str = "test", checkpoint: str = "final", base: b
 
 
 def _final_step(run_dir: Path) -> int | None:
-    """The step whose weights final/ holds, from final/state.json or manifest.json when the loop recorded it."""
-    for path, keys in ((run_dir / "final" / "state.json", ("step",)), (run_dir / "manifest.json", ("final_step",))):
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                continue
-            for key in keys:
-                if isinstance(data.get(key), int):
-                    return data[key]
+    """The step whose weights final/ holds: the run manifest's `final_from` ("last" = the last step, or "step-N")."""
+    path = run_dir / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    source = manifest.get("final_from")
+    if isinstance(source, str) and source.startswith("step-") and source[5:].isdigit():
+        return int(source[5:])
+    if source == "last" and isinstance(manifest.get("steps"), int):
+        return manifest["steps"]
     return None
 
 
 def _metric_name(metric: str | None, cfg: RunConfig, task: str) -> str:
     """A metric of this evaluation: given, or the early-stopping metric without its `val_` prefix.
 
-    A loss means perplexity for language tasks (exp of the mean token loss: the same order) and the
-    task's headline metric otherwise.
+    `loss` is the mean loss of the references, the quantity the training loop logs as `val_loss` (for
+    preference data, which has no single reference, the headline metric is used instead).
     """
     from gemcut.eval.summary import HEADLINE
 
-    name = metric or cfg.train.early_stopping.metric
-    name = name.removeprefix("val_")
-    if name == "loss":
-        return "perplexity" if task in ("generation", "language_modeling") else HEADLINE[task]
+    name = (metric or cfg.train.early_stopping.metric).removeprefix("val_")
+    if name == "loss" and task == "preference":
+        return HEADLINE[task]
     return name
 
 
@@ -435,7 +447,7 @@ def select_checkpoint(run_dir, metric: str | None = None, *, split: str = "valid
         log(f"evaluating {path.name} on {split}")
         loaded = load_run(run_dir, checkpoint=path.name)
         labels = split_labels(records, getattr(loaded, "labels", None) or cfg.data.labels)
-        examples = [to_example(r, labels=labels, instruction=cfg.data.instruction) for r in records]
+        examples = [to_example(r, labels=labels, data_cfg=cfg.data) for r in records]
         task = choose_task(examples, loaded.model)
         name = _metric_name(metric, cfg, task)
         res = score_model(task, loaded.model, loaded.tokenizer, loaded.template, examples, labels, cfg, log)

@@ -24,6 +24,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gemcut.config import DataConfig
 from gemcut.data.records import record_kind
 from gemcut.errors import DataError, GemcutError
 
@@ -68,39 +69,31 @@ def read_split(run_dir: str | Path, split: str) -> list[dict]:
     return records
 
 
-def label_prompt(instruction: str, labels: list[str], text: str) -> str:
-    """The user message of a generative classifier: `data.instruction` with {labels} and {text} filled in."""
-    try:
-        return instruction.format(labels=", ".join(labels), text=text)
-    except (KeyError, IndexError) as e:
-        raise GemcutError(f"data.instruction: unknown placeholder {e} (allowed: {{labels}}, {{text}}); "
-                          "write literal braces as {{ and }}") from None
+def to_example(record: dict, *, labels: list[str] | None = None, data_cfg: DataConfig | None = None) -> Example:
+    """View one record as an evaluation example (table in the module docstring).
 
+    Conversations come from `gemcut.data.tokenize.conversation`, the function training renders records
+    with, so the model is asked exactly what it was trained on (`data.instruction` for label records).
+    """
+    from gemcut.data.tokenize import conversation
 
-def to_example(record: dict, *, labels: list[str] | None = None, instruction: str = "") -> Example:
-    """View one record as an evaluation example (table in the module docstring)."""
     kind = record_kind(record)
     source = str(record.get("_source", "?"))
-    if kind == "label":
-        prompt = [{"role": "user", "content": label_prompt(instruction, labels or [], record["text"])}]
-        return Example(source, kind, prompt, str(record["label"]), label=str(record["label"]),
-                       text=record["text"])
-    if kind == "prompt_completion":
-        prompt = [{"role": "user", "content": record["prompt"]}]
-        if record.get("system"):
-            prompt.insert(0, {"role": "system", "content": record["system"]})
-        return Example(source, kind, prompt, record["completion"])
-    if kind == "messages":
-        msgs = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
-        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+    if kind in ("label", "prompt_completion", "messages"):
+        conv = conversation(record, kind, data_cfg or DataConfig(), labels)
+        conv = [{"role": m["role"], "content": m["content"]} for m in conv]
+        last = max((i for i, m in enumerate(conv) if m["role"] == "assistant"), default=None)
         if last is None or last == 0:
             raise DataError("a messages record needs an assistant turn after at least one other turn to be evaluated",
                             path=source, field="messages")
-        return Example(source, kind, msgs[:last], msgs[last]["content"])
+        if kind == "label":
+            return Example(source, kind, conv[:last], str(record["label"]), label=str(record["label"]), text=str(record["text"]))
+        return Example(source, kind, conv[:last], conv[last]["content"])
     if kind == "preference":
-        prompt = [{"role": "user", "content": record["prompt"]}]
-        return Example(source, kind, prompt, record["chosen"], rejected=record["rejected"])
-    return Example(source, kind, None, record["text"], text=record["text"])
+        prompt = record["prompt"]
+        messages = [dict(m) for m in prompt] if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+        return Example(source, kind, messages, str(record["chosen"]), rejected=str(record["rejected"]))
+    return Example(source, kind, None, str(record["text"]), text=str(record["text"]))
 
 
 def split_labels(records: list[dict], declared: list[str] | None) -> list[str]:

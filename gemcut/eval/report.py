@@ -129,7 +129,7 @@ def confusion_uri(confusion: dict, title: str) -> str | None:
 
 METRIC_ORDER = ["macro_f1", "accuracy", "weighted_f1", "macro_precision", "macro_recall", "weighted_precision",
                 "weighted_recall", "unparseable", "unparseable_rate", "exact_match", "rouge1", "rouge2", "rougeL", "bleu",
-                "perplexity", "pairwise_accuracy"]
+                "perplexity", "loss", "pairwise_accuracy"]
 
 
 def metrics_table(ev: dict) -> str:

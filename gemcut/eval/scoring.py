@@ -6,7 +6,7 @@
 per-example results into metrics and bootstrap intervals. Each function takes plain inputs (token ids,
 texts, message lists), so the same code scores any model:
 
-- `predict_classes`: argmax of a sequence classifier's logits -> class index per text.
+- `predict_classes`: argmax of a sequence classifier's logits -> class index per text (and its loss).
 - `generate_texts`: the next assistant turn for each prompt conversation (via `gemcut.generation`).
 - `sequence_nll`: summed negative log-likelihood and token count of each sequence's target tokens,
   computed by the training objective (`gemcut.objectives.causal_lm.CausalLM`), so evaluation and training
@@ -48,20 +48,30 @@ def _batches(n: int, size: int):
 
 
 @torch.no_grad()
-def predict_classes(model, tokenizer, input_ids: Sequence[Sequence[int]], *, batch_size: int = 16,
-                    progress: Callable[[int], None] | None = None) -> list[int]:
-    """Class index (argmax of logits) for each tokenized text."""
+def predict_classes(model, tokenizer, input_ids: Sequence[Sequence[int]], true_index: Sequence[int] | None = None, *,
+                    batch_size: int = 16, progress: Callable[[int], None] | None = None) -> tuple[list[int], list[tuple[float, int]]]:
+    """Class index (argmax of logits) for each tokenized text, and its cross-entropy against `true_index`.
+
+    The loss is returned as (NLL, 1) per example, the shape `sequence_nll` uses, so the mean over a split
+    is the classifier's validation loss (unweighted cross-entropy, fp32 softmax as in training).
+    """
+    import torch.nn.functional as F
+
     model.eval()
     device = _device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     preds: list[int] = []
+    nll: list[tuple[float, int]] = []
     for rows in _batches(len(input_ids), batch_size):
         ids, mask = _right_pad([input_ids[i] for i in rows], pad)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         preds.extend(int(x) for x in logits.argmax(dim=-1).tolist())
+        if true_index is not None:
+            target = torch.tensor([true_index[i] for i in rows], dtype=torch.long, device=logits.device)
+            nll.extend((float(x), 1) for x in F.cross_entropy(logits, target, reduction="none").tolist())
         if progress:
             progress(len(rows))
-    return preds
+    return preds, nll
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from gemcut.eval.bootstrap import paired_bootstrap_indexed
 
 HEADLINE = {"classification": "macro_f1", "generative_classification": "macro_f1", "generation": "rougeL",
             "language_modeling": "perplexity", "preference": "pairwise_accuracy"}
-LOWER_IS_BETTER = {"perplexity", "unparseable_rate"}
+LOWER_IS_BETTER = {"perplexity", "loss", "unparseable_rate"}
 
 
 @dataclass
@@ -68,7 +68,10 @@ def metric_functions(task: str, references: list[str], labels: list[str], r: Mod
     if r.nll is not None:
         nll = np.array([x[0] for x in r.nll], dtype=float)
         tok = np.array([x[1] for x in r.nll], dtype=float)
-        fns["perplexity"] = lambda idx: M.perplexity(nll[idx], tok[idx])
+        # Mean loss per target token (per example for a classifier head): what training logs as val_loss.
+        fns["loss"] = lambda idx: float(nll[idx].sum() / tok[idx].sum()) if tok[idx].sum() else float("nan")
+        if task != "classification":
+            fns["perplexity"] = lambda idx: M.perplexity(nll[idx], tok[idx])
     if r.chosen is not None:
         wins = (np.asarray(r.chosen, dtype=float) > np.asarray(r.rejected, dtype=float)).astype(float)
         fns["pairwise_accuracy"] = lambda idx: float(wins[idx].mean())
