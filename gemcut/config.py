@@ -117,6 +117,7 @@ class RLConfig(Section):
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     ppo_epochs: int = Field(1, ge=1, description="Optimisation passes over each rollout batch.")
     kl_warn: float = Field(10.0, gt=0, description="KL to the reference (nats per completion) above which a still-rising reward triggers a reward-hacking warning.")
+    prompt_words: int | None = Field(None, ge=1, description="For text and label records: continue only their first N words (tweet openings, say); None continues the whole text.")
 
 
 class ObjectiveConfig(Section):

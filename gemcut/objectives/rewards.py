@@ -1,0 +1,112 @@
+"""Reward functions for RL: a trained reward model run, or a classifier run's probability of one label.
+
+    objective: {kind: grpo, rl: {reward_model: runs/sentiment, reward_label: positive}}
+    python -m pytest -q tests/test_rl.py
+
+A reward function maps a batch of rollouts to one float each:
+
+    reward_fn(prompts: list[str], completions: list[str], completion_ids: list[list[int]]) -> Tensor [N]
+
+`load_reward(config.objective.rl)` builds one from a run folder (through `gemcut.models.load.load_run`, the
+one way runs are loaded): a run trained with `objective.kind: reward` (one output) scores prompt and
+completion together, rendered as its training data was; a classifier run with `reward_label` scores the
+completion text alone with the softmax probability of that label (e.g. "positive" from a sentiment
+classifier), a reward in [0, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import torch
+
+from gemcut.errors import ConfigError
+
+
+class RewardFn(Protocol):
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str],
+                 completion_ids: Sequence[Sequence[int]]) -> torch.Tensor: ...
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _batched_logits(model, tokenizer, encode: Callable[[int], list[int]], n: int, batch_size: int) -> torch.Tensor:
+    """Run `model` over n encoded inputs (right-padded batches) -> logits [n, C]."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = []
+    for s in range(0, n, batch_size):
+        rows = [encode(i) for i in range(s, min(n, s + batch_size))]
+        width = max(1, max(len(r) for r in rows))
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, :len(r)] = 1
+        mask[:, 0] = 1  # an empty completion still gets one (pad) position to read
+        out.append(model(input_ids=ids.to(_device(model)), attention_mask=mask.to(_device(model))).logits.float().cpu())
+    return torch.cat(out) if out else torch.zeros((0, 1))
+
+
+class ClassifierReward:
+    """P(label | completion) from a sequence classifier (e.g. a sentiment classifier's "positive")."""
+
+    def __init__(self, model, tokenizer, label_index: int, *, batch_size: int = 32, max_length: int = 128):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.label_index, self.batch_size, self.max_length = label_index, batch_size, max_length
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, completion_ids=None) -> torch.Tensor:
+        enc = self.tokenizer(list(completions), truncation=True, max_length=self.max_length)["input_ids"]
+        logits = _batched_logits(self.model, self.tokenizer, lambda i: enc[i], len(enc), self.batch_size)
+        return torch.softmax(logits, dim=-1)[:, self.label_index]
+
+
+class RewardModelReward:
+    """The scalar output of a reward model on prompt + completion, encoded by `encode(prompt, completion)`."""
+
+    def __init__(self, model, tokenizer, encode: Callable[[str, str], list[int]], *, batch_size: int = 16):
+        self.model, self.tokenizer, self.encode, self.batch_size = model.eval(), tokenizer, encode, batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, completion_ids=None) -> torch.Tensor:
+        logits = _batched_logits(self.model, self.tokenizer, lambda i: self.encode(prompts[i], completions[i]),
+                                 len(prompts), self.batch_size)
+        return logits[:, 0]
+
+
+def pair_encoder(tokenizer, template=None, max_length: int = 512) -> Callable[[str, str], list[int]]:
+    """(prompt, completion) -> ids the way a reward model saw its training pairs: with the run's chat template,
+    the prompt as a user turn and the completion as the assistant's (as `gemcut.data.tokenize` renders
+    `preference` records); without one, the plain concatenated text."""
+    def encode(prompt: str, completion: str) -> list[int]:
+        if template is not None:
+            ids = template.render([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}])[0]
+        else:
+            ids = tokenizer(prompt + completion)["input_ids"]
+        return list(ids)[-max_length:]  # keep the end: the reward head reads the last token
+    return encode
+
+
+def load_reward(rl, *, max_length: int = 512) -> RewardFn:
+    """A reward function from `objective.rl`: `reward_model` (a run folder) and, for a classifier,
+    `reward_label`."""
+    if not rl.reward_model:
+        raise ConfigError("objective.rl.reward_model is not set: give the run folder of a reward model, or of a "
+                          "classifier together with objective.rl.reward_label (e.g. positive)")
+    from gemcut.models.load import load_run
+
+    run = load_run(rl.reward_model)
+    n_out = int(getattr(run.model.config, "num_labels", 0) or 0)
+    labels = list(run.labels or [])
+    if rl.reward_label is not None:
+        if rl.reward_label not in labels:
+            raise ConfigError(f"objective.rl.reward_label={rl.reward_label!r} is not a label of {rl.reward_model} "
+                              f"(its labels: {', '.join(labels) or 'none: it is not a classifier'})")
+        return ClassifierReward(run.model, run.tokenizer, labels.index(rl.reward_label), max_length=max_length)
+    if n_out == 1:
+        return RewardModelReward(run.model, run.tokenizer, pair_encoder(run.tokenizer, run.template, max_length))
+    raise ConfigError(f"{rl.reward_model} is a classifier with labels {labels}; set objective.rl.reward_label to the "
+                      "label whose probability is the reward")
