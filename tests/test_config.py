@@ -5,7 +5,8 @@ import pytest
 from gemcut.config import load_config, parse_override
 from gemcut.errors import ConfigError
 
-EXAMPLES = sorted(Path(__file__).parent.parent.glob("examples/*.yaml"))
+ROOT = Path(__file__).parent.parent
+EXAMPLES = sorted(ROOT.glob("examples/*.yaml")) + sorted(ROOT.glob("gemcut/presets/*.yaml"))
 
 
 def test_override_types():
