@@ -7,15 +7,31 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from gemcut.cli import app
 
 console = Console()
+
+
+@contextlib.contextmanager
+def progress_bars():
+    """A rich progress bar per scoring pass (tuned, base, forgetting, each checkpoint): the `progress` hook of evaluate."""
+    bars = Progress(TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console, transient=False, disable=not console.is_terminal)
+
+    def stage(name: str, total: int):
+        task = bars.add_task(name, total=total)
+        return lambda n: bars.advance(task, n)
+
+    with bars:
+        yield stage
 
 
 def _fmt(x, digits: int = 4) -> str:
@@ -71,7 +87,8 @@ def eval_command(
 
     cfg = run_config(run)
     if select:
-        out = select_checkpoint(run, metric, split=split or "validation", max_examples=max_examples, log=log)
+        with progress_bars() as stage:
+            out = select_checkpoint(run, metric, split=split or "validation", max_examples=max_examples, log=log, progress=stage)
         table = Table(title=f"checkpoints on {out['split']} by {out['metric']} ({'higher' if out['higher_is_better'] else 'lower'} is better)")
         for col in ("checkpoint", out["metric"], ""):
             table.add_column(col)
@@ -85,8 +102,9 @@ def eval_command(
                       + ("" if out["final_is_best"] in (None, True) else f" — evaluate the best with --checkpoint {out['best']}"))
         console.print(f"written: {Path(run) / 'checkpoints.json'}")
         return
-    ev = evaluate(run, split=split or cfg.eval.split, checkpoint=checkpoint, base=cfg.eval.compare_base if base is None else base,
-                  max_examples=max_examples, log=log)
+    with progress_bars() as stage:
+        ev = evaluate(run, split=split or cfg.eval.split, checkpoint=checkpoint, base=cfg.eval.compare_base if base is None else base,
+                      max_examples=max_examples, log=log, progress=stage)
     console.print(_metrics_table(ev))
     for w in ev.get("warnings") or []:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)

@@ -127,51 +127,76 @@ def choose_task(examples: list[Example], model) -> str:
     return "generation"
 
 
+Progress = Callable[[str, int], Callable[[int], None]]
+
+
+def _no_progress(stage: str, total: int) -> Callable[[int], None]:
+    return lambda n: None
+
+
+def label_budget(tokenizer, labels: list[str], max_new_tokens: int) -> int:
+    """Generation budget of a generative classifier: the longest label's tokens plus a margin of 8, at most
+    `eval.max_new_tokens`. The instruction asks for the label only; the margin leaves room for "Positive."
+    or a short preamble, and not spending 32 tokens per answer makes a large test split affordable."""
+    longest = max((len(tokenizer(lab, add_special_tokens=False)["input_ids"]) for lab in labels), default=1)
+    return max(1, min(max_new_tokens, longest + 8))
+
+
 def score_model(task: str, model, tokenizer, template, examples: list[Example], labels: list[str], cfg: RunConfig,
-                log: Callable[[str], None]) -> ModelResults:
-    """Run one model over the examples; what is computed depends on the task (module docstring)."""
+                log: Callable[[str], None], progress: Progress = _no_progress, name: str = "model") -> ModelResults:
+    """Run one model over the examples; what is computed depends on the task (module docstring).
+
+    `progress(stage, total)` starts a progress stage and returns `advance(n)`; the CLI draws it as a bar.
+    """
     t0 = time.time()
     ev, max_len = cfg.eval, cfg.data.max_length
     res = ModelResults()
+    n = len(examples)
+
+    def nll_of(targets: list[tuple[list[int], list[bool]]], stage: str) -> list[tuple[float, int]]:
+        return scoring.sequence_nll(model, [t[0] for t in targets], [t[1] for t in targets], batch_size=ev.batch_size,
+                                    progress=progress(f"{name}: {stage}", n))
+
     if task == "classification":
         # Truncated like training's `data.overlong=truncate` (special tokens such as [SEP] kept at the end).
         ids = [list(tokenizer(e.text, truncation=True, max_length=max_len)["input_ids"]) for e in examples]
         index, res.nll = scoring.predict_classes(model, tokenizer, ids, [labels.index(e.label) for e in examples],
-                                                 batch_size=ev.batch_size)
+                                                 batch_size=ev.batch_size, progress=progress(f"{name}: classify", n))
         res.predictions = [labels[i] if 0 <= i < len(labels) else None for i in index]
     elif task in ("generative_classification", "generation"):
+        budget = label_budget(tokenizer, labels, ev.max_new_tokens) if task == "generative_classification" else ev.max_new_tokens
         prompts = [list(template.prompt_ids(e.prompt)) for e in examples]
-        gens = scoring.generate_texts(model, tokenizer, prompts, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
+        gens = scoring.generate_texts(model, tokenizer, prompts, max_new_tokens=budget, temperature=ev.temperature,
                                       top_p=ev.top_p, seed=cfg.train.seed, batch_size=ev.batch_size,
-                                      eos_ids=stop_ids(model, tokenizer, template))
+                                      eos_ids=stop_ids(model, tokenizer, template), progress=progress(f"{name}: generate", n))
         res.texts = [g.text for g in gens]
+        res.extra["max_new_tokens"] = budget
         res.extra["finish_reasons"] = {r: sum(g.finish_reason == r for g in gens) for r in ("stop", "length")}
         if task == "generative_classification":
             res.predictions, res.rules = map_many(res.texts, labels)
         # The reference's loss: for a generative classifier, the validation loss of training on this split.
-        targets = [reference_targets(e, tokenizer, template, max_len) for e in examples]
-        res.nll = scoring.sequence_nll(model, [t[0] for t in targets], [t[1] for t in targets])
+        res.nll = nll_of([reference_targets(e, tokenizer, template, max_len) for e in examples], "reference loss")
     elif task == "language_modeling":
-        targets = [reference_targets(e, tokenizer, template, max_len) for e in examples]
-        res.nll = scoring.sequence_nll(model, [t[0] for t in targets], [t[1] for t in targets])
+        res.nll = nll_of([reference_targets(e, tokenizer, template, max_len) for e in examples], "perplexity")
     elif task == "preference":
         if is_sequence_classifier(model):
             def text_ids(e: Example, answer: str) -> list[int]:
                 return template.render([*e.prompt, {"role": "assistant", "content": answer}])[0][:max_len]
 
-            res.chosen = scoring.reward_scores(model, tokenizer, [text_ids(e, e.reference) for e in examples], batch_size=ev.batch_size)
-            res.rejected = scoring.reward_scores(model, tokenizer, [text_ids(e, e.rejected) for e in examples], batch_size=ev.batch_size)
+            for side in ("chosen", "rejected"):
+                answers = [text_ids(e, e.reference if side == "chosen" else e.rejected) for e in examples]
+                setattr(res, side, scoring.reward_scores(model, tokenizer, answers, batch_size=ev.batch_size,
+                                                         progress=progress(f"{name}: reward of {side}", n)))
         else:
             # Summed log-likelihood of each answer given the prompt: the quantity DPO's implicit reward is built on.
             for side in ("chosen", "rejected"):
                 targets = [reference_targets(e, tokenizer, template, max_len, e.reference if side == "chosen" else e.rejected)
                            for e in examples]
-                nll = scoring.sequence_nll(model, [t[0] for t in targets], [t[1] for t in targets])
-                setattr(res, side, [-x[0] for x in nll])
+                setattr(res, side, [-x[0] for x in nll_of(targets, f"log-likelihood of {side}")])
     else:
         raise ValueError(f"unknown evaluation task {task!r}")
     res.seconds = time.time() - t0
-    log(f"  scored {len(examples)} examples in {res.seconds:.1f}s")
+    log(f"  {name}: scored {n} examples in {res.seconds:.1f}s")
     return res
 
 
@@ -205,7 +230,8 @@ def forgetting_examples(spec: str, *, limit: int = FORGETTING_MAX_EXAMPLES) -> t
     return usable, {"unusable": unusable, "used": len(usable)}
 
 
-def forgetting_check(loaded, cfg: RunConfig, *, with_base: bool, log: Callable[[str], None]) -> dict | None:
+def forgetting_check(loaded, cfg: RunConfig, *, with_base: bool, log: Callable[[str], None],
+                     progress: Progress = _no_progress) -> dict | None:
     """Perplexity on general conversations, tuned vs base, and whether it rose by more than the margin."""
     spec = cfg.eval.forgetting_data
     if spec is None:
@@ -220,9 +246,12 @@ def forgetting_check(loaded, cfg: RunConfig, *, with_base: bool, log: Callable[[
     log(f"forgetting check: perplexity on {len(examples)} examples of {spec}")
     targets = [reference_targets(e, loaded.tokenizer, loaded.template, cfg.data.max_length) for e in examples]
     ids, masks = [t[0] for t in targets], [t[1] for t in targets]
-    tuned = ModelResults(nll=scoring.sequence_nll(loaded.model, ids, masks))
+    size = cfg.eval.batch_size
+    tuned = ModelResults(nll=scoring.sequence_nll(loaded.model, ids, masks, batch_size=size,
+                                                  progress=progress("tuned: general perplexity", len(ids))))
     with base_model(loaded, cfg) as bm:
-        base = ModelResults(nll=scoring.sequence_nll(bm, ids, masks))
+        base = ModelResults(nll=scoring.sequence_nll(bm, ids, masks, batch_size=size,
+                                                     progress=progress("base: general perplexity", len(ids))))
     s = summarise("language_modeling", [e.reference for e in examples], [], tuned, base,
                   n_resamples=cfg.eval.bootstrap, seed=cfg.train.seed)
     before, after = s["base"]["perplexity"], s["tuned"]["perplexity"]
@@ -312,7 +341,7 @@ def _clean_floats(obj):
 
 
 def evaluate(run_dir, *, split: str = "test", checkpoint: str = "final", base: bool = True, max_examples: int | None = None,
-             report: bool = True, log: Callable[[str], None] | None = None) -> dict:
+             report: bool = True, log: Callable[[str], None] | None = None, progress: Progress | None = None) -> dict:
     """Evaluate `run_dir` on `split`; write eval.json, eval_predictions.jsonl and report.html; return eval.json's dict.
 
     Args:
@@ -323,10 +352,12 @@ def evaluate(run_dir, *, split: str = "test", checkpoint: str = "final", base: b
         max_examples: score only the first N examples (default eval.max_examples); the count left out is recorded.
         report: write report.html.
         log: called with one line per stage (the CLI prints them).
+        progress: `progress(stage, total)` -> `advance(n)`, for a progress bar over each scoring pass.
     """
     from gemcut.models.load import load_run
 
     log = log or (lambda _msg: None)
+    progress = progress or _no_progress
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     t_start = time.time()
@@ -349,21 +380,21 @@ def evaluate(run_dir, *, split: str = "test", checkpoint: str = "final", base: b
     references = [e.reference for e in examples]
 
     log(f"task {task}: scoring the tuned model on {len(examples)} {split} examples")
-    tuned = score_model(task, loaded.model, loaded.tokenizer, loaded.template, examples, labels, cfg, log)
+    tuned = score_model(task, loaded.model, loaded.tokenizer, loaded.template, examples, labels, cfg, log, progress, "tuned")
     base_res = None
     if base:
         log("scoring the base model" + (" (adapter disabled)" if is_lora(loaded.model) else ""))
         with base_model(loaded, cfg) as bm:
-            base_res = score_model(task, bm, loaded.tokenizer, loaded.template, examples, labels, cfg, log)
+            base_res = score_model(task, bm, loaded.tokenizer, loaded.template, examples, labels, cfg, log, progress, "base")
     summary = summarise(task, references, labels, tuned, base_res, n_resamples=cfg.eval.bootstrap, seed=cfg.train.seed)
-    forgetting = forgetting_check(loaded, cfg, with_base=base, log=log)
+    forgetting = forgetting_check(loaded, cfg, with_base=base, log=log, progress=progress)
 
     result = {
         "run": str(run_dir), "split": split, "checkpoint": checkpoint, "task": task, "labels": labels if summary["tuned"].get("per_class") else None,
         "n_examples": len(examples), "n_in_split": n_total, "n_left_out": n_total - len(examples),
         "headline": headline_text(summary), **summary, "forgetting": forgetting,
         "samples": samples(examples, tuned, base_res, cfg.eval.num_samples),
-        "generation": {"max_new_tokens": cfg.eval.max_new_tokens, "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
+        "generation": {"max_new_tokens": tuned.extra.get("max_new_tokens"), "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
                        "finish_reasons": {"tuned": tuned.extra.get("finish_reasons"),
                                           "base": base_res.extra.get("finish_reasons") if base_res else None}},
         "warnings": [], "seconds": None,
@@ -423,7 +454,7 @@ def _metric_name(metric: str | None, cfg: RunConfig, task: str) -> str:
 
 
 def select_checkpoint(run_dir, metric: str | None = None, *, split: str = "validation", max_examples: int | None = None,
-                      log: Callable[[str], None] | None = None) -> dict:
+                      log: Callable[[str], None] | None = None, progress: Progress | None = None) -> dict:
     """Evaluate every kept checkpoint on `split`, mark the best by `metric`, and say which one final/ holds.
 
     `metric` is a metric name of the task (macro_f1, accuracy, rougeL, perplexity, ...); default: the run's
@@ -450,7 +481,8 @@ def select_checkpoint(run_dir, metric: str | None = None, *, split: str = "valid
         examples = [to_example(r, labels=labels, data_cfg=cfg.data) for r in records]
         task = choose_task(examples, loaded.model)
         name = _metric_name(metric, cfg, task)
-        res = score_model(task, loaded.model, loaded.tokenizer, loaded.template, examples, labels, cfg, log)
+        res = score_model(task, loaded.model, loaded.tokenizer, loaded.template, examples, labels, cfg, log,
+                          progress or _no_progress, path.name)
         values = summarise(task, [e.reference for e in examples], labels, res, None)["tuned"]
         if name not in values:
             shown = sorted(k for k, v in values.items() if isinstance(v, float))

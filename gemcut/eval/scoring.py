@@ -8,9 +8,8 @@ texts, message lists), so the same code scores any model:
 
 - `predict_classes`: argmax of a sequence classifier's logits -> class index per text (and its loss).
 - `generate_texts`: the next assistant turn for each prompt conversation (via `gemcut.generation`).
-- `sequence_nll`: summed negative log-likelihood and token count of each sequence's target tokens,
-  computed by the training objective (`gemcut.objectives.causal_lm.CausalLM`), so evaluation and training
-  measure loss the same way.
+- `sequence_nll`: summed negative log-likelihood and token count of each sequence's target tokens, the
+  training objective's formula per sequence, so evaluation and training measure loss the same way.
 - `reward_scores`: the scalar output of a reward model (a one-logit sequence classifier) per text.
 """
 
@@ -21,8 +20,6 @@ from collections.abc import Callable, Sequence
 import torch
 
 from gemcut.generation import GenerationResult, generate
-
-IGNORE = -100
 
 
 def _device(model) -> torch.device:
@@ -75,7 +72,8 @@ def predict_classes(model, tokenizer, input_ids: Sequence[Sequence[int]], true_i
 
 
 @torch.no_grad()
-def reward_scores(model, tokenizer, input_ids: Sequence[Sequence[int]], *, batch_size: int = 16) -> list[float]:
+def reward_scores(model, tokenizer, input_ids: Sequence[Sequence[int]], *, batch_size: int = 16,
+                  progress: Callable[[int], None] | None = None) -> list[float]:
     """The first logit of a sequence classifier for each tokenized text (a reward model has exactly one)."""
     model.eval()
     device = _device(model)
@@ -85,6 +83,8 @@ def reward_scores(model, tokenizer, input_ids: Sequence[Sequence[int]], *, batch
         ids, mask = _right_pad([input_ids[i] for i in rows], pad)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         out.extend(float(x) for x in logits[:, 0].float().tolist())
+        if progress:
+            progress(len(rows))
     return out
 
 
@@ -104,29 +104,39 @@ def generate_texts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max
 
 
 @torch.no_grad()
-def sequence_nll(model, ids: Sequence[Sequence[int]], targets: Sequence[Sequence[bool]], *,
+def sequence_nll(model, ids: Sequence[Sequence[int]], targets: Sequence[Sequence[bool]], *, batch_size: int = 16,
                  progress: Callable[[int], None] | None = None) -> list[tuple[float, int]]:
     """(summed NLL, token count) of the tokens of ids[i] where targets[i] is True, given what precedes them.
 
-    Each sequence is scored alone (batch of one) by the training objective, so no padding enters the
-    numbers; the first token is never a target (nothing predicts it); a sequence without targets gives (0.0, 0).
+    The formula of the training objective (`gemcut.objectives.causal_lm`: shifted cross-entropy in fp32
+    over the target tokens), kept per sequence. Sequences are batched by similar length and right-padded,
+    so padding never precedes a real token; the tests check that the result equals the objective run on
+    each sequence alone. The first token is never a target; a sequence without targets gives (0.0, 0).
     """
-    from gemcut.objectives.causal_lm import CausalLM
+    import torch.nn.functional as F
 
-    objective = CausalLM()
     model.eval()
     device = _device(model)
-    out: list[tuple[float, int]] = []
-    for seq, mask in zip(ids, targets):
-        if len(seq) < 2 or not any(mask[1:]):
-            out.append((0.0, 0))
-        else:
-            input_ids = torch.tensor([list(seq)], dtype=torch.long, device=device)
-            keep = torch.tensor([list(mask)], dtype=torch.bool, device=device)
-            batch = {"input_ids": input_ids, "labels": input_ids.masked_fill(~keep, IGNORE),
-                     "attention_mask": torch.ones_like(input_ids)}
-            result = objective(model, batch)
-            out.append((float(result.loss_sum), int(result.n_targets)))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(ids)
+    todo = [i for i in range(len(ids)) if len(ids[i]) >= 2 and any(targets[i][1:])]
+    todo.sort(key=lambda i: len(ids[i]))  # similar lengths together: little padding
+    for start in range(0, len(todo), batch_size):
+        rows = todo[start:start + batch_size]
+        input_ids, mask = _right_pad([ids[i] for i in rows], 0)
+        keep = torch.zeros_like(input_ids, dtype=torch.bool)
+        for r, i in enumerate(rows):
+            keep[r, : len(ids[i])] = torch.tensor(list(targets[i]), dtype=torch.bool)
+        input_ids, mask, keep = input_ids.to(device), mask.to(device), keep.to(device)
+        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+        shifted = keep[:, 1:]
+        token_nll = F.cross_entropy(logits[shifted].float(), input_ids[:, 1:][shifted], reduction="none")
+        row_of = torch.nonzero(shifted)[:, 0]
+        sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, row_of, token_nll.double())
+        counts = shifted.sum(dim=1)
+        for r, i in enumerate(rows):
+            out[i] = (float(sums[r]), int(counts[r]))
         if progress:
-            progress(1)
+            progress(len(rows))
+    if progress and len(todo) < len(ids):
+        progress(len(ids) - len(todo))
     return out
