@@ -112,7 +112,7 @@ class Normalizer:
         if kind == "text" and natural != "text":
             records = [{"text": flatten_to_text(r)} for r in records]
             used = used - {"label"}
-        unused = {k for k in value if k not in used and not k.startswith("_") and k not in PASSTHROUGH}
+        unused = {k for k in value if k not in used and not str(k).startswith("_")}
         for r in records:
             r["_source"] = row.source
         return records, unused
@@ -211,9 +211,12 @@ class Normalizer:
         return [rec], used
 
     def _build_messages(self, value: dict, row: Row) -> tuple[list[dict], set[str]]:
-        return [{"messages": self._messages(value.get("messages"), row, "messages")}], {"messages"}
+        # Flattened into a text document, a conversation needs no assistant turn and no strict turn order.
+        flat = self.kind == "text"
+        msgs = self._messages(value.get("messages"), row, "messages", need_assistant=not flat, check_order=not flat)
+        return [{"messages": msgs}], {"messages"}
 
-    def _messages(self, msgs: Any, row: Row, field: str, *, need_assistant: bool = True) -> list[dict]:
+    def _messages(self, msgs: Any, row: Row, field: str, *, need_assistant: bool = True, check_order: bool = True) -> list[dict]:
         if msgs is None:
             self._get({}, field, row)
         if not isinstance(msgs, list):
@@ -252,7 +255,7 @@ class Normalizer:
         # A system message may open the conversation; after it, user and assistant alternate from user.
         body = out[1:] if out[0]["role"] == "system" else out
         offset = len(out) - len(body)
-        for j, msg in enumerate(body):
+        for j, msg in enumerate(body if check_order else []):
             expected = ("user", "assistant")[j % 2]
             if msg["role"] != expected:
                 i = j + offset
