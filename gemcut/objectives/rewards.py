@@ -101,12 +101,12 @@ def load_reward(rl, *, max_length: int = 512) -> RewardFn:
     run = load_run(rl.reward_model)
     n_out = int(getattr(run.model.config, "num_labels", 0) or 0)
     labels = list(run.labels or [])
+    if n_out == 1:  # a reward model (its one "label" is the score)
+        return RewardModelReward(run.model, run.tokenizer, pair_encoder(run.tokenizer, run.template, max_length))
     if rl.reward_label is not None:
         if rl.reward_label not in labels:
             raise ConfigError(f"objective.rl.reward_label={rl.reward_label!r} is not a label of {rl.reward_model} "
                               f"(its labels: {', '.join(labels) or 'none: it is not a classifier'})")
         return ClassifierReward(run.model, run.tokenizer, labels.index(rl.reward_label), max_length=max_length)
-    if n_out == 1:
-        return RewardModelReward(run.model, run.tokenizer, pair_encoder(run.tokenizer, run.template, max_length))
     raise ConfigError(f"{rl.reward_model} is a classifier with labels {labels}; set objective.rl.reward_label to the "
                       "label whose probability is the reward")
