@@ -201,9 +201,11 @@ def train(config: RunConfig, *, resume: bool = False) -> Path:
         from gemcut.objectives.rewards import load_reward
         from gemcut.train.rl import fit_rl, prompt_inputs
 
-        result = fit_rl(model, tokenizer, prompt_inputs(train_records, tokenizer, template),
+        words = config.objective.rl.prompt_words
+        result = fit_rl(model, tokenizer, prompt_inputs(train_records, tokenizer, template, words),
                         load_reward(config.objective.rl, max_length=config.data.max_length), algo=task, config=config,
-                        run_dir=run_dir, data_hash=prepared.content_hash, resume=resume)
+                        run_dir=run_dir, data_hash=prepared.content_hash, resume=resume,
+                        val_prompts=prompt_inputs(val_records, tokenizer, template, words) if val_records else None)
     else:
         objective, collate = _objective_and_collate(task, config, tokenizer.pad_token_id, train_ex, labels)
         sample_fn = _sample_fn(config, kind, val_records, tokenizer, template, labels) if task == "causal_lm" else None
