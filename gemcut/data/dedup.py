@@ -15,7 +15,7 @@ import hashlib
 import zlib
 
 import numpy as np
-from datasketch import LeanMinHash, MinHash, MinHashLSH
+from datasketch import LeanMinHash, MinHashLSH
 
 NUM_PERM = 64  # signature length: enough for thresholds >= 0.5 at a fraction of the default's cost
 SHINGLE = 5
@@ -41,17 +41,32 @@ def shingle_hashes(text: str) -> np.ndarray:
     return np.unique(h)
 
 
-def _identity(x):
-    return x
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    # MurmurHash3's finaliser: spreads the rolling hash's bits before the affine permutations.
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def _permutations() -> tuple[np.ndarray, np.ndarray]:
+    global _PERMS
+    if _PERMS is None:  # affine maps a*h+b mod 2^32 with odd a (bijections), fixed seed: same signature every run
+        rng = np.random.RandomState(1)
+        a = (rng.randint(0, 2**31, NUM_PERM, dtype=np.int64) * 2 + 1).astype(np.uint32)
+        b = rng.randint(0, 2**32, NUM_PERM, dtype=np.int64).astype(np.uint32)
+        _PERMS = (a, b)
+    return _PERMS
 
 
 def minhash(text: str) -> LeanMinHash:
-    global _PERMS
-    if _PERMS is None:  # generating permutations dominates MinHash() construction; do it once
-        _PERMS = MinHash(num_perm=NUM_PERM).permutations
-    m = MinHash(num_perm=NUM_PERM, hashfunc=_identity, permutations=_PERMS, scheme="affine32")
-    m.update_batch(shingle_hashes(text))
-    return LeanMinHash(m)
+    """MinHash signature of a text (datasketch's affine32 construction, computed in one numpy expression:
+    building a `MinHash` object per record cost more than the hashing itself)."""
+    a, b = _permutations()
+    hv = _fmix32(shingle_hashes(text))[:, None]
+    sig = (hv * a[None, :] + b[None, :]).min(axis=0)
+    return LeanMinHash(seed=1, hashvalues=sig, scheme="affine32")
 
 
 class ExactIndex:
