@@ -19,12 +19,12 @@ def test_all_ordered_pairs_of_a_ranking():
     pairs = list(ranking_pairs(row))
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [
         ("red", "blue"), ("red", "green"), ("red", "mauve"), ("blue", "green"), ("blue", "mauve"), ("green", "mauve")]
-    assert all(p["labeler"] == "alice" and p["ranked_at"] == "2024-05-01T12:00:00Z" and p["ranking_id"] == 7 for p in pairs)
-    assert [(p["chosen_rank"], p["rejected_rank"]) for p in pairs][:2] == [(1, 2), (1, 3)]
+    assert all(p["_labeler"] == "alice" and p["_ranked_at"] == "2024-05-01T12:00:00Z" and p["_ranking_id"] == 7 for p in pairs)
+    assert [(p["_chosen_rank"], p["_rejected_rank"]) for p in pairs][:2] == [(1, 2), (1, 3)]
 
 
 def test_openai_format_round_trip():
-    rec = {"prompt": "hi?", "chosen": "hello!", "rejected": "go away", "labeler": "bob", "ranked_at": "2024-01-01T00:00:00Z"}
+    rec = {"prompt": "hi?", "chosen": "hello!", "rejected": "go away", "_labeler": "bob", "_ranked_at": "2024-01-01T00:00:00Z"}
     oa = to_openai(rec)
     assert oa["input"]["messages"] == [{"role": "user", "content": "hi?"}]
     assert oa["preferred_output"] == [{"role": "assistant", "content": "hello!"}]
@@ -57,7 +57,7 @@ def test_export_from_the_store(tmp_path):
     counts = export_preferences(store, tmp_path / "out.jsonl")
     rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert counts == {"rankings": 2, "pairs": 4, "path": str(tmp_path / "out.jsonl"), "format": "gemcut"}
-    assert len(rows) == 4 and {r["labeler"] for r in rows} == {"alice", "bob"}
+    assert len(rows) == 4 and {r["_labeler"] for r in rows} == {"alice", "bob"}
     assert all(r["chosen"] != r["rejected"] for r in rows)
     with pytest.raises(DataError, match="unknown export format"):
         export_preferences(store, tmp_path / "x.jsonl", "csv")
@@ -100,3 +100,27 @@ def test_generate_refuses_bad_prompt_files(tmp_path):
     f.write_text('{"prompt": "ok"}\n{"question": "where is the prompt?"}\n')
     with pytest.raises(DataError, match=r"p.jsonl:2: field 'prompt' missing or empty \(found: question\)"):
         read_prompts(f)
+
+
+@pytest.mark.parametrize("fmt", ["gemcut", "openai"])
+def test_the_export_is_a_training_file_for_the_data_pipeline(tmp_path, fmt):
+    from gemcut.config import DataConfig
+    from gemcut.data.prepare import prepare
+
+    store = LabelStore(f"sqlite:///{tmp_path / 'q.db'}")
+    for i in range(5):
+        store.add_prompt(f"prompt {i}", [f"best {i}", f"middle {i}", f"worst {i}"])
+        t = store.next_task("alice")
+        by_text = {text: cid for cid, text in t.completions}
+        store.submit_ranking("alice", t.prompt_id, [by_text[f"{w} {i}"] for w in ("best", "middle", "worst")])
+    out = tmp_path / f"prefs_{fmt}.jsonl"
+    export_preferences(store, out, fmt)
+    prepared = prepare(DataConfig(train=[str(out)], split={"validation": 0.0, "test": 0.0}), None)
+    assert prepared.kind == "preference"
+    recs = prepared.splits["train"]
+    assert len(recs) == 15 and all(r["chosen"].split()[0] in ("best", "middle") for r in recs)
+    # Bad pairs get the pipeline's file:line error (identical chosen and rejected).
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: chosen and rejected are the same text"):
+        prepare(DataConfig(train=[str(bad)]), None)

@@ -132,11 +132,11 @@ def test_rank_in_the_browser_then_export(served, browser, tmp_path):
     out = tmp_path / "prefs.jsonl"
     counts = export_preferences(store, out)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    by_labeler = {lab: [r for r in rows if r["labeler"] == lab] for lab in ("alice", "bob")}
+    by_labeler = {lab: [r for r in rows if r["_labeler"] == lab] for lab in ("alice", "bob")}
     for lab, prompt, order in (("alice", a_prompt, want), ("bob", b_prompt, want_b)):
         got = [(r["chosen"], r["rejected"]) for r in by_labeler[lab]]
         assert got == [(order[i], order[j]) for i in range(len(order)) for j in range(i + 1, len(order))]
-        assert all(r["prompt"] == prompt and r["ranked_at"].endswith("Z") for r in by_labeler[lab])
+        assert all(r["prompt"] == prompt and r["_ranked_at"].endswith("Z") for r in by_labeler[lab])
     assert counts["pairs"] == len(rows) == len(want) * (len(want) - 1) // 2 + len(want_b) * (len(want_b) - 1) // 2
     assert store.progress()["flagged"] == 1
 

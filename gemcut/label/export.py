@@ -5,8 +5,11 @@
 A ranking c1 > c2 > ... > cK of one prompt gives every ordered pair (ci, cj) with i < j, so K(K-1)/2
 records, each with the labeler and the time of the ranking. gemcut format, one JSON object a line:
 
-    {"prompt": ..., "chosen": ..., "rejected": ..., "labeler": ..., "ranked_at": "2024-05-01T12:00:00Z",
-     "prompt_id": 3, "ranking_id": 7, "chosen_rank": 1, "rejected_rank": 3}
+    {"prompt": ..., "chosen": ..., "rejected": ..., "_labeler": ..., "_ranked_at": "2024-05-01T12:00:00Z",
+     "_prompt_id": 3, "_ranking_id": 7, "_chosen_rank": 1, "_rejected_rank": 3}
+
+(the `_` prefix marks provenance that the data pipeline carries along but does not train on, so the file
+is a training file as it is: `data.train: [prefs.jsonl]`).
 
 OpenAI's preference fine-tuning format (https://platform.openai.com/docs/guides/direct-preference-optimization):
 
@@ -35,9 +38,9 @@ def ranking_pairs(row: RankingRow) -> Iterator[dict]:
     """All ordered pairs (i < j) of one ranking as gemcut `preference` records."""
     when = row.created_at.isoformat(timespec="seconds") + "Z"
     for (i, chosen), (j, rejected) in itertools.combinations(enumerate(row.ranked, start=1), 2):
-        yield {"prompt": row.prompt, "chosen": chosen, "rejected": rejected, "labeler": row.labeler,
-               "ranked_at": when, "prompt_id": row.prompt_id, "ranking_id": row.ranking_id,
-               "chosen_rank": i, "rejected_rank": j}
+        yield {"prompt": row.prompt, "chosen": chosen, "rejected": rejected, "_labeler": row.labeler,
+               "_ranked_at": when, "_prompt_id": row.prompt_id, "_ranking_id": row.ranking_id,
+               "_chosen_rank": i, "_rejected_rank": j}
 
 
 def to_openai(record: dict) -> dict:
@@ -47,7 +50,7 @@ def to_openai(record: dict) -> dict:
         "preferred_output": [{"role": "assistant", "content": record["chosen"]}],
         "non_preferred_output": [{"role": "assistant", "content": record["rejected"]}],
     }
-    meta = {k: record[k] for k in ("labeler", "ranked_at", "prompt_id", "ranking_id") if k in record}
+    meta = {k.lstrip("_"): record[k] for k in ("_labeler", "_ranked_at", "_prompt_id", "_ranking_id") if k in record}
     if meta:
         out["metadata"] = meta
     return out
@@ -75,7 +78,7 @@ def from_openai(obj: dict, path: str | None = None, line: int | None = None) -> 
         if not isinstance(out, list) or not out or not isinstance(out[-1], dict) or not isinstance(out[-1].get("content"), str):
             raise fail(field, "is missing or has no assistant content")
         rec[key] = out[-1]["content"]
-    rec.update({k: v for k, v in (obj.get("metadata") or {}).items() if k in ("labeler", "ranked_at")})
+    rec.update({"_" + k: v for k, v in (obj.get("metadata") or {}).items() if k in ("labeler", "ranked_at")})
     return rec
 
 
