@@ -15,10 +15,8 @@ flagged; a skip only removes it from the queue of the labeler who skipped it.
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, create_engine, event, func, select, text
 from sqlalchemy.exc import IntegrityError
@@ -38,13 +36,10 @@ def _utcnow() -> dt.datetime:
 
 
 def default_db_url() -> str:
-    """`sqlite:///<gemcut home>/gemcut.db`; the home is $GEMCUT_HOME or ~/.gemcut."""
-    try:
-        from gemcut.paths import gemcut_home  # type: ignore[import-not-found]  # shared home, where present
+    """`sqlite:///<gemcut home>/gemcut.db` (the home is $GEMCUT_HOME, default ~/.cache/gemcut)."""
+    from gemcut.models.resolve import gemcut_home
 
-        home = Path(gemcut_home())
-    except ImportError:
-        home = Path(os.environ.get("GEMCUT_HOME", Path.home() / ".gemcut"))
+    home = gemcut_home()
     home.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{home / 'gemcut.db'}"
 

@@ -265,7 +265,7 @@ def fit_rl(policy: torch.nn.Module, tokenizer, prompts: Sequence[dict], reward_f
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     history: list[dict] = []
     lengths = [len(p["input_ids"]) for p in prompts]
-    stopped = "completed"
+    stopped, warned_at = "completed", -HACK_WINDOW
 
     def save() -> None:
         nonlocal last_saved
@@ -348,7 +348,8 @@ def fit_rl(policy: torch.nn.Module, tokenizer, prompts: Sequence[dict], reward_f
                 log.samples(state.step, [{"prompt": ro.prompts[i], "output": ro.completions[i], "reward": float(ro.rewards[i])}
                                          for i in range(0, n, max(1, rl.group_size))[:SAMPLES_PER_ITER]])
                 warning = reward_hacking_warning(history, rl.kl_warn)
-                if warning:
+                if warning and state.step - warned_at >= HACK_WINDOW:  # once per window, not every iteration
+                    warned_at = state.step
                     log.print(f"[yellow]warning:[/yellow] {warning}")
                     log.log({"step": state.step, "warning": warning})
                 if interrupt.requested:
