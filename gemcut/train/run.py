@@ -58,21 +58,24 @@ def run_folder(config: RunConfig, task: str, *, resume: bool) -> Path:
 
 
 def _check_estimate(config: RunConfig, say) -> dict | None:
-    """Refuse a run the estimate says will not fit in memory, unless train.force."""
+    """Refuse a run the estimate says will not fit in memory, unless train.force.
+
+    Without the probe: training needs only the memory verdict (the measured probe, which times a few steps,
+    is what `gemcut estimate` is for)."""
+    import gc
+
     try:
         from gemcut.models.estimate import estimate
     except ImportError:
         say("estimate: gemcut.models.estimate is not available; starting without the memory check")
         return None
-    est = estimate(config)
-    info = est if isinstance(est, dict) else getattr(est, "__dict__", {})
-    fits = info.get("fits", True)
-    summary = str(est)
-    if not fits and not config.train.force:
-        raise TrainingError(f"the estimate predicts this run will not fit in memory: {summary}\n"
+    est = estimate(config, probe=False)
+    gc.collect()  # the estimate's model copy goes before the run's is loaded
+    if not est.fits and not config.train.force:
+        raise TrainingError(f"the estimate predicts this run will not fit in memory: {est}\n"
                             "Lower train.batch_size or data.max_length, use adapter.method=lora, or set train.force=true to start anyway.")
-    say(f"estimate: {summary}" if fits else f"estimate: will not fit, starting anyway (train.force): {summary}")
-    return {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}
+    say(f"estimate: {est}" if est.fits else f"estimate: will not fit, starting anyway (train.force): {est}")
+    return est.to_dict()
 
 
 def _sha256(path: Path) -> str:

@@ -1,0 +1,102 @@
+"""`gemcut.train.run.train` end to end on tiny model folders with the real data, model and tokenization
+layers: the run folder's files, reload of the final model, the estimate's refusal, the CLI.
+
+    python -m pytest -q tests/test_train_run.py
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata
+
+import pytest
+import torch
+from tiny import CORPUS, save_tiny_bert, save_tiny_llama
+
+from gemcut.config import load_config
+from gemcut.errors import TrainingError
+from gemcut.models.load import load_run
+from gemcut.train.run import train
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sft")
+    rows = [{"messages": [{"role": "user", "content": f"{a} ({i})"}, {"role": "assistant", "content": b}]}
+            for i in range(5) for a, b in zip(CORPUS, CORPUS[1:] + CORPUS[:1])]
+    return _write_jsonl(d / "chats.jsonl", rows)
+
+
+def _config(tmp_path, model_dir, data, name, *extra):
+    return load_config(None, [
+        f"model.name={model_dir}", f"data.train=[{data}]", "data.max_length=64", "data.split.validation=0.2",
+        "data.split.test=0", "adapter.r=4", "adapter.alpha=8", "train.batch_size=4", "train.max_steps=4",
+        "train.eval_every=2", "train.precision=fp32", "train.lr=1e-3", "train.sample_prompts=1",
+        f"output.dir={tmp_path}", f"output.name={name}", *extra,
+    ])
+
+
+def test_sft_run_folder_and_reload(tmp_path, sft_data):
+    model_dir = save_tiny_llama(tmp_path / "tiny-llama")
+    run = train(_config(tmp_path, model_dir, sft_data, "sft"))
+    for name in ("config.yaml", "data_report.json", "metrics.jsonl", "samples.jsonl", "manifest.json",
+                 "gemcut_run.json", "checkpoints/step-4/COMPLETE", "checkpoints/best", "final/template.json",
+                 "final/adapter_model.safetensors"):
+        assert (run / name).exists(), name
+    assert list((run / "tb").iterdir())
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "val_loss" in r] == [2, 4]
+    samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [2, 4] and all("output" in s for s in samples)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stopped"] == "completed" and manifest["steps"] == 4 and manifest["task"] == "causal_lm"
+    assert manifest["versions"]["torch"] == metadata.version("torch")
+    assert "adapter_model.safetensors" in manifest["final_files"] and len(manifest["data_hash"]) >= 16
+    # the final adapter and the last checkpoint are the same weights
+    final, last = load_run(run, "final"), load_run(run, "last")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(final.model(input_ids=ids).logits, last.model(input_ids=ids).logits)
+    with pytest.raises(TrainingError, match="already holds checkpoints"):
+        train(_config(tmp_path, model_dir, sft_data, "sft"))
+
+
+def test_classifier_run_reloads_with_identical_logits(tmp_path):
+    rows = [{"text": f"{t} {i}", "label": lab} for i in range(6)
+            for t, lab in zip(CORPUS, ["positive", "negative", "neutral", "positive", "negative", "neutral", "neutral", "positive"])]
+    data = _write_jsonl(tmp_path / "labels.jsonl", rows)
+    model_dir = save_tiny_bert(tmp_path / "tiny-bert")
+    run = train(_config(tmp_path, model_dir, data, "cls", "adapter.method=full", "objective.class_weights=balanced",
+                        "train.early_stopping.metric=val_accuracy", "train.early_stopping.mode=max"))
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "val_accuracy" in x]
+    assert len(evals) == 2
+    assert json.loads((run / "final" / "labels.json").read_text()) == ["negative", "neutral", "positive"]
+    final, last = load_run(run, "final"), load_run(run, "last")
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    with torch.no_grad():
+        torch.testing.assert_close(final.model(**batch).logits, last.model(**batch).logits, rtol=0, atol=0)
+
+
+def test_refuses_a_run_the_estimate_says_will_not_fit(tmp_path, sft_data, monkeypatch):
+    import gemcut.models.estimate as est
+
+    class Verdict:
+        fits = False
+
+        def __str__(self):
+            return "needs 99 GB of 8 GB"
+
+        def to_dict(self):
+            return {"fits": False}
+
+    monkeypatch.setattr(est, "estimate", lambda cfg, **kw: Verdict())
+    model_dir = save_tiny_llama(tmp_path / "tiny-llama")
+    with pytest.raises(TrainingError, match="(?s)will not fit in memory: needs 99 GB.*train.force=true"):
+        train(_config(tmp_path, model_dir, sft_data, "big"))
+    assert not (tmp_path / "big" / "checkpoints").exists()
