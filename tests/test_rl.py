@@ -210,3 +210,48 @@ def test_reward_hacking_warning():
     assert msg and "kl_coef" in msg and "iteration 7" in msg
     falling = [{"step": i, "reward_mean": -0.1 * i, "kl": 2.0 * i} for i in range(1, 8)]
     assert reward_hacking_warning(falling, kl_warn=5.0) is None
+
+
+def test_grpo_run_end_to_end_with_a_classifier_reward(tmp_path):
+    """`gemcut train` path: a tiny classifier run is the reward; a GRPO run on a tiny Llama folder trains,
+    logs held-out reward, saves final/ (the LoRA adapter) and a checkpoint that `load_run` reads back."""
+    import random
+
+    from tiny import save_tiny_bert, save_tiny_llama
+
+    from gemcut.models.load import load_run
+    from gemcut.train.run import train
+
+    rng = random.Random(0)
+    pool = "the quick brown fox jumps over lazy dog hello world paris capital france weather okay today love hate wait".split()
+    data = tmp_path / "tweets.jsonl"  # distinct random sentences (the leakage check drops near-duplicates across splits)
+    data.write_text("".join(json.dumps({"text": " ".join(rng.sample(pool, 7)), "label": rng.choice(["positive", "negative"])}) + "\n"
+                            for _ in range(40)))
+    common = {"data": {"train": [str(data)], "split": {"validation": 0.2, "test": 0.0}, "max_length": 32},
+              "train": {"max_steps": 2, "batch_size": 4, "num_threads": 1, "save_every": 1},
+              "eval": {"max_examples": 2}, "output": {"dir": str(tmp_path / "runs")}}
+    clf = RunConfig.model_validate({**common, "model": {"name": str(save_tiny_bert(tmp_path / "bert", num_labels=2))},
+                                    "adapter": {"method": "full"}, "objective": {"kind": "classify"},
+                                    "output": {"dir": str(tmp_path / "runs"), "name": "clf"}})
+    clf_dir = train(clf)
+    rl = RunConfig.model_validate({**common, "model": {"name": str(save_tiny_llama(tmp_path / "llama"))},
+                                   "objective": {"kind": "grpo", "rl": {"reward_model": str(clf_dir), "reward_label": "positive",
+                                                                        "prompt_words": 3, "group_size": 2, "max_new_tokens": 4}},
+                                   "output": {"dir": str(tmp_path / "runs"), "name": "grpo"}})
+    run_dir = train(rl)
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "reward_mean" in x] == [1, 2]
+    assert all(0 <= x["reward_mean"] <= 1 for x in lines if "reward_mean" in x)  # a probability
+    val = [x for x in lines if "val_reward_mean" in x]
+    assert len(val) == 1 and val[0]["val_prompts"] == 2
+    samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples[0]["prompt"].split()) == 3  # prompt_words
+    for checkpoint in ("final", "step-2"):
+        loaded = load_run(run_dir, checkpoint)
+        assert loaded.task == "grpo" and hasattr(loaded.model, "disable_adapter")
+    # a classifier used as a reward without a label names the labels it has
+    from gemcut.errors import ConfigError
+    from gemcut.objectives.rewards import load_reward
+
+    with pytest.raises(ConfigError, match="positive"):
+        load_reward(rl.objective.rl.model_copy(update={"reward_label": None}))

@@ -188,8 +188,13 @@ def train(config: RunConfig, *, resume: bool = False) -> Path:
 
     train_records = prepared.splits["train"]
     val_records = list(prepared.splits.get("validation") or [])
-    train_ex, train_stats = tokenize_records(train_records, kind, tokenizer, template, config.data, task, labels)
-    val_ex, val_stats = tokenize_records(val_records, kind, tokenizer, template, config.data, task, labels) if val_records else ([], {})
+    if task in ("ppo", "grpo"):  # RL samples its own completions: records are prompts, tokenized by gemcut.train.rl
+        note = "RL prompts: tokenized by gemcut.train.rl.prompt_inputs (objective.rl.prompt_words)"
+        train_ex, train_stats = list(train_records), {"kind": kind, "task": task, "examples": len(train_records), "note": note}
+        val_ex, val_stats = val_records, {"kind": kind, "task": task, "examples": len(val_records), "note": note}
+    else:
+        train_ex, train_stats = tokenize_records(train_records, kind, tokenizer, template, config.data, task, labels)
+        val_ex, val_stats = tokenize_records(val_records, kind, tokenizer, template, config.data, task, labels) if val_records else ([], {})
     if not train_ex:
         raise TrainingError(f"no training examples left after tokenization: {train_stats.get('dropped')}; see {run_dir / 'data_report.json'}")
     labels = train_stats.get("label_names", labels)
