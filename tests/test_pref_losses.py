@@ -129,7 +129,7 @@ def test_dpo_objective_matches_the_formula_and_learns():
     rc = sequence_logps(frozen, batch["chosen_input_ids"], batch["chosen_labels"], batch["chosen_attention_mask"])
     rr = sequence_logps(frozen, batch["rejected_input_ids"], batch["rejected_labels"], batch["rejected_attention_mask"])
     margin = 0.2 * ((pc - rc) - (pr - rr))
-    assert float(out.loss_sum) == pytest.approx(nll_sigmoid(float(margin)), rel=1e-5)
+    assert float(out.loss_sum.detach()) == pytest.approx(nll_sigmoid(float(margin)), rel=1e-5)
     assert float(out.metrics["margin"]) == pytest.approx(float(margin), rel=1e-5)
     assert float(out.metrics["chosen_reward"]) == pytest.approx(float(0.2 * (pc - rc)), rel=1e-5)
     # A few steps of SGD on the pair widen the margin and lower the loss; the base weights do not move.
