@@ -51,7 +51,10 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
         finally:
             engine.stop()
 
-    app = FastAPI(title="gemcut", version="0.1.0", lifespan=lifespan, dependencies=[Depends(require_api_key)])
+    # FastAPI's own /docs and /openapi.json routes would skip the app's dependencies, so they are off and
+    # the schema is served by an ordinary (protected) route instead.
+    app = FastAPI(title="gemcut", version="0.1.0", lifespan=lifespan, dependencies=[Depends(require_api_key)],
+                  docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings, app.state.engine, app.state.metrics, app.state.store = settings, engine, metrics, store
     install_error_handlers(app, on_error=metrics.record_error)
 
@@ -65,6 +68,10 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
         metrics.queue_depth.set(engine.depth())
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi_schema() -> dict:
+        return app.openapi()
 
     app.include_router(openai_api.router)
     app.include_router(feedback.router)

@@ -181,42 +181,44 @@ class Engine:
 
     def _load(self, source: str, name: str | None) -> ServedModel:
         path = Path(source).expanduser()
-        if path.is_dir() and ((path / "final").is_dir() or (path / "gemcut_run.json").is_file()):
-            return self._load_run(path, name)
+        shared = self._groups.get(source) or self._groups.get(str(path.resolve()))
+        if shared is not None:
+            # The base of adapters already served: the same weights with adapters switched off, no second copy.
+            sibling = next(m for m in self.models.values() if m.model is shared)
+            return ServedModel(name or path.name or source, "causal_lm", shared, sibling.tokenizer, sibling.template,
+                               sibling.context_length, adapter=None, source=source)
         if path.is_dir() and (path / "quantize_config.json").is_file():
             from gemcut.export.int8 import load_int8
 
             model, tokenizer = load_int8(path)
             return self._plain(model, tokenizer, name or path.name, str(path), self._labels_file(path))
-        if path.is_dir() and (path / "config.json").is_file():
+        if path.is_dir() and (path / "final").is_dir():
+            return self._load_run(path, name)
+        if path.is_dir() and path.name == "final" and (path / "gemcut_run.json").is_file():
+            return self._load_run(path.parent, name)
+        if path.is_dir() and (path / "config.json").is_file():  # an export or any transformers folder
             return self._load_folder(path, name or path.name, str(path))
         from gemcut.models.resolve import resolve_model
 
-        resolved = resolve_model(source)
-        resolved_path = Path(getattr(resolved, "path", resolved))
-        for base_name, shared in self._groups.items():
-            if source == base_name:  # the base of served adapters: same weights, adapters switched off
-                any_adapter = next(m for m in self.models.values() if m.model is shared)
-                return ServedModel(name or source, "causal_lm", shared, any_adapter.tokenizer, any_adapter.template,
-                                   any_adapter.context_length, adapter=None, source=source)
-        return self._load_folder(resolved_path, name or source, source)
+        return self._load_folder(resolve_model(source), name or source, source)
 
     @staticmethod
-    def _labels_file(path: Path) -> list[str] | None:
-        f = path / "labels.json"
+    def _labels_file(path: Path | str) -> list[str] | None:
+        f = Path(path) / "labels.json"
         if not f.is_file():
             return None
         data = json.loads(f.read_text(encoding="utf-8"))
         return list(data["labels"] if isinstance(data, dict) else data)
 
-    def _load_folder(self, path: Path, name: str, source: str) -> ServedModel:
+    def _load_folder(self, path: Path | str, name: str, source: str) -> ServedModel:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
         cfg = AutoConfig.from_pretrained(path)
         archs = cfg.architectures or []
         classify = any(a.endswith("ForSequenceClassification") for a in archs)
         cls = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
-        model = cls.from_pretrained(path, dtype=torch.float32 if self.device.type == "cpu" else "auto")
+        # safetensors only: a pickled checkpoint could run code when loaded
+        model = cls.from_pretrained(path, dtype=torch.float32 if self.device.type == "cpu" else "auto", use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
         return self._plain(model, tokenizer, name, source, self._labels_file(path))
 
@@ -240,11 +242,10 @@ class Engine:
                            _context_length(model, tokenizer), labels=labels, source=source)
 
     def _load_run(self, run_dir: Path, name: str | None) -> ServedModel:
-        from gemcut.models.load import load_run
         from peft import PeftModel
 
-        if run_dir.name == "final" and not (run_dir / "final").is_dir():
-            run_dir = run_dir.parent
+        from gemcut.models.load import load_run
+
         name = name or run_dir.name
         loaded = load_run(run_dir)
         task = "classify" if loaded.task in ("classify", "reward") or type(loaded.model).__name__.endswith("ForSequenceClassification") \
@@ -262,7 +263,11 @@ class Engine:
                     model.load_adapter(str(final_dir), adapter_name=name)
                     model.set_adapter(name)
                     model.delete_adapter(old)
-                self._groups[loaded.base_name] = shared = model.to(self.device).eval()
+                shared = model.to(self.device).eval()
+                self._groups[loaded.base_name] = shared
+                base_path = loaded.meta.get("base_path")
+                if base_path:
+                    self._groups[str(Path(base_path).resolve())] = shared
             else:
                 # This run's own copy of the base is dropped when `loaded` goes; the shared base serves it.
                 shared.load_adapter(str(final_dir), adapter_name=name)
@@ -338,24 +343,26 @@ class Engine:
         if self.settings.num_threads:
             torch.set_num_threads(self.settings.num_threads)
         while not self._stop.is_set():
-            batch = self._next_batch()
-            self.metrics.queue_depth.set(self.depth())
-            if not batch:
-                continue
-            with self.lock:
-                now = time.perf_counter()
-                for job in batch:
-                    job.started = now
-                    self.metrics.queue_wait.labels(model=job.served.name).observe(now - job.enqueued)
-                try:
+            batch: list[Job] = []
+            try:
+                batch = self._next_batch()
+                self.metrics.queue_depth.set(self.depth())
+                if not batch:
+                    continue
+                with self.lock:
+                    now = time.perf_counter()
+                    for job in batch:
+                        job.started = now
+                        self.metrics.queue_wait.labels(model=job.served.name).observe(now - job.enqueued)
                     self._execute(batch)
-                except APIError as e:
-                    for job in batch:
-                        self._fail(job, e)
-                except Exception as e:  # a fault in one batch must not kill the worker
-                    log.exception("model call failed")
-                    for job in batch:
-                        self._fail(job, APIError(500, f"model call failed: {type(e).__name__}: {e}", type="server_error", code="model_error"))
+            except APIError as e:
+                for job in batch:
+                    self._fail(job, e)
+            except Exception as e:  # a fault in one batch must not kill the worker: fail that batch, go on
+                log.exception("model call failed")
+                err = APIError(500, f"model call failed: {type(e).__name__}: {e}", type="server_error", code="model_error")
+                for job in batch:
+                    self._fail(job, err)
 
     def _fail(self, job: Job, err: Exception) -> None:
         if isinstance(job, GenJob) and job.stream is not None:

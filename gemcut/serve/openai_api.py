@@ -55,7 +55,7 @@ class _Sampling(_Body):
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens; wins when both are given.")
     n: int = Field(1, ge=1)
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, validate_default=True, description="Up to 4 strings that end a completion.")
     stream: bool = False
 
     @field_validator("stop")

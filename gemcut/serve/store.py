@@ -100,7 +100,7 @@ class Store:
             q = select(Feedback, RequestLog).join(RequestLog, RequestLog.response_id == Feedback.response_id).order_by(Feedback.created_at)
             if since is not None:
                 q = q.where(RequestLog.created_at >= since)
-            yield from s.execute(q).tuples().all()
+            yield from s.execute(q).all()
 
     def feedback_stats(self, since: datetime | None = None, model: str | None = None) -> FeedbackStats:
         with self.session() as s:
@@ -110,6 +110,6 @@ class Store:
             anyq = select(func.count(func.distinct(Feedback.response_id))).join(RequestLog, RequestLog.response_id == Feedback.response_id)
             for cond in ([RequestLog.created_at >= since] if since else []) + ([RequestLog.model == model] if model else []):
                 rq, fq, anyq = rq.where(cond), fq.where(cond), anyq.where(cond)
-            by_rating = dict(s.execute(fq).tuples().all())
+            by_rating = {rating: count for rating, count in s.execute(fq).all()}
             return FeedbackStats(responses=s.scalar(rq) or 0, with_feedback=s.scalar(anyq) or 0,
                                  up=by_rating.get(1, 0), down=by_rating.get(-1, 0))
