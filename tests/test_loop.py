@@ -116,6 +116,16 @@ def test_early_stopping_keeps_best_and_prunes(tmp_path, monkeypatch):
     assert [e["step"] for e in evals] == [2, 4, 6, 8, 10]
 
 
+def test_validation_loss_equals_training_loss_on_the_same_examples(tmp_path):
+    """One step over all examples at a negligible learning rate: the step's loss is the validation loss."""
+    examples = causal_examples(12, seed=2)
+    fit(llama(), CausalLM(), examples, collate_causal, run_dir=tmp_path, val_set=examples,
+        config=config(max_steps=1, batch_size=12, lr=1e-12))
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["val_loss"] == pytest.approx(rows[0]["loss"], rel=1e-5)
+    assert rows[1]["val_targets"] == rows[0]["trained_tokens"]
+
+
 def test_classify_validation_accuracy_and_unknown_metric(tmp_path):
     fit(bert(), Classify(), class_examples(), collate_classify, run_dir=tmp_path / "a", val_set=class_examples(9, seed=1),
         config=config(max_steps=2, early_stopping={"metric": "val_accuracy", "mode": "max"}))

@@ -1,11 +1,10 @@
 """Synthetic tokenized data and a fixed tiny run for the training-engine tests.
 
-    python tests/train_helpers.py RUN_DIR [--resume] [--hang-at STEP]
+    python -m pytest -q tests/test_loop.py tests/test_checkpoint.py
 
 The examples are random token ids with the first half of each masked (-100, like a prompt) and the
-collator pads on the right, so the tests do not depend on the data layer. Run as a script it trains the
-fixed tiny run of `tiny_run` (the SIGKILL resume test runs it in a child process and kills it while it
-hangs inside step STEP).
+collator pads on the right, so the tests do not depend on the data layer. `tiny_run` is the fixed run the
+resume tests repeat; with `hang_at` it sleeps inside that step, so that a test can SIGKILL it there.
 """
 
 from __future__ import annotations
@@ -123,8 +122,3 @@ def tiny_run(run_dir: Path, *, resume: bool = False, hang_at: int | None = None)
     return fit(llama(), objective, causal_examples(), collate_causal, config=config(**TINY_RUN), run_dir=run_dir,
                data_hash="synthetic-v1", resume=resume)
 
-
-if __name__ == "__main__":
-    args = sys.argv[1:]
-    hang = int(args[args.index("--hang-at") + 1]) if "--hang-at" in args else None
-    tiny_run(Path(args[0]), resume="--resume" in args, hang_at=hang)

@@ -259,8 +259,11 @@ def fit(model: torch.nn.Module, objective: Objective, train_set: Sequence[dict],
                 if interrupt.requested:
                     stopped = "interrupted"
                 periodic = cfg.save_every and state.step % cfg.save_every == 0
-                if periodic or last or stopped != "completed" or (evaluated and (improved or not cfg.save_every)):
+                saving = periodic or last or stopped != "completed" or (evaluated and (improved or not cfg.save_every))
+                if saving:
                     save(is_best=improved)
+                if saving or evaluated:
+                    t_log = time.time()  # tokens/s measures training: evaluation and saving are not in it
                 if stopped != "completed":
                     break
             flush()
