@@ -10,7 +10,7 @@ from tiny import save_tiny_llama
 from typer.testing import CliRunner
 
 from gemcut.errors import DataError
-from gemcut.label.export import export_preferences, from_openai, ranking_pairs, read_preferences, to_openai
+from gemcut.label.export import export_preferences, ranking_pairs, to_openai
 from gemcut.label.store import LabelStore, RankingRow
 
 
@@ -23,28 +23,14 @@ def test_all_ordered_pairs_of_a_ranking():
     assert [(p["_chosen_rank"], p["_rejected_rank"]) for p in pairs][:2] == [(1, 2), (1, 3)]
 
 
-def test_openai_format_round_trip():
+def test_openai_format():
     rec = {"prompt": "hi?", "chosen": "hello!", "rejected": "go away", "_labeler": "bob", "_ranked_at": "2024-01-01T00:00:00Z"}
-    oa = to_openai(rec)
-    assert oa["input"]["messages"] == [{"role": "user", "content": "hi?"}]
-    assert oa["preferred_output"] == [{"role": "assistant", "content": "hello!"}]
-    assert oa["non_preferred_output"] == [{"role": "assistant", "content": "go away"}]
-    assert from_openai(oa) == rec
-    with_system = {**oa, "input": {"messages": [{"role": "system", "content": "be kind"}, *oa["input"]["messages"]]}}
-    assert from_openai(with_system)["system"] == "be kind"
-
-
-def test_read_preferences_errors_name_file_line_and_field(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a"}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:2: field 'rejected' missing"):
-        read_preferences(bad)
-    bad.write_text('{"input": {"messages": []}, "preferred_output": [], "non_preferred_output": []}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:1: field 'input.messages'"):
-        read_preferences(bad)
-    bad.write_text("{not json\n")
-    with pytest.raises(DataError, match=r"bad.jsonl:1: not valid JSON"):
-        read_preferences(bad)
+    assert to_openai(rec) == {
+        "input": {"messages": [{"role": "user", "content": "hi?"}]},
+        "preferred_output": [{"role": "assistant", "content": "hello!"}],
+        "non_preferred_output": [{"role": "assistant", "content": "go away"}],
+        "metadata": {"labeler": "bob", "ranked_at": "2024-01-01T00:00:00Z"},
+    }
 
 
 def test_export_from_the_store(tmp_path):
@@ -89,8 +75,8 @@ def test_generate_and_export_through_the_cli(tmp_path):
     res = runner.invoke(app, ["label", "--db", db, "export", "--out", str(out), "--format", "openai"])
     assert res.exit_code == 0, res.output
     assert "wrote 3 pairs from 1 rankings" in res.output
-    back = read_preferences(out)
-    assert len(back) == 3 and all(r["prompt"] == t.prompt for r in back)
+    back = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(back) == 3 and all(r["input"]["messages"][-1]["content"] == t.prompt for r in back)
 
 
 def test_generate_refuses_bad_prompt_files(tmp_path):

@@ -127,7 +127,7 @@ def test_rank_in_the_browser_then_export(served, browser, tmp_path):
     bob.click("#reload") if bob.locator("#reload").is_visible() else bob.reload()
     bob.wait_for_selector("#done:not([hidden])")
 
-    from gemcut.label.export import export_preferences, read_preferences
+    from gemcut.label.export import export_preferences
 
     out = tmp_path / "prefs.jsonl"
     counts = export_preferences(store, out)
@@ -140,11 +140,14 @@ def test_rank_in_the_browser_then_export(served, browser, tmp_path):
     assert counts["pairs"] == len(rows) == len(want) * (len(want) - 1) // 2 + len(want_b) * (len(want_b) - 1) // 2
     assert store.progress()["flagged"] == 1
 
-    # The OpenAI DPO form of the same export reads back to the same pairs.
+    # The OpenAI DPO form of the same export reads back (through the data pipeline) to the same pairs.
+    from gemcut.config import DataConfig
+    from gemcut.data.prepare import prepare
+
     out_oa = tmp_path / "prefs_openai.jsonl"
     export_preferences(store, out_oa, "openai")
-    back = read_preferences(out_oa)
-    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in back] == [(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+    back = prepare(DataConfig(train=[str(out_oa)], split={"validation": 0.0, "test": 0.0}, clean={"dedup_exact": False}), None).splits["train"]
+    assert sorted((r["prompt"], r["chosen"], r["rejected"]) for r in back) == sorted((r["prompt"], r["chosen"], r["rejected"]) for r in rows)
 
 
 def test_page_asks_for_a_name_and_shows_progress(served, browser):

@@ -17,14 +17,15 @@ OpenAI's preference fine-tuning format (https://platform.openai.com/docs/guides/
      "preferred_output": [{"role": "assistant", "content": ...}],
      "non_preferred_output": [{"role": "assistant", "content": ...}]}
 
-`read_preferences` reads either back into `preference` records with file:line errors.
+The data pipeline (`gemcut.data`) reads both formats back as `preference` records, with its file:line
+errors for identical chosen/rejected or a missing prompt: an export is a training file as it is.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -56,32 +57,6 @@ def to_openai(record: dict) -> dict:
     return out
 
 
-def from_openai(obj: dict, path: str | None = None, line: int | None = None) -> dict:
-    """An OpenAI DPO line as a gemcut `preference` record (the last user message is the prompt; a system
-    message is kept as `system`)."""
-    def fail(field: str, why: str) -> DataError:
-        return DataError(f"field {field!r} {why}; an OpenAI DPO line has input.messages, preferred_output and "
-                         "non_preferred_output (lists of {role, content})", path=path, line=line, field=field)
-
-    msgs = (obj.get("input") or {}).get("messages") if isinstance(obj.get("input"), dict) else None
-    if not isinstance(msgs, list) or not msgs:
-        raise fail("input.messages", "is missing or empty")
-    users = [m.get("content") for m in msgs if isinstance(m, dict) and m.get("role") == "user"]
-    if not users or not isinstance(users[-1], str):
-        raise fail("input.messages", "has no user message with text content")
-    rec: dict = {"prompt": users[-1]}
-    system = [m.get("content") for m in msgs if isinstance(m, dict) and m.get("role") == "system"]
-    if system:
-        rec["system"] = system[0]
-    for field, key in (("preferred_output", "chosen"), ("non_preferred_output", "rejected")):
-        out = obj.get(field)
-        if not isinstance(out, list) or not out or not isinstance(out[-1], dict) or not isinstance(out[-1].get("content"), str):
-            raise fail(field, "is missing or has no assistant content")
-        rec[key] = out[-1]["content"]
-    rec.update({"_" + k: v for k, v in (obj.get("metadata") or {}).items() if k in ("labeler", "ranked_at")})
-    return rec
-
-
 def export_preferences(store: LabelStore, out: str | Path, fmt: Format = "gemcut") -> dict:
     """Write every ranking's pairs to `out` (JSONL); returns counts {rankings, pairs}."""
     if fmt not in ("gemcut", "openai"):
@@ -98,34 +73,3 @@ def export_preferences(store: LabelStore, out: str | Path, fmt: Format = "gemcut
                 n_pairs += 1
     tmp.replace(out)  # a half-written export never replaces a good one
     return {"rankings": n_rank, "pairs": n_pairs, "path": str(out), "format": fmt}
-
-
-def read_preferences(path: str | Path) -> list[dict]:
-    """Read a JSONL of preference pairs in either format into `preference` records with `_source`."""
-    path = Path(path)
-    records = []
-    for lineno, line in _lines(path):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"not valid JSON ({e.msg} at column {e.colno})", path=str(path), line=lineno) from None
-        if not isinstance(obj, dict):
-            raise DataError("each line must be a JSON object", path=str(path), line=lineno)
-        if "preferred_output" in obj or "input" in obj:
-            rec = from_openai(obj, str(path), lineno)
-        else:
-            missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(obj.get(k), str)]
-            if missing:
-                raise DataError(f"field {missing[0]!r} missing or not text; found keys: {', '.join(obj) or '(none)'}",
-                                path=str(path), line=lineno, field=missing[0])
-            rec = dict(obj)
-        rec["_source"] = f"{path}:{lineno}"
-        records.append(rec)
-    return records
-
-
-def _lines(path: Path) -> Iterable[tuple[int, str]]:
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if line.strip():
-                yield i, line
