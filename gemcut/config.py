@@ -169,6 +169,7 @@ class EvalConfig(Section):
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals.")
     forgetting_data: str | None = Field("chatterbot", description="General held-out text for the forgetting check (file or packaged alias); None disables.")
     forgetting_margin: float = Field(0.1, ge=0, description="Warn when general perplexity rises by more than this fraction.")
+    forgetting_max_examples: int = Field(200, ge=1, description="Conversations of forgetting_data scored (evenly spaced through it).")
 
 
 class OutputConfig(Section):

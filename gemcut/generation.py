@@ -17,6 +17,7 @@ string (`"stop"`, the text is cut before the stop string), or after `max_new_tok
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -90,6 +91,15 @@ def _first_stop(text: str, stop: Sequence[str]) -> int:
     return min(hits) if hits else -1
 
 
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the (peft-unwrapped) model's forward can compute the vocabulary head on selected positions only."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _token_steps(model, prompt_ids, *, temperature, top_p, generator, pad_id) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, step after step, keeping a KV cache; the caller stops it.
 
@@ -100,9 +110,12 @@ def _token_steps(model, prompt_ids, *, temperature, top_p, generator, pad_id) ->
     input_ids, mask = _left_pad(prompt_ids, pad_id, device)
     step_ids, step_pos = input_ids, (mask.cumsum(-1) - 1).clamp(min=0)
     past = None
+    # Only the last position's logits are needed: on the prompt that saves the head on every other position.
+    extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     while True:
         with torch.no_grad():
-            output = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past, use_cache=True)
+            output = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past, use_cache=True,
+                           **extra)
         past = getattr(output, "past_key_values", None)
         if past is None:
             raise RuntimeError(f"{type(model).__name__} returned no past_key_values; gemcut.generation needs a KV cache")

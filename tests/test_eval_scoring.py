@@ -18,6 +18,9 @@ def test_sequence_nll_equals_objective_per_sequence():
     ids = [tok(t)["input_ids"] for t in texts]
     # Targets: the second half of each sequence (like an answer after a prompt); "a" has one token, no target.
     masks = [[i >= len(x) // 2 for i in range(len(x))] for x in ids]
+    from gemcut.generation import accepts_logits_to_keep
+
+    assert accepts_logits_to_keep(model)  # the head-on-target-positions path is the one under test
     got = scoring.sequence_nll(model, ids, masks, batch_size=2)
     for seq, mask, (nll, count) in zip(ids, masks, got):
         if len(seq) < 2:

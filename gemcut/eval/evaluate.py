@@ -40,7 +40,6 @@ from gemcut.eval.examples import Example, read_split, split_labels, to_example
 from gemcut.eval.labels import map_many
 from gemcut.eval.summary import ModelResults, headline_text, summarise
 
-FORGETTING_MAX_EXAMPLES = 200  # conversations scored for the forgetting check: enough for a stable perplexity
 
 
 # ---------------------------------------------------------------- model plumbing
@@ -203,7 +202,7 @@ def score_model(task: str, model, tokenizer, template, examples: list[Example], 
 # ---------------------------------------------------------------- forgetting check
 
 
-def forgetting_examples(spec: str, *, limit: int = FORGETTING_MAX_EXAMPLES) -> tuple[list[Example], dict]:
+def forgetting_examples(spec: str, *, limit: int = 200) -> tuple[list[Example], dict]:
     """General held-out conversations from a packaged alias or a file/folder (any format gemcut reads).
 
     Conversations need an assistant turn after a prompt; others are counted, not scored. When there are
@@ -240,7 +239,7 @@ def forgetting_check(loaded, cfg: RunConfig, *, with_base: bool, log: Callable[[
         return {"skipped": "a classifier head has no language-model perplexity to compare"}
     if not with_base:
         return {"skipped": "needs the base model (run without --no-base)"}
-    examples, counts = forgetting_examples(spec)
+    examples, counts = forgetting_examples(spec, limit=cfg.eval.forgetting_max_examples)
     if not examples:
         return {"skipped": f"{spec}: no conversations with an assistant turn to score ({counts['unusable']} unusable records)"}
     log(f"forgetting check: perplexity on {len(examples)} examples of {spec}")

@@ -115,8 +115,11 @@ def sequence_nll(model, ids: Sequence[Sequence[int]], targets: Sequence[Sequence
     """
     import torch.nn.functional as F
 
+    from gemcut.generation import accepts_logits_to_keep
+
     model.eval()
     device = _device(model)
+    head_on_targets = accepts_logits_to_keep(model)
     out: list[tuple[float, int]] = [(0.0, 0)] * len(ids)
     todo = [i for i in range(len(ids)) if len(ids[i]) >= 2 and any(targets[i][1:])]
     todo.sort(key=lambda i: len(ids[i]))  # similar lengths together: little padding
@@ -127,9 +130,15 @@ def sequence_nll(model, ids: Sequence[Sequence[int]], targets: Sequence[Sequence
         for r, i in enumerate(rows):
             keep[r, : len(ids[i])] = torch.tensor(list(targets[i]), dtype=torch.bool)
         input_ids, mask, keep = input_ids.to(device), mask.to(device), keep.to(device)
-        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-        shifted = keep[:, 1:]
-        token_nll = F.cross_entropy(logits[shifted].float(), input_ids[:, 1:][shifted], reduction="none")
+        shifted = keep[:, 1:]  # [B, T-1]: position t predicts token t+1
+        if head_on_targets:
+            # The vocabulary head runs only where a target is predicted (a prompt of 70 tokens, an answer of 3).
+            predicting = torch.cat([shifted, torch.zeros_like(shifted[:, :1])], dim=1)
+            logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False, logits_to_keep=predicting).logits
+            logits = logits.reshape(-1, logits.shape[-1])
+        else:
+            logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1][shifted]
+        token_nll = F.cross_entropy(logits.float(), input_ids[:, 1:][shifted], reduction="none")
         row_of = torch.nonzero(shifted)[:, 0]
         sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, row_of, token_nll.double())
         counts = shifted.sum(dim=1)
