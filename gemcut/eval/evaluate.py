@@ -40,8 +40,6 @@ from gemcut.eval.examples import Example, read_split, split_labels, to_example
 from gemcut.eval.labels import map_many
 from gemcut.eval.summary import ModelResults, headline_text, summarise
 
-
-
 # ---------------------------------------------------------------- model plumbing
 
 
