@@ -119,3 +119,28 @@ def test_drift_score_rises_for_another_distribution_only(tmp_path):
     assert verdicts["same"]["recommendation"].startswith("no retraining")
     assert verdicts["tweets"]["recommendation"].startswith("retrain")
     assert verdicts["tweets"]["drift"]["embedding"]["mmd_p_value"] < 0.05 < verdicts["same"]["drift"]["embedding"]["mmd_p_value"]
+
+
+def test_monitor_cli_reports_and_exports(tmp_path):
+    from typer.testing import CliRunner
+
+    from gemcut.cli import _register, app
+
+    _register()
+    db = tmp_path / "serve.db"
+    store = Store(f"sqlite:///{db}")
+    for i in range(5):
+        _log(store, i, prompt=[{"role": "user", "content": f"question {i}?"}], answer=f"answer {i}", latency=10.0 * (i + 1))
+    store.add_feedback("r0", 1)
+    ref = tmp_path / "train.jsonl"
+    ref.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]})
+                             for i in range(3)))
+    result = CliRunner().invoke(app, ["monitor", "--db", f"sqlite:///{db}", "--reference", str(ref), "--json",
+                                      "--export-data", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    report, _ = json.JSONDecoder().raw_decode(result.output)
+    assert report["requests"] == 5 and report["latency_ms"]["p50"] == 30.0 and report["feedback"]["up"] == 1
+    assert report["recommendation"].startswith("too little traffic")
+    assert (tmp_path / "out" / "sft.jsonl").read_text().count("\n") == 1
+    missing = CliRunner().invoke(app, ["monitor", "--db", f"sqlite:///{tmp_path / 'nope.db'}"])
+    assert missing.exit_code != 0

@@ -145,8 +145,7 @@ def monitor(
     if db.startswith("sqlite:///") and not Path(db.removeprefix("sqlite:///")).is_file():
         raise GemcutError(f"{db}: no such database; pass the --db the server was started with")
     make_engine(db).dispose()
-    # Retention is the server's job; the monitor only reads (an effectively infinite retention purges nothing).
-    store = Store(db, retention_days=1e6)
+    store = Store(db, retention_days=None)  # retention is the server's job; the monitor only reads
     ref = read_reference(reference) if reference else run_reference(run) if run else None
     since_dt = parse_since(since)
     report = monitor_report(store, ref, since=since_dt, model=model)

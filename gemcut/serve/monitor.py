@@ -80,16 +80,18 @@ def read_reference(path: str | Path) -> list[str]:
 
 
 def run_reference(run_dir: str | Path) -> list[str]:
-    """The training prompts of a run, re-read from its resolved config with the data layer."""
+    """The training prompts of a run: its saved split (`data/train.jsonl`), else re-prepared from its config."""
     from gemcut.config import load_config
 
-    cfg_path = Path(run_dir) / "config.yaml"
+    run_dir = Path(run_dir)
+    saved = run_dir / "data" / "train.jsonl"
+    if saved.is_file():
+        return read_reference(saved)
+    cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
-        raise GemcutError(f"{run_dir}: no config.yaml; pass --reference TRAIN.jsonl instead")
-    try:
-        from gemcut.data.prepare import prepare
-    except ImportError:
-        raise GemcutError("gemcut.data.prepare is not available; pass --reference TRAIN.jsonl instead") from None
+        raise GemcutError(f"{run_dir}: neither data/train.jsonl nor config.yaml; pass --reference TRAIN.jsonl instead")
+    from gemcut.data.prepare import prepare
+
     prepared = prepare(load_config(cfg_path).data)
     return [prompt_text(r) for r in prepared.splits["train"]]
 

@@ -36,11 +36,12 @@ class FeedbackStats:
 class Store:
     """Thread-safe access to the tables; old request rows are purged at start and then hourly."""
 
-    def __init__(self, url: str, retention_days: float = 30.0):
+    def __init__(self, url: str, retention_days: float | None = 30.0):
+        """`retention_days=None` keeps everything (readers such as `gemcut monitor` leave purging to the server)."""
         self.url = url
         self.engine = make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self.retention = timedelta(days=retention_days)
+        self.retention = timedelta(days=retention_days) if retention_days is not None else None
         self._purge_lock = threading.Lock()
         self._last_purge = 0.0
         self.purge()
@@ -54,7 +55,7 @@ class Store:
         """Insert one request row (fields are RequestLog columns); purges old rows once an hour."""
         with self.session() as s, s.begin():
             s.add(RequestLog(**fields))
-        if time.monotonic() - self._last_purge > PURGE_EVERY_S:
+        if self.retention is not None and time.monotonic() - self._last_purge > PURGE_EVERY_S:
             self.purge()
 
     def add_feedback(self, response_id: str, rating: int, comment: str | None = None, choice_index: int = 0) -> int | None:
@@ -69,6 +70,8 @@ class Store:
 
     def purge(self, now: datetime | None = None) -> int:
         """Delete request rows (and their feedback) older than the retention; returns rows deleted."""
+        if self.retention is None:
+            return 0
         with self._purge_lock:
             cutoff = (now or utcnow()) - self.retention
             with self.session() as s, s.begin():
