@@ -114,3 +114,17 @@ def test_export_refuses_bad_requests(run):
     (run["tmp"] / "taken" / "file").write_text("x")
     with pytest.raises(GemcutError, match="not empty"):
         export_run(run["run"], run["tmp"] / "taken")
+
+
+def test_export_command(run):
+    from typer.testing import CliRunner
+
+    from gemcut.cli import _register, app
+
+    _register()
+    out = run["tmp"] / "cli-int8"
+    result = CliRunner().invoke(app, ["export", str(run["run"]), "--quantize", "int8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "gemcut-int8" in result.output and "perplexity" in result.output and (out / "quantize_config.json").is_file()
+    bad = CliRunner().invoke(app, ["export", str(run["run"]), "--no-merge", "--quantize", "int8", "--out", str(run["tmp"] / "z")])
+    assert bad.exit_code != 0
