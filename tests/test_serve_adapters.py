@@ -61,3 +61,40 @@ def test_adapters_share_one_base_and_answer_like_their_runs(runs):
             with engine.lock, served.activate():
                 got = _logits(served.model, ids)
             torch.testing.assert_close(got, expected_logits[name], atol=1e-5, rtol=1e-4)
+
+
+def test_lora_classifier_run_classifies_with_its_adapter(runs):
+    from peft import LoraConfig, get_peft_model
+    from serve_runs import classifier
+    from tiny import tiny_tokenizer
+    from transformers import AutoModelForSequenceClassification
+
+    from gemcut.config import RunConfig
+    from gemcut.models.load import run_meta, save_final
+    from gemcut.serve.engine import ClassifyJob, Engine
+
+    labels = ["negative", "neutral", "positive"]
+    base_dir = classifier(runs["tmp"] / "bert")
+    torch.manual_seed(3)
+    model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(base_dir),
+                           LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=False))
+    config = RunConfig.model_validate({"model": {"name": str(base_dir)}, "data": {"kind": "label", "labels": labels}})
+    run_dir = runs["tmp"] / "clf-run"
+    save_final(model, tiny_tokenizer(), None, run_dir / "final", labels=labels, meta=run_meta(config, "classify", labels))
+    loaded = load_run(run_dir)
+    texts = ["i love this product", "i hate waiting"]
+    enc = loaded.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = torch.softmax(loaded.model(**enc).logits, -1)
+        with loaded.model.disable_adapter():
+            without = torch.softmax(loaded.model(**enc).logits, -1)
+    assert not torch.allclose(expected, without, atol=1e-4)
+    engine = Engine(ServeSettings())
+    served = engine.add(str(run_dir))
+    assert served.task == "classify" and served.labels == labels
+    engine.start()
+    try:
+        probs = engine.submit(ClassifyJob(served, texts=texts)).result(timeout=60)
+    finally:
+        engine.stop()
+    torch.testing.assert_close(torch.tensor(probs), expected, atol=1e-5, rtol=1e-4)

@@ -274,6 +274,8 @@ class Engine:
             model, adapter = shared, name
         else:
             model = model.to(self.device).eval()
+            if isinstance(model, PeftModel):  # e.g. a LoRA classifier: its own adapter, not shared
+                adapter = model.active_adapter
         return ServedModel(name, task, model, tokenizer, template if task == "causal_lm" else None,
                            _context_length(model, tokenizer), adapter=adapter, labels=labels, source=str(run_dir))
 
