@@ -117,3 +117,13 @@ def test_smoke_lora_steps_on_real_smollm2_and_reload(tmp_path):
     ids = torch.tensor([final.template.prompt_ids([{"role": "user", "content": "hello"}])])
     with torch.no_grad():
         assert torch.isfinite(final.model(input_ids=ids).logits).all()
+
+
+def test_gemcut_train_is_callable_after_its_modules_are_imported():
+    """Importing gemcut.train.* rebinds the attribute `gemcut.train` to the package; it must still run a config."""
+    import gemcut
+    import gemcut.train.loop  # noqa: F401
+
+    assert callable(gemcut.train)
+    with pytest.raises(AttributeError):  # it really forwards to gemcut.train.run.train, which reads the config
+        gemcut.train(object())

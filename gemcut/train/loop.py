@@ -148,8 +148,8 @@ def store_frozen_linears_in_bf16(model: torch.nn.Module) -> int:
     bf16 once gives bit-identical results, without re-casting the base model each step, in half the memory.
     Only for peft models, whose final save holds the adapter alone; a weight tied to an embedding (a tied LM
     head) stays as it is, because the embedding's output is not autocast."""
-    if not hasattr(model, "peft_config"):
-        return 0
+    if not hasattr(model, "peft_config") or any(getattr(c, "use_dora", False) for c in model.peft_config.values()):
+        return 0  # DoRA reads the base weight in its own (non-autocast) arithmetic
     tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     n = 0
     for module in model.modules():
@@ -175,7 +175,9 @@ def fit(model: torch.nn.Module, objective: Objective, train_set: Sequence[dict],
 
     Writes `run_dir/metrics.jsonl`, `samples.jsonl`, `tb/` and `checkpoints/`. With `resume`, continues from
     the newest complete checkpoint after checking its data hash and config. `sample_fn(model)` returns
-    generated samples ([{"prompt", "output"}]) written at each evaluation."""
+    generated samples ([{"prompt", "output"}]) written at each evaluation. Under bf16 the frozen linear
+    weights of a LoRA model stay in bf16 afterwards (see `store_frozen_linears_in_bf16`): call the model
+    through its forward (accelerate keeps it autocast) or inside `torch.autocast`."""
     cfg, t0 = config.train, time.time()
     set_seed(cfg.seed)
     acc = _accelerator(resolve_precision(cfg.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu")))
