@@ -35,7 +35,7 @@ def chatterbot_conversations() -> list[dict]:
     from gemcut.config import DataConfig
     from gemcut.data.prepare import prepare
 
-    cfg = DataConfig(train=["chatterbot"], kind="messages", split={"validation": 0.0, "test": 0.0})
+    cfg = DataConfig(train=["chatterbot"], kind="messages", on_error="skip", split={"validation": 0.0, "test": 0.0})
     records = prepare(cfg).splits["train"]
     return [{"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]} for r in records]
 
@@ -97,7 +97,7 @@ def run_gemcut(model_dir: str, steps: int, packing: bool, seed: int) -> dict:
 
     out = tempfile.mkdtemp(prefix="gemcut-bench-")
     cfg = load_config(None, [
-        f"model.name={model_dir}", "data.train=[chatterbot]", "data.kind=messages", "data.split.validation=0",
+        f"model.name={model_dir}", "data.train=[chatterbot]", "data.kind=messages", "data.on_error=skip", "data.split.validation=0",
         "data.split.test=0", f"data.max_length={MAX_LENGTH}", "data.train_on=all", f"data.packing={str(packing).lower()}",
         "adapter.method=lora", f"adapter.r={RANK}", f"adapter.alpha={ALPHA}", "adapter.target_modules=all-linear",
         f"train.batch_size={BATCH}", f"train.max_steps={steps}", f"train.lr={LR}", "train.schedule=constant",

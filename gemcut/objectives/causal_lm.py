@@ -14,7 +14,8 @@ does the shift: position t predicts labels[t+1]), `attention_mask` [B,T], option
 
 Speed: for decoder architectures whose logits are exactly `lm_head(last_hidden_state)` the head runs only
 on the target positions. With a 49k vocabulary the head is a fifth of SmolLM2-135M's forward cost and its
-[B,T,V] fp32 logits the largest activation; prompt and padding tokens need neither.
+[B,T,V] fp32 logits the largest activation; prompt and padding tokens need neither. The head and the loss
+then run in chunks (chunked_ce.py), so even the target positions' logits never exist all at once.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from gemcut.objectives.base import ObjectiveOutput
+from gemcut.objectives.chunked_ce import chunked_linear_cross_entropy
 
 IGNORE = -100
 
@@ -65,16 +67,19 @@ class CausalLM:
         mask = _target_mask(batch)
         targets = batch["labels"][:, 1:][mask]
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_weight")}
+        weight = batch.get("loss_weight")
+        token_weight = weight[:, 1:][mask] if weight is not None else None
         split = _decoder_and_head(model)
         if split is not None:
             decoder, head = split
-            hidden = decoder(**inputs, use_cache=False).last_hidden_state
-            logits = head(hidden[:, :-1][mask])
+            hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][mask]
+            if type(head) is torch.nn.Linear and head.bias is None:  # a plain head (not adapted): never hold all logits
+                return ObjectiveOutput(chunked_linear_cross_entropy(hidden, head.weight, targets, token_weight), int(targets.numel()), {})
+            logits = head(hidden)
         else:
             logits = model(**inputs, use_cache=False).logits[:, :-1][mask]
         # fp32 for the softmax: bf16 log-probabilities over a large vocabulary lose the small differences.
         token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
-        weight = batch.get("loss_weight")
-        if weight is not None:
-            token_loss = token_loss * weight[:, 1:][mask].to(token_loss.dtype)
+        if token_weight is not None:
+            token_loss = token_loss * token_weight.to(token_loss.dtype)
         return ObjectiveOutput(token_loss.sum(), int(targets.numel()), {})
