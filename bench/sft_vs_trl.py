@@ -26,6 +26,11 @@ from pathlib import Path
 MAX_LENGTH, BATCH, RANK, ALPHA, LR = 256, 8, 16, 32, 2e-4
 
 
+def side_name(side: str, packing: bool, checkpointing: bool) -> str:
+    options = [o for o, on in (("packing", packing), ("ckpt", checkpointing)) if on]
+    return f"{side} ({', '.join(options)})" if options else side
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # kB -> GB (Linux)
 
@@ -85,13 +90,13 @@ def run_trl(model_dir: str, steps: int, packing: bool, seed: int) -> dict:
     timed_tokens = sum(tokens_per_batch[1:steps])
     seconds = step_end[-1] - step_end[0]
     return {
-        "side": f"trl{' (packing)' if packing else ''}", "steps": steps, "tokens": sum(tokens_per_batch[:steps]),
+        "side": side_name("trl", packing, True),  # TRL's CPU default is gradient checkpointing "steps": steps, "tokens": sum(tokens_per_batch[:steps]),
         "tokens_per_s": timed_tokens / seconds, "peak_rss_gb": peak_rss_gb(), "losses": losses,
         "final_loss": sum(losses[-3:]) / len(losses[-3:]),
     }
 
 
-def run_gemcut(model_dir: str, steps: int, packing: bool, seed: int) -> dict:
+def run_gemcut(model_dir: str, steps: int, packing: bool, seed: int, checkpointing: bool = False) -> dict:
     from gemcut.config import load_config
     from gemcut.train.run import train
 
@@ -102,7 +107,7 @@ def run_gemcut(model_dir: str, steps: int, packing: bool, seed: int) -> dict:
         "adapter.method=lora", f"adapter.r={RANK}", f"adapter.alpha={ALPHA}", "adapter.target_modules=all-linear",
         f"train.batch_size={BATCH}", f"train.max_steps={steps}", f"train.lr={LR}", "train.schedule=constant",
         "train.warmup_steps=0", f"train.seed={seed}", "train.sample_prompts=0", f"output.dir={out}", "output.name=bench",
-        "eval.forgetting_data=null",
+        "eval.forgetting_data=null", f"train.activation_checkpointing={str(checkpointing).lower()}",
     ])
     run_dir = train(cfg)
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -111,16 +116,18 @@ def run_gemcut(model_dir: str, steps: int, packing: bool, seed: int) -> dict:
     seconds = timed[-1]["elapsed_s"] - rows[0]["elapsed_s"]
     losses = [r["loss"] for r in rows]
     return {
-        "side": f"gemcut{' (packing)' if packing else ''}", "steps": steps, "tokens": sum(r["tokens"] for r in rows),
+        "side": side_name("gemcut", packing, checkpointing), "steps": steps, "tokens": sum(r["tokens"] for r in rows),
         "tokens_per_s": sum(r["tokens"] for r in timed) / seconds, "peak_rss_gb": peak_rss_gb(), "losses": losses,
         "final_loss": sum(losses[-3:]) / len(losses[-3:]),
     }
 
 
-def child(side: str, model_dir: str, steps: int, packing: bool, seed: int) -> dict:
+def child(side: str, model_dir: str, steps: int, packing: bool, seed: int, checkpointing: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--model", model_dir, "--steps", str(steps), "--seed", str(seed)]
     if packing:
         cmd.append("--packing")
+    if checkpointing:
+        cmd.append("--checkpointing")
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
@@ -135,18 +142,23 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--packing", action="store_true")
+    ap.add_argument("--checkpointing", action="store_true", help="gemcut side: train.activation_checkpointing=true")
     args = ap.parse_args()
     if args.model is None:
         from gemcut.models.resolve import resolve_model
 
         args.model = str(resolve_model("smollm2-135m-instruct"))
     if args.side:
-        result = (run_trl if args.side == "trl" else run_gemcut)(args.model, args.steps, args.packing, args.seed)
+        if args.side == "trl":
+            result = run_trl(args.model, args.steps, args.packing, args.seed)
+        else:
+            result = run_gemcut(args.model, args.steps, args.packing, args.seed, args.checkpointing)
         print(json.dumps(result))
         return
 
-    results = [child(side, args.model, args.steps, packing, args.seed)
-               for side, packing in [("trl", False), ("trl", True), ("gemcut", False), ("gemcut", True)]]
+    sides = [("trl", False, False), ("trl", True, False), ("gemcut", False, False), ("gemcut", True, False),
+             ("gemcut", False, True), ("gemcut", True, True)]
+    results = [child(side, args.model, args.steps, packing, args.seed, ckpt) for side, packing, ckpt in sides]
     trl_best = max((r for r in results if r["side"].startswith("trl")), key=lambda r: r["tokens_per_s"])
     print(f"{'side':<20}{'tokens/s':>10}{'peak RSS GB':>13}{'final loss':>12}{'speed vs best TRL':>19}{'memory vs TRL':>15}")
     for r in results:

@@ -187,13 +187,8 @@ def test_preference_runs_train_end_to_end(tmp_path, kind, monkeypatch):
 
     from tiny import save_tiny_bert, save_tiny_llama
 
-    import gemcut.train.run as run_module
     from gemcut.config import RunConfig
     from gemcut.train.run import train
-
-    # The memory/time estimate's probe (gemcut/models/estimate.py) builds causal-LM/classify batches only and
-    # fails on preference examples; this test is about the preference objectives, so it starts without it.
-    monkeypatch.setattr(run_module, "_check_estimate", lambda config, say: None)
 
     rng = random.Random(1)
     pool = "the quick brown fox jumps over lazy dog hello world paris capital france weather okay today love hate".split()

@@ -127,3 +127,13 @@ def test_gemcut_train_is_callable_after_its_modules_are_imported():
     assert callable(gemcut.train)
     with pytest.raises(AttributeError):  # it really forwards to gemcut.train.run.train, which reads the config
         gemcut.train(object())
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, sft_data):
+    """Recomputing activations in the backward changes memory, not the numbers."""
+    model_dir = save_tiny_llama(tmp_path / "tiny-llama")
+    runs = [train(_config(tmp_path, model_dir, sft_data, f"ckpt-{on}", f"train.activation_checkpointing={on}", "train.eval_every=null"))
+            for on in ("false", "true")]
+    losses = [[json.loads(x)["loss"] for x in (r / "metrics.jsonl").read_text().splitlines() if '"loss"' in x] for r in runs]
+    assert len(losses[0]) == 4
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)

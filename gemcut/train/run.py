@@ -171,6 +171,11 @@ def train(config: RunConfig, *, resume: bool = False) -> Path:
     head_labels = labels if task == "classify" else None
     model, tokenizer = load_base(config.model, task, num_labels=len(head_labels) if head_labels else None, label_names=head_labels)
     model = apply_adapter(model, config.adapter, task)
+    if cfg.activation_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", True):
+            raise TrainingError(f"{config.model.name} does not support activation checkpointing; set train.activation_checkpointing=false")
+        # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings under LoRA are fine.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     say(trainable_summary(model, config.adapter))
     template = None
     if task != "classify":
