@@ -33,6 +33,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from gemcut.config import RunConfig, load_config
 from gemcut.errors import GemcutError
 from gemcut.eval import scoring
@@ -268,6 +270,16 @@ def forgetting_check(loaded, cfg: RunConfig, *, with_base: bool, log: Callable[[
 # ---------------------------------------------------------------- the whole evaluation
 
 
+def compute_precision(model, cfg: RunConfig):
+    """(name, context factory): evaluation computes in the precision the run trained in (train.precision),
+    so bf16 autocast where the hardware has it, for both the tuned and the base model."""
+    from gemcut.train.loop import resolve_precision
+
+    device = next(model.parameters()).device
+    precision = resolve_precision(cfg.train.precision, device)
+    return precision, lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def run_config(run_dir: Path) -> RunConfig:
     path = run_dir / "config.yaml"
     if not path.is_file():
@@ -376,19 +388,22 @@ def evaluate(run_dir, *, split: str = "test", checkpoint: str = "final", base: b
                           f"{len(unknown)} {split} records have such labels; re-prepare the data with data.labels covering them")
     references = [e.reference for e in examples]
 
-    log(f"task {task}: scoring the tuned model on {len(examples)} {split} examples")
-    tuned = score_model(task, loaded.model, loaded.tokenizer, loaded.template, examples, labels, cfg, log, progress, "tuned")
+    precision, compute = compute_precision(loaded.model, cfg)
+    log(f"task {task}: scoring the tuned model on {len(examples)} {split} examples ({precision})")
+    with compute():
+        tuned = score_model(task, loaded.model, loaded.tokenizer, loaded.template, examples, labels, cfg, log, progress, "tuned")
     base_res = None
     if base:
         log("scoring the base model" + (" (adapter disabled)" if is_lora(loaded.model) else ""))
-        with base_model(loaded, cfg) as bm:
+        with base_model(loaded, cfg) as bm, compute():
             base_res = score_model(task, bm, loaded.tokenizer, loaded.template, examples, labels, cfg, log, progress, "base")
     summary = summarise(task, references, labels, tuned, base_res, n_resamples=cfg.eval.bootstrap, seed=cfg.train.seed)
-    forgetting = forgetting_check(loaded, cfg, with_base=base, log=log, progress=progress)
+    with compute():
+        forgetting = forgetting_check(loaded, cfg, with_base=base, log=log, progress=progress)
 
     result = {
         "run": str(run_dir), "split": split, "checkpoint": checkpoint, "task": task, "labels": labels if summary["tuned"].get("per_class") else None,
-        "n_examples": len(examples), "n_in_split": n_total, "n_left_out": n_total - len(examples),
+        "n_examples": len(examples), "n_in_split": n_total, "n_left_out": n_total - len(examples), "precision": precision,
         "headline": headline_text(summary), **summary, "forgetting": forgetting,
         "samples": samples(examples, tuned, base_res, cfg.eval.num_samples),
         "generation": {"max_new_tokens": tuned.extra.get("max_new_tokens"), "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
