@@ -240,3 +240,16 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, scheduler)
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     fields = json.loads((path / "state.json").read_text())
     return TrainState(**{f.name: fields[f.name] for f in dataclasses.fields(TrainState) if f.name in fields})
+
+
+def start_or_resume(root: Path, *, resume: bool, data_hash: str, config: dict, model: torch.nn.Module, optimizer,
+                    scheduler) -> tuple[TrainState, Path | None]:
+    """A fresh state, or with `resume` the newest complete checkpoint's, once it is shown to belong to this
+    data and config; returns (state, the checkpoint resumed from or None). Shared by `fit` and `fit_rl`."""
+    if not resume:
+        return TrainState(data_hash=data_hash), None
+    last = latest_checkpoint(root)
+    if last is None:
+        raise TrainingError(f"--resume: no complete checkpoint in {root}; start without --resume")
+    check_compatible(last, data_hash=data_hash, config=config)
+    return load_checkpoint(last, model=model, optimizer=optimizer, scheduler=scheduler), last

@@ -196,13 +196,8 @@ def fit(model: torch.nn.Module, objective: Objective, train_set: Sequence[dict],
     scheduler = build_scheduler(optimizer, total_steps=total, kind=cfg.schedule,
                                 warmup=warmup_steps_for(total, cfg.warmup_steps, cfg.warmup_ratio))
     root, config_dict = Path(run_dir) / "checkpoints", config.model_dump(mode="json")
-    state, last_saved = ckpt.TrainState(data_hash=data_hash), None
-    if resume:
-        last_saved = ckpt.latest_checkpoint(root)
-        if last_saved is None:
-            raise TrainingError(f"--resume: no complete checkpoint in {root}; start without --resume")
-        ckpt.check_compatible(last_saved, data_hash=data_hash, config=config_dict)
-        state = ckpt.load_checkpoint(last_saved, model=acc.unwrap_model(model), optimizer=optimizer, scheduler=scheduler)
+    state, last_saved = ckpt.start_or_resume(root, resume=resume, data_hash=data_hash, config=config_dict,
+                                             model=acc.unwrap_model(model), optimizer=optimizer, scheduler=scheduler)
     log = logger or RunLogger(run_dir, total_steps=total, start_step=state.step)
     lengths = [example_length(ex) for ex in train_set]
     es, orders, pending = cfg.early_stopping, {}, []

@@ -253,13 +253,8 @@ def fit_rl(policy: torch.nn.Module, tokenizer, prompts: Sequence[dict], reward_f
     scheduler = build_scheduler(optimizer, total_steps=updates, kind=cfg.schedule,
                                 warmup=warmup_steps_for(updates, cfg.warmup_steps, cfg.warmup_ratio))
     root, config_dict = Path(run_dir) / "checkpoints", config.model_dump(mode="json")
-    state, last_saved = ckpt.TrainState(data_hash=data_hash), None
-    if resume:
-        last_saved = ckpt.latest_checkpoint(root)
-        if last_saved is None:
-            raise TrainingError(f"--resume: no complete checkpoint in {root}; start without --resume")
-        ckpt.check_compatible(last_saved, data_hash=data_hash, config=config_dict)
-        state = ckpt.load_checkpoint(last_saved, model=trainable, optimizer=optimizer, scheduler=scheduler)
+    state, last_saved = ckpt.start_or_resume(root, resume=resume, data_hash=data_hash, config=config_dict,
+                                             model=trainable, optimizer=optimizer, scheduler=scheduler)
     log = logger or RunLogger(run_dir, total_steps=total, start_step=state.step)
     precision = resolve_precision(cfg.precision, dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
