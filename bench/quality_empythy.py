@@ -88,7 +88,7 @@ def write_splits(split_dir: Path, fraction: float, seed: int) -> dict:
         with open(split_dir / f"{s}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps({"text": r["text"], "label": r["label"]}, ensure_ascii=False) + "\n" for r in records)
         counts[s] = len(records)
-    return {"labels": list(prepared.labels), "counts": counts, "prepared_counts": prepared.counts,
+    return {"labels": list(prepared.labels), "counts": counts, "prepared_counts": prepared.counts(),
             "content_hash": prepared.content_hash}
 
 
