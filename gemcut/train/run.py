@@ -175,7 +175,10 @@ def train(config: RunConfig, *, resume: bool = False) -> Path:
         if not getattr(model, "supports_gradient_checkpointing", True):
             raise TrainingError(f"{config.model.name} does not support activation checkpointing; set train.activation_checkpointing=false")
         # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings under LoRA are fine.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     say(trainable_summary(model, config.adapter))
     template = None
     if task != "classify":
