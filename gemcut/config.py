@@ -169,8 +169,8 @@ class EvalConfig(Section):
     max_examples: int | None = Field(None, ge=1, description="Evaluate at most this many examples (counted in eval.json).")
     compare_base: bool = Field(True, description="Evaluate the base model too, with bootstrap confidence intervals.")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals.")
-    forgetting_data: str | None = Field("chatterbot", description="General held-out text for the forgetting check (file or packaged alias); None disables.")
-    forgetting_margin: float = Field(0.1, ge=0, description="Warn when general perplexity rises by more than this fraction.")
+    forgetting_data: str | None = Field("chatterbot", description="General held-out set for the forgetting check (file or packaged alias): perplexity, plus accuracy where its records carry answers (label or prompt/completion); None disables.")
+    forgetting_margin: float = Field(0.1, ge=0, description="Warn when general perplexity rises, or general task accuracy falls, by more than this fraction.")
     forgetting_max_examples: int = Field(200, ge=1, description="Conversations of forgetting_data scored (evenly spaced through it).")
 
 

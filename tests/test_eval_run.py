@@ -212,3 +212,24 @@ def test_generation_run_and_compare(root, gen_run, gen_eval, tmp_path):
     out = CliRunner().invoke(app, ["compare", str(gen_run), str(other), "--out", str(tmp_path / "c3.html")])
     assert out.exit_code == 0, out.output
     assert "macro_f1" in out.output and (tmp_path / "c3.html").is_file()
+
+
+def test_forgetting_task_accuracy_on_answered_general_data(root):
+    """A general set of labelled records also gets task accuracy, base vs tuned. Pointed at the run's own test
+    split, those accuracies must equal the main evaluation's: same prompts, same generation, same mapping."""
+    general = root / "answered-general.jsonl"
+    run = train_run(root, "gen-forget", steps=4, forgetting_data=str(general))
+    rows = [json.loads(x) for x in (run / "data" / "test.jsonl").read_text().splitlines()]
+    general.write_text("".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in rows))
+    ev = evaluate(run)
+    task = ev["forgetting"]["task"]
+    assert task["metric"] == "accuracy"
+    assert task["base"] == pytest.approx(ev["base"]["accuracy"]) and task["tuned"] == pytest.approx(ev["tuned"]["accuracy"])
+    assert task["delta"]["diff"] == pytest.approx(task["tuned"] - task["base"])
+    p = parse(run / "report.html")
+    assert float(p.cells[(None, "forgetting_accuracy", "tuned")]) == pytest.approx(task["tuned"], abs=5e-5)
+    assert float(p.cells[(None, "forgetting_accuracy", "base")]) == pytest.approx(task["base"], abs=5e-5)
+
+
+def test_forgetting_task_is_none_for_conversations(gen_eval):
+    assert gen_eval["forgetting"]["task"] is None  # chit-chat has many good answers: perplexity only

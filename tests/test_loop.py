@@ -131,9 +131,31 @@ def test_classify_validation_accuracy_and_unknown_metric(tmp_path):
         config=config(max_steps=2, early_stopping={"metric": "val_accuracy", "mode": "max"}))
     evals = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
     assert len(evals) == 1 and 0.0 <= evals[0]["val_accuracy"] <= 1.0 and evals[0]["val_targets"] == 9
+    assert 0.0 <= evals[0]["val_macro_f1"] <= 1.0
     with pytest.raises(TrainingError, match="val_f1.*val_accuracy"):
         fit(bert(), Classify(), class_examples(), collate_classify, run_dir=tmp_path / "b", val_set=class_examples(3),
             config=config(max_steps=1, early_stopping={"metric": "val_f1", "mode": "max"}))
+
+
+def test_validation_macro_f1_matches_scikit_learn():
+    """Classify counts (true, predicted) pairs; the loop's macro-F1 from those counts equals scikit-learn's,
+    including a class that never occurs (left out of the average, as scikit-learn does)."""
+    from sklearn.metrics import f1_score
+
+    class FixedLogits(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            return type("Out", (), {"logits": self.logits})()
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 0, 1, 1, 1, 3, 3, 0, 1, 3])  # class 2 never occurs in truth
+    model = FixedLogits()
+    model.logits = torch.randn(10, 4, generator=g)
+    model.logits[:, 2] = -1e9  # ... nor in predictions
+    out = Classify()(model, {"input_ids": torch.zeros(10, 2, dtype=torch.long), "labels": labels})
+    predicted = model.logits.argmax(-1)
+    assert int(out.metrics["confusion"].sum()) == 10
+    expected = f1_score(labels.tolist(), predicted.tolist(), average="macro", zero_division=0)
+    assert loop.macro_f1_from_confusion(out.metrics["confusion"]) == pytest.approx(expected, abs=1e-12)
 
 
 class InterruptAt(CausalLM):

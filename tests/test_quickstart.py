@@ -30,3 +30,41 @@ def test_presets_differ_by_task():
     assert quickstart_config("generate").model.name == "smollm2-135m-instruct"
     classify = quickstart_config("classify")
     assert (classify.model.name, classify.objective.kind) == ("minilm-l6", "classify")
+
+
+def test_quickstart_end_to_end_on_tiny_models(tmp_path):
+    """`gemcut quickstart` through the CLI on the generative preset, pointed at a tiny Llama and tiny tweets:
+    prepare -> LoRA training -> base vs tuned evaluation -> report -> headline and next commands; then a
+    re-run keeps the finished run and starts quickstart-2 beside it."""
+    import json
+    import re
+
+    from eval_runs import general_file, label_file
+    from tiny import save_tiny_llama
+    from typer.testing import CliRunner
+
+    from gemcut.cli import app
+
+    model = save_tiny_llama(tmp_path / "tiny-llama")
+    overrides = [f"model.name={model}", f"data.train=[{label_file(tmp_path / 'tweets.jsonl', n=90)}]",
+                 "data.columns={text: text, label: label}", f"output.dir={tmp_path / 'runs'}",
+                 "train.max_steps=4", "train.batch_size=8", "train.precision=fp32", "train.sample_prompts=0",
+                 f"eval.forgetting_data={general_file(tmp_path / 'general.jsonl')}", "eval.bootstrap=200",
+                 "eval.max_examples=null"]
+    first = CliRunner().invoke(app, ["quickstart", *overrides])
+    assert first.exit_code == 0, first.output
+    run_dir = tmp_path / "runs" / "quickstart"
+    assert "starting a fresh run" in first.output
+    assert re.search(r"macro-F1 \d\.\d\d -> \d\.\d\d \([+-]\d\.\d\d ± \d\.\d\d\)", first.output), first.output
+    assert f"report: {run_dir}/report.html" in first.output and f"gemcut chat {run_dir}" in first.output
+
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert ev["n_examples"] == ev["n_in_split"] == 18  # 20% of 90 tweets, all scored
+    assert set(ev["tuned"]) >= {"macro_f1", "accuracy", "confusion", "unparseable"} and "macro_f1" in ev["base"]
+    assert ev["forgetting"] is not None
+    report = (run_dir / "report.html").read_text()
+    assert f'data-metric="macro_f1" data-model="tuned">{ev["tuned"]["macro_f1"]:.4f}<' in report and "data:image/png;base64," in report
+
+    again = CliRunner().invoke(app, ["quickstart", *overrides])
+    assert again.exit_code == 0, again.output
+    assert "is finished and kept" in again.output and (tmp_path / "runs" / "quickstart-2" / "eval.json").is_file()

@@ -1,6 +1,7 @@
 """`gemcut eval RUN` and `gemcut compare RUN_A RUN_B`: print the tables, write the HTML reports.
 
     gemcut eval runs/<name> [--split test] [--checkpoint final|best|last|step-N] [--base/--no-base] [--max-examples N]
+                            [--forgetting-data FILE_OR_ALIAS]
     gemcut eval runs/<name> --select-checkpoint [--metric macro_f1]
     gemcut compare runs/a runs/b [--out compare.html]
 """
@@ -76,6 +77,7 @@ def eval_command(
     checkpoint: str = typer.Option("final", "--checkpoint", help="final, best, last or step-N."),
     base: bool | None = typer.Option(None, "--base/--no-base", help="Also evaluate the base model (default: the run's eval.compare_base)."),
     max_examples: int | None = typer.Option(None, "--max-examples", min=1, help="Evaluate only the first N examples."),
+    forgetting_data: str | None = typer.Option(None, "--forgetting-data", help="General held-out set for the forgetting check (file or packaged alias; default: the run's eval.forgetting_data)."),
     select: bool = typer.Option(False, "--select-checkpoint", help="Evaluate every kept checkpoint on validation and mark the best."),
     metric: str | None = typer.Option(None, "--metric", help="With --select-checkpoint: the metric that decides (default: train.early_stopping.metric)."),
 ) -> None:
@@ -104,7 +106,7 @@ def eval_command(
         return
     with progress_bars() as stage:
         ev = evaluate(run, split=split or cfg.eval.split, checkpoint=checkpoint, base=cfg.eval.compare_base if base is None else base,
-                      max_examples=max_examples, log=log, progress=stage)
+                      max_examples=max_examples, forgetting_data=forgetting_data, log=log, progress=stage)
     console.print(_metrics_table(ev))
     for w in ev.get("warnings") or []:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
@@ -112,6 +114,10 @@ def eval_command(
     if f.get("perplexity_base") is not None:
         console.print(f"forgetting check: general perplexity {f['perplexity_base']:.2f} -> {f['perplexity_tuned']:.2f} "
                       f"({f['relative_change']:+.1%}) on {f['data']}", highlight=False)
+        if f.get("task"):
+            t = f["task"]
+            console.print(f"forgetting check: general {t['metric'].replace('_', ' ')} {t['base']:.3f} -> {t['tuned']:.3f}",
+                          highlight=False)
     console.print(f"[bold]{ev['headline']}[/]", highlight=False)
     console.print(f"report: {Path(run) / 'report.html'}", highlight=False)
 

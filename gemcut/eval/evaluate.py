@@ -18,8 +18,9 @@ The base model of a LoRA run is the same model with the adapter switched off (pe
 so no second copy is loaded; other runs load the base weights once more (`load_base`). Each metric's
 tuned-minus-base difference gets a paired bootstrap interval (eval.bootstrap resamples, seed train.seed).
 For a causal LM the forgetting check measures perplexity on general held-out conversations
-(`eval.forgetting_data`, default the packaged chatterbot corpus) before and after, and warns when the
-tuned model is worse by more than `eval.forgetting_margin`. Outputs, in the run folder: `eval.json`
+(`eval.forgetting_data`, default the packaged chatterbot corpus) before and after; where that set carries
+answers (label records, or prompt/completion pairs), also task accuracy (accuracy, or exact match); and warns
+when the tuned model is worse on either by more than `eval.forgetting_margin` (a relative change). Outputs, in the run folder: `eval.json`
 (everything shown), `eval_predictions.jsonl` (one line per example: reference, base and tuned answers) and
 `report.html`.
 """
@@ -202,36 +203,50 @@ def score_model(task: str, model, tokenizer, template, examples: list[Example], 
 # ---------------------------------------------------------------- forgetting check
 
 
-def forgetting_examples(spec: str, *, limit: int = 200) -> tuple[list[Example], dict]:
-    """General held-out conversations from a packaged alias or a file/folder (any format gemcut reads).
+def forgetting_examples(spec: str, *, limit: int = 200, data_cfg=None) -> tuple[list[Example], dict]:
+    """General held-out examples from a packaged alias or a file/folder (any format gemcut reads).
 
-    Conversations need an assistant turn after a prompt; others are counted, not scored. When there are
-    more than `limit`, evenly spaced ones are taken (so every topic file of a corpus is represented).
+    Conversations need an assistant turn after a prompt; other records are counted, not scored. `label`
+    records are asked with `data_cfg`'s instruction (the run's) over the labels found in the file. When there
+    are more than `limit`, evenly spaced ones are taken (so every topic file of a corpus is represented).
     Returns the examples and counts {unusable, used}.
     """
     from gemcut.data.assets import resolve_source
     from gemcut.data.readers import read_source
+    from gemcut.data.records import record_kind
 
-    usable, unusable = [], 0
+    values, unusable = [], 0
     for row in read_source(resolve_source(spec), display=spec):
         value = row.value if row.error is None else None
+        if isinstance(value, dict) and {"messages", "completion", "text"} & set(value):
+            values.append({**value, "_source": row.source})
+        else:
+            unusable += 1
+    labels = sorted({str(v["label"]) for v in values if "label" in v and "text" in v})
+    usable = []
+    for value in values:
         try:
-            if not isinstance(value, dict) or not ({"messages", "completion", "text"} & set(value)):
-                raise GemcutError("not a conversation, prompt/completion or text record")
-            ex = to_example({**value, "_source": row.source})
+            if record_kind(value) == "preference":
+                raise GemcutError("a preference pair has no single reference to score")
+            usable.append(to_example(value, labels=labels, data_cfg=data_cfg))
         except GemcutError:
             unusable += 1
-            continue
-        usable.append(ex)
     if len(usable) > limit:
         step = len(usable) / limit
         usable = [usable[int(i * step)] for i in range(limit)]
     return usable, {"unusable": unusable, "used": len(usable)}
 
 
+# Record kinds whose reference is an answer to get right, and the metric the forgetting check compares:
+# labelled examples are a task with one right label, prompt/completion pairs a task with one right answer.
+# Conversations (chit-chat) have many good answers, so only their perplexity is compared.
+FORGETTING_TASKS = {"label": ("generative_classification", "accuracy"), "prompt_completion": ("generation", "exact_match")}
+
+
 def forgetting_check(loaded, cfg: RunConfig, *, with_base: bool, log: Callable[[str], None],
                      progress: Progress = _no_progress) -> dict | None:
-    """Perplexity on general conversations, tuned vs base, and whether it rose by more than the margin."""
+    """Perplexity on general held-out examples, tuned vs base, and whether it rose by more than the margin;
+    where the examples carry answers (FORGETTING_TASKS), task accuracy too, and whether it fell by more."""
     spec = cfg.eval.forgetting_data
     if spec is None:
         return {"skipped": "eval.forgetting_data is None"}
@@ -239,7 +254,7 @@ def forgetting_check(loaded, cfg: RunConfig, *, with_base: bool, log: Callable[[
         return {"skipped": "a classifier head has no language-model perplexity to compare"}
     if not with_base:
         return {"skipped": "needs the base model (run without --no-base)"}
-    examples, counts = forgetting_examples(spec, limit=cfg.eval.forgetting_max_examples)
+    examples, counts = forgetting_examples(spec, limit=cfg.eval.forgetting_max_examples, data_cfg=cfg.data)
     if not examples:
         return {"skipped": f"{spec}: no conversations with an assistant turn to score ({counts['unusable']} unusable records)"}
     log(f"forgetting check: perplexity on {len(examples)} examples of {spec}")
@@ -259,12 +274,44 @@ def forgetting_check(loaded, cfg: RunConfig, *, with_base: bool, log: Callable[[
     out = {"data": spec, "n": len(examples), "unusable_records": counts["unusable"], "in_training_data": in_training,
            "tokens": s["tuned"]["nll_tokens"], "perplexity_base": before,
            "perplexity_tuned": after, "relative_change": rise, "margin": cfg.eval.forgetting_margin,
-           "delta": s["deltas"]["perplexity"], "warning": None}
+           "delta": s["deltas"]["perplexity"], "warning": None, "task": None}
+    warnings = []
     if math.isfinite(rise) and rise > cfg.eval.forgetting_margin:
-        out["warning"] = (f"general perplexity rose {rise:+.1%} on {spec} ({before:.2f} -> {after:.2f}), more than "
-                          f"eval.forgetting_margin={cfg.eval.forgetting_margin:.0%}: the tuned model may have forgotten "
-                          "general ability; try fewer epochs, a lower lr, or a smaller LoRA rank")
+        warnings.append(f"general perplexity rose {rise:+.1%} on {spec} ({before:.2f} -> {after:.2f}), more than "
+                        f"eval.forgetting_margin={cfg.eval.forgetting_margin:.0%}")
+    out["task"] = forgetting_task(loaded, cfg, examples, log=log, progress=progress)
+    if out["task"] and (out["task"]["relative_change"] or 0.0) < -cfg.eval.forgetting_margin:
+        t = out["task"]
+        warnings.append(f"{t['metric']} on {spec} fell {t['relative_change']:+.1%} ({t['base']:.3f} -> {t['tuned']:.3f}), "
+                        f"more than eval.forgetting_margin={cfg.eval.forgetting_margin:.0%}")
+    if warnings:
+        out["warning"] = ("; ".join(warnings) + ": the tuned model may have forgotten general ability; "
+                          "try fewer epochs, a lower lr, or a smaller LoRA rank")
     return out
+
+
+def forgetting_task(loaded, cfg: RunConfig, examples: list[Example], *, log: Callable[[str], None],
+                    progress: Progress) -> dict | None:
+    """Task accuracy of base and tuned on the general examples that carry answers, or None when none do."""
+    kinds = {e.kind for e in examples}
+    if len(kinds) != 1 or next(iter(kinds)) not in FORGETTING_TASKS:
+        return None
+    task, metric = FORGETTING_TASKS[next(iter(kinds))]
+    labels = sorted({e.label for e in examples if e.label is not None})
+    log(f"forgetting check: {metric} on {len(examples)} answered examples")
+
+    def score(model, name: str) -> ModelResults:
+        return score_model(task, model, loaded.tokenizer, loaded.template, examples, labels, cfg, log,
+                           progress, name=f"{name}: general {metric}")
+
+    tuned = score(loaded.model, "tuned")
+    with base_model(loaded, cfg) as bm:
+        base = score(bm, "base")
+    s = summarise(task, [e.reference for e in examples], labels, tuned, base, n_resamples=cfg.eval.bootstrap,
+                  seed=cfg.train.seed)
+    before, after = s["base"][metric], s["tuned"][metric]
+    return {"metric": metric, "base": before, "tuned": after, "delta": s["deltas"][metric],
+            "relative_change": after / before - 1 if before else None}  # no relative change from zero
 
 
 # ---------------------------------------------------------------- the whole evaluation
@@ -350,7 +397,8 @@ def _clean_floats(obj):
 
 
 def evaluate(run_dir, *, split: str = "test", checkpoint: str = "final", base: bool = True, max_examples: int | None = None,
-             report: bool = True, log: Callable[[str], None] | None = None, progress: Progress | None = None) -> dict:
+             forgetting_data: str | None = None, report: bool = True, log: Callable[[str], None] | None = None,
+             progress: Progress | None = None) -> dict:
     """Evaluate `run_dir` on `split`; write eval.json, eval_predictions.jsonl and report.html; return eval.json's dict.
 
     Args:
@@ -359,6 +407,7 @@ def evaluate(run_dir, *, split: str = "test", checkpoint: str = "final", base: b
         base: also score the base model and compute differences with bootstrap intervals (and the
             forgetting check); the run's `eval.compare_base` is the default the CLI passes.
         max_examples: score only the first N examples (default eval.max_examples); the count left out is recorded.
+        forgetting_data: the general held-out set of the forgetting check, instead of the run's eval.forgetting_data.
         report: write report.html.
         log: called with one line per stage (the CLI prints them).
         progress: `progress(stage, total)` -> `advance(n)`, for a progress bar over each scoring pass.
@@ -369,6 +418,8 @@ def evaluate(run_dir, *, split: str = "test", checkpoint: str = "final", base: b
     progress = progress or _no_progress
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
+    if forgetting_data is not None:
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"forgetting_data": forgetting_data})})
     t_start = time.time()
     records = read_split(run_dir, split)
     n_total = len(records)

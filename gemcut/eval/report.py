@@ -201,7 +201,18 @@ def forgetting_section(ev: dict) -> str:
     return (f"<h2>Forgetting check</h2><p>Perplexity on {f['n']} general held-out examples of <code>{esc(f['data'])}</code> "
             f"({f['tokens']} tokens): base <span data-metric=\"forgetting_perplexity\" data-model=\"base\">{fmt(f['perplexity_base'])}</span>, "
             f"tuned <span data-metric=\"forgetting_perplexity\" data-model=\"tuned\">{fmt(f['perplexity_tuned'])}</span>, "
-            f"change {fmt((f.get('relative_change') or 0) * 100, 1)}%{ci}; the warning margin is {fmt(f['margin'] * 100, 0)}%.</p>{warn}")
+            f"change {fmt((f.get('relative_change') or 0) * 100, 1)}%{ci}; the warning margin is {fmt(f['margin'] * 100, 0)}%.</p>"
+            f"{forgetting_task_line(f.get('task'))}{warn}")
+
+
+def forgetting_task_line(t: dict | None) -> str:
+    if not t:
+        return ""
+    d = t.get("delta") or {}
+    ci = f" (difference {d['diff']:+.3f}, interval [{fmt(d.get('low'))}, {fmt(d.get('high'))}])" if d.get("low") is not None else ""
+    return (f"<p>Task {esc(t['metric'].replace('_', ' '))} on the same examples: "
+            f"base <span data-metric=\"forgetting_{esc(t['metric'])}\" data-model=\"base\">{fmt(t['base'])}</span>, "
+            f"tuned <span data-metric=\"forgetting_{esc(t['metric'])}\" data-model=\"tuned\">{fmt(t['tuned'])}</span>{ci}.</p>")
 
 
 def samples_table(ev: dict) -> str:

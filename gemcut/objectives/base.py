@@ -22,8 +22,9 @@ import torch
 class ObjectiveOutput:
     """`loss_sum`: 0-dim tensor, the summed loss (graph attached in training).
     `n_targets`: how many tokens (causal LM) or examples (classification) the sum runs over.
-    `metrics`: extra 0-dim tensors that are *sums* over the batch too (e.g. `correct`), so that they add up
-    across micro-batches and evaluation batches; they stay tensors so that the hot path never syncs."""
+    `metrics`: extra tensors that are *sums* over the batch too (e.g. `correct`, or the counts of a flattened
+    `confusion` matrix), so that they add up across micro-batches and evaluation batches; they stay tensors
+    so that the hot path never syncs."""
 
     loss_sum: torch.Tensor
     n_targets: int

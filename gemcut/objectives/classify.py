@@ -32,7 +32,10 @@ def balanced_class_weights(labels: Sequence[int], num_classes: int) -> list[floa
 
 
 class Classify:
-    """Cross-entropy on `model(...).logits` [B, C], summed over examples; metric `correct` (argmax hits)."""
+    """Cross-entropy on `model(...).logits` [B, C], summed over examples.
+
+    Metrics: `correct` (argmax hits) and `confusion`, the flattened [C*C] counts of (true, predicted) pairs,
+    from which validation derives macro-F1: on imbalanced labels accuracy hides a neglected minority class."""
 
     task = "classify"
 
@@ -49,5 +52,7 @@ class Classify:
         if weight is not None and weight.device != logits.device:
             weight = self.class_weights = weight.to(logits.device)
         loss_sum = F.cross_entropy(logits, labels, weight=weight, reduction="sum")
-        correct = (logits.argmax(dim=-1) == labels).sum()
-        return ObjectiveOutput(loss_sum, int(labels.shape[0]), {"correct": correct})
+        predicted = logits.argmax(dim=-1)
+        n_classes = logits.shape[-1]
+        confusion = torch.bincount(labels * n_classes + predicted, minlength=n_classes * n_classes)
+        return ObjectiveOutput(loss_sum, int(labels.shape[0]), {"correct": (predicted == labels).sum(), "confusion": confusion})

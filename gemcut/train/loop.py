@@ -81,8 +81,20 @@ def epoch_order(lengths: Sequence[int], *, seed: int, epoch: int, batch_size: in
     return [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
 
 
+def macro_f1_from_confusion(flat_counts: torch.Tensor) -> float:
+    """Macro-F1 over the classes that occur in the truth or the predictions of a flattened [C*C] confusion count
+    (row = true class), the same set scikit-learn's f1_score(average="macro") averages over by default."""
+    n_classes = int(round(flat_counts.numel() ** 0.5))
+    m = flat_counts.reshape(n_classes, n_classes).double().cpu()
+    tp, true, pred = m.diagonal(), m.sum(1), m.sum(0)
+    present = (true + pred) > 0
+    f1 = 2 * tp / (true + pred).clamp(min=1)
+    return float(f1[present].mean()) if present.any() else 0.0
+
+
 def evaluate(model, objective: Objective, examples: Sequence[dict], collate, *, batch_size: int, accelerator) -> dict[str, float]:
-    """Mean loss over all validation targets (and accuracy when the objective counts `correct`)."""
+    """Mean loss over all validation targets; accuracy when the objective counts `correct`, macro-F1 when it
+    counts a `confusion` matrix."""
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: example_length(examples[i]))  # less padding
     loss, n, sums = torch.zeros((), device=accelerator.device), 0, {}
@@ -95,6 +107,9 @@ def evaluate(model, objective: Objective, examples: Sequence[dict], collate, *, 
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0) + v
     result = {"val_loss": loss.item() / max(n, 1), "val_targets": n}
+    confusion = sums.pop("confusion", None)
+    if confusion is not None:
+        result["val_macro_f1"] = macro_f1_from_confusion(confusion)
     for k, v in sums.items():  # metric sums become means over the targets; `correct` is accuracy
         result["val_accuracy" if k == "correct" else f"val_{k}"] = float(v) / max(n, 1)
     model.train()
