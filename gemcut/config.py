@@ -142,6 +142,7 @@ class TrainConfig(Section):
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding); the order stays a seeded shuffle.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    layer_lr_decay: float = Field(1.0, gt=0, le=1, description="Layer-wise lr decay: the head and final norm train at lr, the top block at lr*d, each lower block at d times the one above, the embeddings lowest; 1.0 is one rate for all (docs/training.md).")
     warmup_steps: int | None = Field(None, ge=0, description="Warmup steps; when None, warmup_ratio of the total.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps used for warmup.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate decay after warmup.")

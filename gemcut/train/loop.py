@@ -35,6 +35,7 @@ from gemcut.errors import TrainingError
 from gemcut.objectives.base import Objective
 from gemcut.train import checkpoint as ckpt
 from gemcut.train.logging import RunLogger
+from gemcut.train.param_groups import param_groups
 from gemcut.train.schedule import build_scheduler, warmup_steps_for
 
 Batch = dict[str, torch.Tensor]
@@ -199,10 +200,11 @@ def fit(model: torch.nn.Module, objective: Objective, train_set: Sequence[dict],
     precision = "bf16" if acc.mixed_precision == "bf16" else "fp32"
     if precision == "bf16":
         store_frozen_linears_in_bf16(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    groups = param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_lr_decay)
+    if not groups:
         raise TrainingError("no trainable parameters: check adapter.method and adapter.target_modules")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, optimizer = acc.prepare(model, optimizer)
     world, per_micro = acc.num_processes, cfg.batch_size
     per_step = per_micro * cfg.grad_accum * world

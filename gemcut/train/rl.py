@@ -40,6 +40,7 @@ from gemcut.objectives.rewards import RewardFn
 from gemcut.train import checkpoint as ckpt
 from gemcut.train.logging import RunLogger
 from gemcut.train.loop import _Interrupt, epoch_order, resolve_precision
+from gemcut.train.param_groups import param_groups
 from gemcut.train.schedule import build_scheduler, warmup_steps_for
 
 Algo = Literal["grpo", "ppo"]
@@ -243,10 +244,11 @@ def fit_rl(policy: torch.nn.Module, tokenizer, prompts: Sequence[dict], reward_f
     if algo == "ppo":
         value_head = ValueHead(policy.get_base_model().config.hidden_size).to(dev)
     trainable = policy if value_head is None else _PolicyAndValue(policy, value_head)
-    params = [p for p in trainable.parameters() if p.requires_grad]
-    if not params:
+    groups = param_groups(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_lr_decay)
+    if not groups:
         raise TrainingError("no trainable parameters: check adapter.target_modules")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_iter = min(cfg.batch_size, len(prompts))
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(prompts) / per_iter)))
     updates = total * rl.ppo_epochs
