@@ -35,7 +35,7 @@ from gemcut.errors import TrainingError
 from gemcut.objectives.base import Objective
 from gemcut.train import checkpoint as ckpt
 from gemcut.train.logging import RunLogger
-from gemcut.train.param_groups import param_groups
+from gemcut.train.optimizer import adamw, param_groups
 from gemcut.train.schedule import build_scheduler, warmup_steps_for
 
 Batch = dict[str, torch.Tensor]
@@ -204,7 +204,7 @@ def fit(model: torch.nn.Module, objective: Objective, train_set: Sequence[dict],
     if not groups:
         raise TrainingError("no trainable parameters: check adapter.method and adapter.target_modules")
     params = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, optimizer = acc.prepare(model, optimizer)
     world, per_micro = acc.num_processes, cfg.batch_size
     per_step = per_micro * cfg.grad_accum * world

@@ -40,7 +40,7 @@ from gemcut.objectives.rewards import RewardFn
 from gemcut.train import checkpoint as ckpt
 from gemcut.train.logging import RunLogger
 from gemcut.train.loop import _Interrupt, epoch_order, resolve_precision
-from gemcut.train.param_groups import param_groups
+from gemcut.train.optimizer import adamw, param_groups
 from gemcut.train.schedule import build_scheduler, warmup_steps_for
 
 Algo = Literal["grpo", "ppo"]
@@ -248,7 +248,7 @@ def fit_rl(policy: torch.nn.Module, tokenizer, prompts: Sequence[dict], reward_f
     if not groups:
         raise TrainingError("no trainable parameters: check adapter.target_modules")
     params = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_iter = min(cfg.batch_size, len(prompts))
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(prompts) / per_iter)))
     updates = total * rl.ppo_epochs
