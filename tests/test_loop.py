@@ -116,6 +116,15 @@ def test_early_stopping_keeps_best_and_prunes(tmp_path, monkeypatch):
     assert [e["step"] for e in evals] == [2, 4, 6, 8, 10]
 
 
+def test_patience_running_out_on_the_last_step_is_a_completed_run(tmp_path, monkeypatch):
+    scripted = iter([3.0, 2.0, 2.5, 2.6, 2.7])
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: {"val_loss": next(scripted), "val_targets": 1})
+    result = fit(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path, val_set=causal_examples(4),
+                 config=config(max_steps=10, eval_every=2, early_stopping={"patience": 3}))
+    assert result.stopped == "completed" and result.state.step == 10
+    assert result.best_checkpoint.name == "step-4"
+
+
 def test_validation_loss_equals_training_loss_on_the_same_examples(tmp_path):
     """One step over all examples at a negligible learning rate: the step's loss is the validation loss."""
     examples = causal_examples(12, seed=2)

@@ -291,8 +291,8 @@ def fit(model: torch.nn.Module, objective: Objective, train_set: Sequence[dict],
                     if sample_fn is not None:
                         log.samples(state.step, sample_fn(acc.unwrap_model(model)))
                         model.train()
-                    if es.patience and state.evals_since_best >= es.patience:
-                        stopped = "early_stopped"
+                    if es.patience and state.evals_since_best >= es.patience and not last:
+                        stopped = "early_stopped"  # at the last step the run simply completed
                 if interrupt.requested:
                     stopped = "interrupted"
                 periodic = cfg.save_every and state.step % cfg.save_every == 0
