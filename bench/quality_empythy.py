@@ -14,7 +14,10 @@ stratified 80/10/10 split with seed 0, leaked train records removed). It is writ
 folder as train/validation/test JSONL ({text, label}); with `--fraction F` each split is cut to a seeded
 stratified fraction F of itself (at least one record per label). Every side trains on train.jsonl only and
 is scored on test.jsonl, which no training step sees; gemcut also reads validation.jsonl for its periodic
-validation and early stopping, the peers ignore it. gemcut gets the three files as given
+validation (loss curves), the peers ignore it. Both transformer sides are scored with their last weights:
+the Trainer side picks no checkpoint, so the gemcut side runs with `train.early_stopping.patience=null`
+(the preset's patience would put the best-by-validation checkpoint in final/; override it back to compare
+that rule). gemcut gets the three files as given
 data.train/validation/test, so it re-reads exactly these records (the benchmark checks its counts).
 
 Sides (each in its own child process, one after the other, so they do not share threads or memory):
@@ -160,10 +163,11 @@ def run_trainer(split_dir: Path, labels: list[str], epochs: float, seed: int) ->
 
 
 def gemcut_overrides(split_dir: Path, out_dir: str, extra: list[str]) -> list[str]:
-    """The preset, pointed at the benchmark's split files (so nothing is re-split), then the caller's overrides."""
+    """The preset, pointed at the benchmark's split files (so nothing is re-split), keeping its last weights
+    like the Trainer side, then the caller's overrides."""
     return [f"data.train=[{split_dir / 'train.jsonl'}]", f"data.validation=[{split_dir / 'validation.jsonl'}]",
             f"data.test=[{split_dir / 'test.jsonl'}]", "data.columns={text: text, label: label}", "data.format=jsonl",
-            f"output.dir={out_dir}", "output.name=quality-bench", *extra]
+            f"output.dir={out_dir}", "output.name=quality-bench", "train.early_stopping.patience=null", *extra]
 
 
 def run_gemcut(split_dir: Path, labels: list[str], extra: list[str], expected: dict) -> dict:
