@@ -87,6 +87,7 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(False, description="Allow code from the model repository to run. Off unless you trust it.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("float32", description="Dtype the weights are kept in; training uses train.precision for compute.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="Attention kernel.")
+    dropout: float | None = Field(None, ge=0, lt=1, description="Set every dropout probability of the model (hidden, attention, classifier) to this; null keeps the checkpoint's.")
 
 
 class AdapterConfig(Section):

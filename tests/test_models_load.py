@@ -84,6 +84,22 @@ def test_load_base_tasks(llama_dir, bert_dir):
     assert two.classifier.out_features == 2
 
 
+def test_model_dropout_sets_every_dropout_probability(llama_dir, bert_dir):
+    """model.dropout reaches each architecture's own dropout fields; in train mode the model is then deterministic."""
+    kept, _ = load_base(_cfg(bert_dir).model, "classify", label_names=["a", "b", "c"])
+    assert kept.config.hidden_dropout_prob == 0.1 and kept.config.attention_probs_dropout_prob == 0.1  # BERT's defaults
+    cfg = RunConfig.model_validate({"model": {"name": str(bert_dir), "dropout": 0.0}})
+    off, tok = load_base(cfg.model, "classify", label_names=["a", "b", "c"])
+    assert (off.config.hidden_dropout_prob, off.config.attention_probs_dropout_prob, off.config.classifier_dropout) == (0.0, 0.0, 0.0)
+    assert all(m.p == 0.0 for m in off.modules() if isinstance(m, torch.nn.Dropout))
+    off.train()
+    assert torch.equal(_logits(off, tok), _logits(off, tok))
+    llama = load_base(RunConfig.model_validate({"model": {"name": str(llama_dir), "dropout": 0.3}}).model, "causal_lm")[0]
+    assert llama.config.attention_dropout == 0.3
+    with pytest.raises(ValueError, match="less than 1"):
+        RunConfig.model_validate({"model": {"name": str(bert_dir), "dropout": 1.0}})
+
+
 def _logits(model, tok):
     texts = ["i love this product, it is great", "i hate waiting"]
     batch = collate_classify([{"input_ids": tok(t)["input_ids"], "label": 0} for t in texts], tok.pad_token_id)

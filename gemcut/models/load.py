@@ -80,6 +80,20 @@ def load_tokenizer(source, *, trust_remote_code: bool = False, revision: str | N
     return tokenizer
 
 
+def dropout_overrides(source, p: float, *, trust_remote_code: bool = False, revision: str | None = None) -> dict[str, float]:
+    """Config fields of `source` that hold a dropout probability, each set to `p`, as `from_pretrained` kwargs.
+
+    Architectures name them differently (BERT `hidden_dropout_prob`, Llama `attention_dropout`, GPT-2
+    `resid_pdrop`), so they are found by name. A classifier's `classifier_dropout` is None when it follows
+    the hidden dropout; it is set too, so the head does what the body does."""
+    from transformers import AutoConfig
+
+    kwargs = {"revision": revision} if isinstance(source, str) and revision else {}
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    fields = {k: v for k, v in config.to_dict().items() if "dropout" in k or k.endswith("_pdrop")}
+    return {k: p for k, v in fields.items() if (isinstance(v, float) or v is None) and not isinstance(v, bool)}
+
+
 def load_base(cfg, task: str, num_labels: int | None = None,
               label_names: list[str] | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) of the pre-trained model named by `cfg` (ModelConfig), ready for `task`.
@@ -95,6 +109,8 @@ def load_base(cfg, task: str, num_labels: int | None = None,
     }
     if isinstance(source, str) and cfg.revision:
         kwargs["revision"] = cfg.revision
+    if cfg.dropout is not None:
+        kwargs |= dropout_overrides(source, cfg.dropout, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     if task in CLASSIFY_TASKS:
         if task == "reward":
             label_names = ["reward"]
