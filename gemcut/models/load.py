@@ -91,7 +91,8 @@ def dropout_overrides(source, p: float, *, trust_remote_code: bool = False, revi
     kwargs = {"revision": revision} if isinstance(source, str) and revision else {}
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     fields = {k: v for k, v in config.to_dict().items() if "dropout" in k or k.endswith("_pdrop")}
-    return {k: p for k, v in fields.items() if (isinstance(v, float) or v is None) and not isinstance(v, bool)}
+    # Numbers only (some configs write 0 for 0.0); a flag such as `use_dropout: true` is not a probability.
+    return {k: p for k, v in fields.items() if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))}
 
 
 def load_base(cfg, task: str, num_labels: int | None = None,
