@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gemcut.models.shared_prefix import MIN_SHARED_TOKENS, prefix_cache, shared_prompt_length, suffix_positions
 
 @dataclass
 class GenerationResult:
@@ -33,6 +34,7 @@ class GenerationResult:
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "length"
+    answer_nll: tuple[float, int] | None = None  # (summed NLL, targets) of a given answer; see `generate`'s `answers`
 
 
 def _device(model) -> torch.device:
@@ -100,18 +102,59 @@ def accepts_logits_to_keep(model) -> bool:
         return False
 
 
-def _token_steps(model, prompt_ids, *, temperature, top_p, generator, pad_id) -> Iterator[torch.Tensor]:
+def _answer_nll(model, first_logits, past, mask, last_pos, answers, pad_id) -> list[tuple[float, int]]:
+    """(summed NLL, target count) of each row's answer tokens, teacher-forced on the prompts' KV cache.
+
+    `first_logits` [B, V] (the prompt's last position) predict each answer's first token; the answers
+    (right-padded) run on the cache for the rest, and the cache is cut back to the prompts afterwards, so
+    decoding continues from the prompts alone. The formula is `gemcut.eval.scoring.sequence_nll`'s."""
+    import torch.nn.functional as F
+
+    device, rows, width = first_logits.device, len(answers), max(len(ids) for ids, _ in answers)
+    ids = torch.full((rows, width), pad_id, dtype=torch.long, device=device)
+    real = torch.zeros((rows, width), dtype=mask.dtype, device=device)
+    targets = torch.zeros((rows, width), dtype=torch.bool, device=device)
+    for r, (answer, is_target) in enumerate(answers):
+        ids[r, :len(answer)] = torch.tensor(list(answer), dtype=torch.long)
+        real[r, :len(answer)] = 1
+        targets[r, :len(answer)] = torch.tensor(list(is_target), dtype=torch.bool)
+    logits = first_logits[:, None, :]
+    if width > 1:
+        positions = last_pos + 1 + torch.arange(width - 1, device=device)
+        with torch.no_grad():
+            rest = model(input_ids=ids[:, :-1], attention_mask=torch.cat([mask, real[:, :-1]], dim=-1),
+                         position_ids=positions, past_key_values=past, use_cache=True).logits
+        past.crop(-(width - 1))
+        logits = torch.cat([logits, rest], dim=1)
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids.reshape(-1), reduction="none").view(rows, width)
+    sums = (nll.double() * targets).sum(dim=1).tolist()
+    return [(float(sums[r]), int(targets[r].sum())) for r in range(rows)]
+
+
+def _token_steps(model, prompt_ids, *, temperature, top_p, generator, pad_id, answers=None,
+                 answer_nll: list | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, step after step, keeping a KV cache; the caller stops it.
 
     Rows are left-padded; positions count real tokens only, so a padded row sees the same positions as it
     would alone. Finished rows keep being fed (the caller ignores them) so the batch stays rectangular.
+    With `answers`, their NLLs are appended to `answer_nll` after the prompt pass, before the first token.
     """
     device = _device(model)
-    input_ids, mask = _left_pad(prompt_ids, pad_id, device)
-    step_ids, step_pos = input_ids, (mask.cumsum(-1) - 1).clamp(min=0)
-    past = None
     # Only the last position's logits are needed: on the prompt that saves the head on every other position.
     extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    shared = shared_prompt_length(prompt_ids)
+    past = None
+    if shared >= MIN_SHARED_TOKENS:
+        # The tokens every prompt starts with run once (gemcut/models/shared_prefix.py); the rows' own
+        # suffixes are left-padded after them, so the padding sits between the prefix and each suffix.
+        with torch.no_grad():
+            past = prefix_cache(model, torch.tensor([list(prompt_ids[0][:shared])], device=device), len(prompt_ids), **extra)
+        step_ids, suffix_mask = _left_pad([p[shared:] for p in prompt_ids], pad_id, device)
+        mask = torch.cat([torch.ones((len(prompt_ids), shared), dtype=suffix_mask.dtype, device=device), suffix_mask], dim=-1)
+        step_pos = suffix_positions(mask, shared)
+    else:
+        step_ids, mask = _left_pad(prompt_ids, pad_id, device)
+        step_pos = suffix_positions(mask, 0)
     while True:
         with torch.no_grad():
             output = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past, use_cache=True,
@@ -119,6 +162,8 @@ def _token_steps(model, prompt_ids, *, temperature, top_p, generator, pad_id) ->
         past = getattr(output, "past_key_values", None)
         if past is None:
             raise RuntimeError(f"{type(model).__name__} returned no past_key_values; gemcut.generation needs a KV cache")
+        if answers is not None and answer_nll is not None and not answer_nll:  # once, after the prompt pass
+            answer_nll.extend(_answer_nll(model, output.logits[:, -1, :], past, mask, step_pos[:, -1:], answers, pad_id))
         nxt = _next_tokens(output.logits[:, -1, :], temperature, top_p, generator)
         yield nxt
         step_ids, step_pos = nxt.unsqueeze(-1), step_pos[:, -1:] + 1
@@ -130,12 +175,14 @@ def _pad_id(tokenizer, eos_ids) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos_ids) if eos_ids else 0)
 
 
-def _generate_batch(model, tokenizer, prompt_ids, *, max_new_tokens, temperature, top_p, generator, stop, eos_ids):
+def _generate_batch(model, tokenizer, prompt_ids, *, max_new_tokens, temperature, top_p, generator, stop, eos_ids,
+                    answers=None):
     n = len(prompt_ids)
     out: list[list[int]] = [[] for _ in range(n)]
     results: list[GenerationResult | None] = [None] * n
+    answer_nll: list[tuple[float, int]] = []
     steps = _token_steps(model, prompt_ids, temperature=temperature, top_p=top_p, generator=generator,
-                         pad_id=_pad_id(tokenizer, eos_ids))
+                         pad_id=_pad_id(tokenizer, eos_ids), answers=answers, answer_nll=answer_nll)
     for _ in range(max_new_tokens):
         nxt = next(steps).tolist()
         for i in range(n):
@@ -156,6 +203,8 @@ def _generate_batch(model, tokenizer, prompt_ids, *, max_new_tokens, temperature
     for i in range(n):
         if results[i] is None:
             results[i] = GenerationResult(tokenizer.decode(out[i], skip_special_tokens=True), list(out[i]), "length")
+        if answer_nll:
+            results[i].answer_nll = answer_nll[i]
     return results
 
 
@@ -184,7 +233,7 @@ def _eos_set(model, tokenizer, eos_ids) -> set[int]:
 
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, eos_ids=None,
-             batch_size: int | None = None) -> list[GenerationResult]:
+             batch_size: int | None = None, answers: list[tuple[list[int], list[bool]]] | None = None) -> list[GenerationResult]:
     """Complete each prompt (a list of token ids) with at most `max_new_tokens` tokens.
 
     Args:
@@ -197,11 +246,16 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
         stop: strings that end a completion; the text is cut before the first one.
         eos_ids: ids that end a completion; default: the tokenizer's and the model's eos ids.
         batch_size: prompts per forward batch; None runs all prompts as one batch.
+        answers: per prompt, (answer ids, which of them are targets): the answer's NLL given the prompt is
+            computed on the prompt pass's cache (evaluation's reference loss without a second prompt pass)
+            and returned as `answer_nll`; it does not change what is generated.
     Returns: one `GenerationResult` per prompt, in order.
     """
     _check(max_new_tokens, temperature, top_p)
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token; got an empty prompt")
+    if answers is not None and (len(answers) != len(prompt_ids) or any(not a for a, _ in answers)):
+        raise ValueError("answers needs one non-empty (ids, targets) pair per prompt")
     eos_set = _eos_set(model, tokenizer, eos_ids)
     generator = _generator(temperature, seed)
     was_training = model.training
@@ -212,7 +266,8 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
         for start in range(0, len(prompt_ids), size):
             results.extend(_generate_batch(model, tokenizer, prompt_ids[start:start + size], max_new_tokens=max_new_tokens,
                                            temperature=temperature, top_p=top_p, generator=generator,
-                                           stop=list(stop or []), eos_ids=eos_set))
+                                           stop=list(stop or []), eos_ids=eos_set,
+                                           answers=None if answers is None else answers[start:start + size]))
         return results
     finally:
         if was_training:

@@ -14,6 +14,7 @@ The first line says which.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -56,6 +57,7 @@ def quickstart(task: str = "generate", overrides: list[str] | None = None, *, lo
     from gemcut.eval.evaluate import evaluate
     from gemcut.train.run import train
 
+    t0 = time.time()
     config, mode, plan = plan_run(quickstart_config(task, overrides))
     log(plan)
     if mode == "evaluate":
@@ -64,5 +66,8 @@ def quickstart(task: str = "generate", overrides: list[str] | None = None, *, lo
         run_dir = train(config, resume=mode == "resume")
         if not (run_dir / "final").is_dir():  # stopped by Ctrl-C: the checkpoint is kept for the next quickstart
             return {"run_dir": str(run_dir), "stopped": True}
+    t_trained = time.time()
     result = evaluate(run_dir, split=config.eval.split, base=config.eval.compare_base, log=log)
-    return {**result, "run_dir": str(run_dir)}
+    timing = {"train_s": round(t_trained - t0, 1), "evaluate_s": round(time.time() - t_trained, 1),
+              "total_s": round(time.time() - t0, 1)}
+    return {**result, "run_dir": str(run_dir), "timing": timing}

@@ -59,6 +59,7 @@ def test_quickstart_end_to_end_on_tiny_models(tmp_path):
     assert f"startingafreshrunin{run_dir}" in said
     assert re.search(r"macro-F1\d\.\d\d->\d\.\d\d\([+-]\d\.\d\d±\d\.\d\d\)", said), first.output
     assert f"report:{run_dir}/report.html" in said and f"gemcutchat{run_dir}" in said
+    assert re.search(r"time:\d+min\d\ds\(prepareandtrain\d+min\d\ds,evaluate\d+min\d\ds\)", said), first.output
 
     ev = json.loads((run_dir / "eval.json").read_text())
     assert ev["n_examples"] == ev["n_in_split"] == 9  # the preset holds out 10% of the 90 tweets; all scored

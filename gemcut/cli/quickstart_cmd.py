@@ -10,6 +10,10 @@ from gemcut.cli import app
 console = Console()
 
 
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+
+
 @app.command("quickstart")
 def quickstart_command(
     task: str = typer.Option("generate", "--task", help="generate: SmolLM2 + LoRA as a generative classifier; classify: MiniLM + head."),
@@ -28,6 +32,8 @@ def quickstart_command(
     console.print(f"\n[bold]{result['headline']}[/]  ({result['split']} split, {result['n_examples']} examples)")
     for warning in result.get("warnings") or []:
         console.print(f"[yellow]warning:[/] {warning}")
+    t = result["timing"]
+    console.print(f"time:   {_minutes(t['total_s'])} (prepare and train {_minutes(t['train_s'])}, evaluate {_minutes(t['evaluate_s'])})")
     console.print(f"run:    {run_dir}\nreport: {run_dir}/report.html")
     if task == "generate":
         console.print(f"chat:   gemcut chat {run_dir}\nserve:  gemcut serve --model {run_dir}")

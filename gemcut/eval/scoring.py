@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from gemcut.generation import GenerationResult, generate
+from gemcut.models.shared_prefix import MIN_SHARED_TOKENS, common_prefix_length, prefix_cache, suffix_positions
 
 
 def _device(model) -> torch.device:
@@ -37,6 +38,15 @@ def _right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor
         ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
         mask[i, : len(s)] = 1
     return ids, mask
+
+
+def _shared_columns(input_ids: torch.Tensor, mask: torch.Tensor, predicting: torch.Tensor) -> int:
+    """Leading columns every row shares, cut before the first column whose hidden state predicts a target."""
+    shared = common_prefix_length(input_ids, mask)
+    first = torch.nonzero(predicting.any(dim=0))
+    if len(first):
+        shared = min(shared, int(first[0, 0]))
+    return shared if shared >= MIN_SHARED_TOKENS else 0
 
 
 def _batches(n: int, size: int):
@@ -90,14 +100,24 @@ def reward_scores(model, tokenizer, input_ids: Sequence[Sequence[int]], *, batch
 
 def generate_texts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
                    top_p: float = 1.0, seed: int | None = 0, batch_size: int = 16, stop: list[str] | None = None,
-                   eos_ids=None, progress: Callable[[int], None] | None = None) -> list[GenerationResult]:
-    """Generate for every prompt in batches of `batch_size`, reporting progress after each batch."""
-    results: list[GenerationResult] = []
+                   eos_ids=None, answers: Sequence[tuple[list[int], list[bool]]] | None = None,
+                   progress: Callable[[int], None] | None = None) -> list[GenerationResult]:
+    """Generate for every prompt in batches of `batch_size`, reporting progress after each batch.
+
+    Prompts are batched by length (left padding is computed and thrown away) and the results returned in the
+    prompts' order; with sampling, the batches and so the texts depend only on the prompts and `seed`.
+    `answers` (see `gemcut.generation.generate`) fills each result's `answer_nll`."""
+    by_length = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    results: list[GenerationResult | None] = [None] * len(prompt_ids)
     for rows in _batches(len(prompt_ids), batch_size):
         # One seed per batch start keeps a sampled evaluation reproducible whatever the number of batches.
         batch_seed = None if seed is None else seed + rows.start
-        results.extend(generate(model, tokenizer, [list(prompt_ids[i]) for i in rows], max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, seed=batch_seed, stop=stop, eos_ids=eos_ids))
+        chosen = [by_length[r] for r in rows]
+        outs = generate(model, tokenizer, [list(prompt_ids[i]) for i in chosen], max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_p=top_p, seed=batch_seed, stop=stop, eos_ids=eos_ids,
+                        answers=None if answers is None else [answers[i] for i in chosen])
+        for i, out in zip(chosen, outs):
+            results[i] = out
         if progress:
             progress(len(rows))
     return results
@@ -134,7 +154,13 @@ def sequence_nll(model, ids: Sequence[Sequence[int]], targets: Sequence[Sequence
         if head_on_targets:
             # The vocabulary head runs only where a target is predicted (a prompt of 70 tokens, an answer of 3).
             predicting = torch.cat([shifted, torch.zeros_like(shifted[:, :1])], dim=1)
-            logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False, logits_to_keep=predicting).logits
+            shared = _shared_columns(input_ids, mask, predicting)
+            if shared:  # the prompt prefix all rows share runs once (gemcut/models/shared_prefix.py)
+                cache = prefix_cache(model, input_ids[:1, :shared], len(rows), logits_to_keep=1)
+                logits = model(input_ids=input_ids[:, shared:], attention_mask=mask, position_ids=suffix_positions(mask, shared),
+                               past_key_values=cache, use_cache=True, logits_to_keep=predicting[:, shared:]).logits
+            else:
+                logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False, logits_to_keep=predicting).logits
             logits = logits.reshape(-1, logits.shape[-1])
         else:
             logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1][shifted]

@@ -135,6 +135,10 @@ def load_base(cfg, task: str, num_labels: int | None = None,
     if model.config.pad_token_id is None:
         # Decoder classifiers find each row's last real token through pad_token_id.
         model.config.pad_token_id = tokenizer.pad_token_id
+    if task in CLASSIFY_TASKS:
+        from gemcut.models.first_token import last_layer_reads_first_token_only
+
+        last_layer_reads_first_token_only(model)  # exact; skipped for heads that read other positions
     return model, tokenizer
 
 
@@ -281,6 +285,10 @@ def load_run(run_dir: str | Path, checkpoint: str = "final") -> LoadedRun:
                                       "attn_implementation": model_cfg.attn_implementation,
                                       "trust_remote_code": model_cfg.trust_remote_code}
             model = _model_class(task).from_pretrained(where, **kwargs)
+            if task in CLASSIFY_TASKS:
+                from gemcut.models.first_token import last_layer_reads_first_token_only
+
+                last_layer_reads_first_token_only(model)
         tokenizer = load_tokenizer(where, trust_remote_code=model_cfg.trust_remote_code)
         template = ChatTemplate.load(where, tokenizer) if (where / TEMPLATE_JSON).is_file() else None
     else:

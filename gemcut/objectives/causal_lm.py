@@ -20,9 +20,15 @@ then run in chunks (chunked_ce.py), so even the target positions' logits never e
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
+from gemcut.models.shared_prefix import (
+    MIN_SHARED_TOKENS, common_prefix_length, has_active_dropout, prefix_cache, suffix_positions,
+    uses_activation_checkpointing,
+)
 from gemcut.objectives.base import ObjectiveOutput
 from gemcut.objectives.chunked_ce import chunked_linear_cross_entropy
 
@@ -60,8 +66,27 @@ class CausalLM:
 
     task = "causal_lm"
 
+    def __init__(self, share_prefix: bool = True):
+        self.share_prefix = share_prefix
+        self._prefix_allowed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {training: allowed}
+
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return int(_target_mask(batch).sum())
+
+    def _shared_prefix(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> int:
+        """Leading columns to run once for the whole batch: the common real prefix, cut before the first target."""
+        if not self.share_prefix or "attention_mask" not in inputs or "position_ids" in inputs:
+            return 0  # packed rows carry their own positions and restart documents mid-row
+        allowed = self._prefix_allowed.setdefault(model, {})
+        if model.training not in allowed:  # a model's dropout and checkpointing do not change between steps
+            allowed[model.training] = not (has_active_dropout(model) or uses_activation_checkpointing(model))
+        if not allowed[model.training]:
+            return 0
+        shared = common_prefix_length(inputs["input_ids"], inputs["attention_mask"])
+        predicting = torch.nonzero(mask.any(dim=0))  # columns whose hidden state predicts a target
+        if len(predicting):
+            shared = min(shared, int(predicting[0, 0]))
+        return shared if shared >= MIN_SHARED_TOKENS else 0
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
         mask = _target_mask(batch)
@@ -72,7 +97,16 @@ class CausalLM:
         split = _decoder_and_head(model)
         if split is not None:
             decoder, head = split
-            hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][mask]
+            shared = self._shared_prefix(model, inputs, mask)
+            if shared:
+                # The prompt prefix every row shares runs once (gemcut/models/shared_prefix.py); rows run the rest.
+                cache = prefix_cache(decoder, inputs["input_ids"][:1, :shared], inputs["input_ids"].shape[0])
+                out = decoder(input_ids=inputs["input_ids"][:, shared:], attention_mask=inputs["attention_mask"],
+                              position_ids=suffix_positions(inputs["attention_mask"], shared), past_key_values=cache,
+                              use_cache=True)
+                hidden = out.last_hidden_state[:, :-1][mask[:, shared:]]
+            else:
+                hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][mask]
             if type(head) is torch.nn.Linear and head.bias is None:  # a plain head (not adapted): never hold all logits
                 return ObjectiveOutput(chunked_linear_cross_entropy(hidden, head.weight, targets, token_weight), int(targets.numel()), {})
             logits = head(hidden)
