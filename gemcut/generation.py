@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gemcut.models.kv_cache import cache_argument, returned_cache
 from gemcut.models.shared_prefix import MIN_SHARED_TOKENS, prefix_cache, shared_prompt_length, suffix_positions
 
 @dataclass
@@ -123,7 +124,7 @@ def _answer_nll(model, first_logits, past, mask, last_pos, answers, pad_id) -> l
         positions = last_pos + 1 + torch.arange(width - 1, device=device)
         with torch.no_grad():
             rest = model(input_ids=ids[:, :-1], attention_mask=torch.cat([mask, real[:, :-1]], dim=-1),
-                         position_ids=positions, past_key_values=past, use_cache=True).logits
+                         position_ids=positions, use_cache=True, **{cache_argument(model): past}).logits
         past.crop(-(width - 1))
         logits = torch.cat([logits, rest], dim=1)
     nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids.reshape(-1), reduction="none").view(rows, width)
@@ -157,11 +158,11 @@ def _token_steps(model, prompt_ids, *, temperature, top_p, generator, pad_id, an
         step_pos = suffix_positions(mask, 0)
     while True:
         with torch.no_grad():
-            output = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past, use_cache=True,
-                           **extra)
-        past = getattr(output, "past_key_values", None)
+            output = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
+                           **{cache_argument(model): past}, **extra)
+        past = returned_cache(output)
         if past is None:
-            raise RuntimeError(f"{type(model).__name__} returned no past_key_values; gemcut.generation needs a KV cache")
+            raise RuntimeError(f"{type(model).__name__} returned no KV cache; gemcut.generation needs one")
         if answers is not None and answer_nll is not None and not answer_nll:  # once, after the prompt pass
             answer_nll.extend(_answer_nll(model, output.logits[:, -1, :], past, mask, step_pos[:, -1:], answers, pad_id))
         nxt = _next_tokens(output.logits[:, -1, :], temperature, top_p, generator)

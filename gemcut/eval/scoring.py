@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from gemcut.generation import GenerationResult, generate
+from gemcut.models.kv_cache import cache_argument
 from gemcut.models.shared_prefix import MIN_SHARED_TOKENS, common_prefix_length, prefix_cache, suffix_positions
 
 
@@ -158,7 +159,7 @@ def sequence_nll(model, ids: Sequence[Sequence[int]], targets: Sequence[Sequence
             if shared:  # the prompt prefix all rows share runs once (gemcut/models/shared_prefix.py)
                 cache = prefix_cache(model, input_ids[:1, :shared], len(rows), logits_to_keep=1)
                 logits = model(input_ids=input_ids[:, shared:], attention_mask=mask, position_ids=suffix_positions(mask, shared),
-                               past_key_values=cache, use_cache=True, logits_to_keep=predicting[:, shared:]).logits
+                               use_cache=True, logits_to_keep=predicting[:, shared:], **{cache_argument(model): cache}).logits
             else:
                 logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False, logits_to_keep=predicting).logits
             logits = logits.reshape(-1, logits.shape[-1])

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from gemcut.models.kv_cache import returned_cache
+
 # Below this many shared tokens the extra forward call costs more than it saves.
 MIN_SHARED_TOKENS = 8
 
@@ -69,7 +71,7 @@ def prefix_cache(model: torch.nn.Module, prefix_ids: torch.Tensor, rows: int, **
 
     `model` is a decoder or a causal LM (then pass `logits_to_keep=1`: the prefix's logits are not needed)."""
     ones = torch.ones_like(prefix_ids)
-    cache = model(input_ids=prefix_ids, attention_mask=ones, use_cache=True, **kwargs).past_key_values
+    cache = returned_cache(model(input_ids=prefix_ids, attention_mask=ones, use_cache=True, **kwargs))
     cache.batch_repeat_interleave(rows)
     return cache
 

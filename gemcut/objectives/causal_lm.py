@@ -25,6 +25,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from gemcut.models.kv_cache import cache_argument
 from gemcut.models.shared_prefix import (
     MIN_SHARED_TOKENS, common_prefix_length, has_active_dropout, prefix_cache, suffix_positions,
     uses_activation_checkpointing,
@@ -102,8 +103,8 @@ class CausalLM:
                 # The prompt prefix every row shares runs once (gemcut/models/shared_prefix.py); rows run the rest.
                 cache = prefix_cache(decoder, inputs["input_ids"][:1, :shared], inputs["input_ids"].shape[0])
                 out = decoder(input_ids=inputs["input_ids"][:, shared:], attention_mask=inputs["attention_mask"],
-                              position_ids=suffix_positions(inputs["attention_mask"], shared), past_key_values=cache,
-                              use_cache=True)
+                              position_ids=suffix_positions(inputs["attention_mask"], shared), use_cache=True,
+                              **{cache_argument(decoder): cache})
                 hidden = out.last_hidden_state[:, :-1][mask[:, shared:]]
             else:
                 hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][mask]
