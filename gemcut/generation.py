@@ -26,6 +26,7 @@ import torch
 from gemcut.models.kv_cache import cache_argument, returned_cache
 from gemcut.models.shared_prefix import MIN_SHARED_TOKENS, prefix_cache, shared_prompt_length, suffix_positions
 
+
 @dataclass
 class GenerationResult:
     """One completion: the decoded text (without the end token or stop string), the generated token ids

@@ -5,8 +5,14 @@ import copy
 import pytest
 import torch
 from transformers import (
-    BertConfig, BertForSequenceClassification, ElectraConfig, ElectraForSequenceClassification,
-    LlamaConfig, LlamaForSequenceClassification, RobertaConfig, RobertaForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    ElectraConfig,
+    ElectraForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
 )
 
 from gemcut.models.first_token import last_layer_reads_first_token_only

@@ -27,7 +27,11 @@ import torch.nn.functional as F
 
 from gemcut.models.kv_cache import cache_argument
 from gemcut.models.shared_prefix import (
-    MIN_SHARED_TOKENS, common_prefix_length, has_active_dropout, prefix_cache, suffix_positions,
+    MIN_SHARED_TOKENS,
+    common_prefix_length,
+    has_active_dropout,
+    prefix_cache,
+    suffix_positions,
     uses_activation_checkpointing,
 )
 from gemcut.objectives.base import ObjectiveOutput
