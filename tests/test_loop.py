@@ -171,6 +171,7 @@ class InterruptAt(CausalLM):
     """Sends this process a SIGINT during training step `step`, as Ctrl-C would."""
 
     def __init__(self, step: int):
+        super().__init__()
         self.step, self.calls = step, 0
 
     def __call__(self, model, batch):

@@ -53,7 +53,7 @@ def _first_token_forward(self, hidden_states: torch.Tensor, attention_mask: torc
     attn = self.attention.self
     batch, length, _ = hidden_states.shape
     heads = (-1, attn.attention_head_size)
-    first = hidden_states[:, :1]
+    first = hidden_states[:, :1].contiguous()  # a fresh, aligned block: the same kernels every call
     query = attn.query(first).view(batch, 1, *heads).transpose(1, 2)
     key = attn.key(hidden_states).view(batch, length, *heads).transpose(1, 2)
     value = attn.value(hidden_states).view(batch, length, *heads).transpose(1, 2)

@@ -15,7 +15,9 @@ does the shift: position t predicts labels[t+1]), `attention_mask` [B,T], option
 Speed: for decoder architectures whose logits are exactly `lm_head(last_hidden_state)` the head runs only
 on the target positions. With a 49k vocabulary the head is a fifth of SmolLM2-135M's forward cost and its
 [B,T,V] fp32 logits the largest activation; prompt and padding tokens need neither. The head and the loss
-then run in chunks (chunked_ce.py), so even the target positions' logits never exist all at once.
+then run in chunks (chunked_ce.py), so even the target positions' logits never exist all at once. Tokens
+that start every row of a batch (an instruction template's prompt) run once for the batch
+(gemcut/models/shared_prefix.py); `CausalLM(share_prefix=False)` always runs whole rows.
 """
 
 from __future__ import annotations
@@ -70,10 +72,10 @@ class CausalLM:
     """Shifted token cross-entropy, summed over target tokens (optionally weighted per token)."""
 
     task = "causal_lm"
+    share_prefix = True  # a class default too, so a subclass that skips __init__ keeps it
 
     def __init__(self, share_prefix: bool = True):
         self.share_prefix = share_prefix
-        self._prefix_allowed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {training: allowed}
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return int(_target_mask(batch).sum())
@@ -82,7 +84,8 @@ class CausalLM:
         """Leading columns to run once for the whole batch: the common real prefix, cut before the first target."""
         if not self.share_prefix or "attention_mask" not in inputs or "position_ids" in inputs:
             return 0  # packed rows carry their own positions and restart documents mid-row
-        allowed = self._prefix_allowed.setdefault(model, {})
+        by_model = self.__dict__.setdefault("_prefix_allowed", weakref.WeakKeyDictionary())  # model -> {training: allowed}
+        allowed = by_model.setdefault(model, {})
         if model.training not in allowed:  # a model's dropout and checkpointing do not change between steps
             allowed[model.training] = not (has_active_dropout(model) or uses_activation_checkpointing(model))
         if not allowed[model.training]:
