@@ -8,8 +8,8 @@ the embeddings, the attention probabilities and both residual branches of every 
 11% of a training step's CPU time in a profile on a 2-core AVX2 machine, more than every other op but the
 matrix multiplies. This module draws one 64-bit word per four elements from the same generator
 (`torch.randint`, so `torch.manual_seed` and gemcut's saved RNG state still fix every mask) and compares
-each 16-bit lane with a threshold: about 4x less time for the mask of 1.2M elements (15.7 ms against
-3.8 ms in `bench/` terms; docs/training.md has the figures).
+each 16-bit lane with a threshold. Forward and backward of one dropout site then cost about a third of
+what `F.dropout` costs (`bench/dropout_mask.py`; figures in docs/benchmarks.md).
 
 What changes and what does not:
 - Each element is still kept independently with probability 1 - p, where p is rounded to a multiple of
@@ -31,7 +31,6 @@ from __future__ import annotations
 import types
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 LANES = 4  # 16-bit lanes per 64-bit random word
@@ -76,15 +75,13 @@ class FastDropout(nn.Dropout):
         return out
 
 
-def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, *,
-              dropout_p: float, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v, with fast dropout on the probabilities when `dropout_p` > 0.
+def attention_with_dropout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, *, dropout_p: float, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v with fast dropout on the probabilities.
 
-    Without dropout this is SDPA itself (its fused kernels). With dropout SDPA on a CPU runs these same
-    steps in its math path, drawing the mask with `bernoulli_`. The mask follows transformers' convention,
-    which is SDPA's: a bool mask keeps True, a float mask is added to the scores."""
-    if dropout_p == 0.0:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale)
+    SDPA with `dropout_p` > 0 on a CPU runs these same steps (its math path; the fused kernels take no
+    dropout), drawing the mask with `bernoulli_`. The mask follows transformers' convention, which is
+    SDPA's: a bool mask keeps True, a float mask is added to the scores."""
     scores = torch.matmul(query, key.transpose(-1, -2)) * scale
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
@@ -100,13 +97,13 @@ def _self_attention_forward(self, hidden_states: torch.Tensor, attention_mask: t
     """A BERT-layout self-attention in training mode, with its probability dropout drawn by `keep_mask`."""
     if not self.training or self.dropout.p == 0.0 or args or any(
             kwargs.get(name) is not None for name in ("cache", "past_key_values", "encoder_hidden_states")):
-        return self._torch_dropout_forward(hidden_states, attention_mask, *args, **kwargs)
+        return self._forward_with_torch_dropout(hidden_states, attention_mask, *args, **kwargs)
     batch, length, _ = hidden_states.shape
     heads = (batch, length, -1, self.attention_head_size)
     query = self.query(hidden_states).view(heads).transpose(1, 2)
     key = self.key(hidden_states).view(heads).transpose(1, 2)
     value = self.value(hidden_states).view(heads).transpose(1, 2)
-    context = attention(query, key, value, attention_mask, dropout_p=self.dropout.p, scale=self.scaling)
+    context = attention_with_dropout(query, key, value, attention_mask, dropout_p=self.dropout.p, scale=self.scaling)
     return context.transpose(1, 2).reshape(batch, length, -1), None
 
 
@@ -127,8 +124,8 @@ def use_fast_dropout(model: nn.Module) -> int:
                 fast.train(child.training)
                 setattr(module, name, fast)
                 changed += 1
-        if _bert_self_attention(module) and not hasattr(module, "_torch_dropout_forward"):
-            module._torch_dropout_forward = module.forward
+        if _bert_self_attention(module) and not hasattr(module, "_forward_with_torch_dropout"):
+            module._forward_with_torch_dropout = module.forward
             module.forward = types.MethodType(_self_attention_forward, module)
             changed += 1
     return changed
