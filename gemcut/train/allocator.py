@@ -49,7 +49,7 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    # mallopt returns 1 on success; set the trim threshold first so a refused M_MMAP_MAX changes nothing.
+    # mallopt returns 1 on success. A high trim threshold alone is harmless if M_MMAP_MAX is then refused.
     if mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) != 1 or mallopt(M_MMAP_MAX, 0) != 1:
         log.debug("mallopt refused; freed memory goes back to the kernel as usual")
         return False
