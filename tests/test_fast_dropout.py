@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from tiny import padded_classifier_batch as _batch
 from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
 
 import gemcut.models.fast_dropout as fd
@@ -12,16 +13,6 @@ from gemcut.models.fast_dropout import FastDropout, fast_dropout, keep_mask, use
 
 SMALL = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
              max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
-
-
-def _batch():
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, 99, (4, 11), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 7:] = 0  # padded rows: the attention mask must still apply on the fast path
-    mask[3, 4:] = 0
-    ids[mask == 0] = 1
-    return ids, mask, torch.tensor([0, 2, 1, 2])
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.03])

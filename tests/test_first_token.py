@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from tiny import padded_classifier_batch as _batch
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -19,16 +20,6 @@ from gemcut.models.first_token import last_layer_reads_first_token_only
 
 SMALL = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
              max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-
-
-def _batch():
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, 99, (4, 11), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 7:] = 0  # padded rows: the mask must reach the one query kept
-    mask[3, 4:] = 0
-    ids[mask == 0] = 1
-    return ids, mask, torch.tensor([0, 2, 1, 2])
 
 
 def _logits_and_grads(model, ids, mask, labels):

@@ -86,3 +86,15 @@ def save_tiny_bert(path: str | Path, num_labels: int = 3, seed: int = 0) -> Path
     tiny_bert_classifier(tok, num_labels=num_labels, seed=seed).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def padded_classifier_batch(vocab_size: int = 99) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids [4, 11], attention_mask, labels [4]) for a 3-class encoder; rows 1 and 3 end in padding
+    (id 1), so code that rebuilds attention must carry the padding mask to get the same answer."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab_size, (4, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[3, 4:] = 0
+    ids[mask == 0] = 1
+    return ids, mask, torch.tensor([0, 2, 1, 2])
