@@ -141,7 +141,7 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     activation_checkpointing: bool = Field(False, description="Recompute each block's activations in the backward pass instead of keeping them: less memory, about a third more compute.")
     fast_dropout: bool = Field(True, description="Draw dropout masks from 16 random bits per element instead of torch's Bernoulli sampler: the same keep probability (p rounded to 2^-16), about a third of the time per dropout site on a CPU; false restores torch's nn.Dropout (gemcut/models/fast_dropout.py).")
-    group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding); the order stays a seeded shuffle.")
+    group_by_length: bool | Literal["auto"] = Field("auto", description="Batch examples of similar length together (less padding); the order stays a seeded shuffle. auto: on, except for a model that runs padding-free (gemcut/models/padding_free.py), which gets uniformly random batches at the same cost.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     layer_lr_decay: float = Field(1.0, gt=0, le=1, description="Layer-wise lr decay: the head and final norm train at lr, the top block at lr*d, each lower block at d times the one above, the embeddings lowest; 1.0 is one rate for all (docs/training.md).")

@@ -34,10 +34,10 @@ FIRST_TOKEN_HEADS = (
     "ElectraForSequenceClassification",
 )
 # The attention the patched layer computes itself must be what the model would have used.
-_SDPA_COMPATIBLE = ("sdpa", "eager")
+SDPA_COMPATIBLE = ("sdpa", "eager")
 
 
-def _bert_layout(layer: torch.nn.Module) -> bool:
+def bert_layout(layer: torch.nn.Module) -> bool:
     attention = getattr(layer, "attention", None)
     self_attn = getattr(attention, "self", None)
     return (
@@ -73,11 +73,11 @@ def last_layer_reads_first_token_only(model: torch.nn.Module) -> bool:
     """Patch the last encoder layer of a first-token classifier; True when patched, False when not eligible."""
     if type(model).__name__ not in FIRST_TOKEN_HEADS:
         return False
-    if getattr(model.config, "_attn_implementation", None) not in _SDPA_COMPATIBLE:
+    if getattr(model.config, "_attn_implementation", None) not in SDPA_COMPATIBLE:
         return False
     encoder = getattr(getattr(model, model.base_model_prefix, None), "encoder", None)
     layers = getattr(encoder, "layer", None)
-    if not layers or not _bert_layout(layers[-1]):
+    if not layers or not bert_layout(layers[-1]):
         return False
     layers[-1].forward = types.MethodType(_first_token_forward, layers[-1])
     return True

@@ -137,8 +137,12 @@ def load_base(cfg, task: str, num_labels: int | None = None,
         model.config.pad_token_id = tokenizer.pad_token_id
     if task in CLASSIFY_TASKS:
         from gemcut.models.first_token import last_layer_reads_first_token_only
+        from gemcut.models.padding_free import use_padding_free_encoder
 
-        last_layer_reads_first_token_only(model)  # exact; skipped for heads that read other positions
+        # Both exact, both skipped for heads that read other positions; the padded first-token layer still
+        # serves the inputs the padding-free encoder hands back to the encoder's own forward.
+        use_padding_free_encoder(model)
+        last_layer_reads_first_token_only(model)
     return model, tokenizer
 
 

@@ -32,6 +32,7 @@ from accelerate.utils import set_seed
 
 from gemcut.config import RunConfig
 from gemcut.errors import TrainingError
+from gemcut.models.padding_free import runs_padding_free
 from gemcut.objectives.base import Objective
 from gemcut.train import checkpoint as ckpt
 from gemcut.train.logging import RunLogger
@@ -217,6 +218,8 @@ def fit(model: torch.nn.Module, objective: Objective, train_set: Sequence[dict],
                                              model=acc.unwrap_model(model), optimizer=optimizer, scheduler=scheduler)
     log = logger or RunLogger(run_dir, total_steps=total, start_step=state.step)
     lengths = [example_length(ex) for ex in train_set]
+    # A padding-free model pays for padding only inside attention, so it keeps the batches uniformly random.
+    grouped = not runs_padding_free(model) if cfg.group_by_length == "auto" else cfg.group_by_length
     es, orders, pending = cfg.early_stopping, {}, []
     stopped, t_log, tokens_log = "completed", time.time(), (state.tokens, state.trained_tokens)
 
@@ -252,7 +255,7 @@ def fit(model: torch.nn.Module, objective: Objective, train_set: Sequence[dict],
             while state.step < total:
                 if state.epoch not in orders:
                     orders = {state.epoch: epoch_order(lengths, seed=cfg.seed, epoch=state.epoch, batch_size=per_micro,
-                                                       group_by_length=cfg.group_by_length)}
+                                                       group_by_length=grouped)}
                 take = orders[state.epoch][state.index:state.index + per_step]
                 micro = [take[s:s + per_micro] for s in range(0, len(take), per_micro)][acc.process_index::world]
                 batches = [collate([train_set[i] for i in ids]) for ids in micro]

