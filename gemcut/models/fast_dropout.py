@@ -33,6 +33,8 @@ import types
 import torch
 from torch import nn
 
+from gemcut.models.first_token import SDPA_COMPATIBLE, bert_self_attention
+
 LANES = 4  # 16-bit lanes per 64-bit random word
 LANE_VALUES = 1 << 16
 
@@ -108,10 +110,9 @@ def _self_attention_forward(self, hidden_states: torch.Tensor, attention_mask: t
 
 
 def _bert_self_attention(module: nn.Module) -> bool:
-    return (type(module).__name__.endswith("SelfAttention")
-            and all(hasattr(module, name) for name in ("query", "key", "value", "attention_head_size", "scaling", "dropout"))
+    return (type(module).__name__.endswith("SelfAttention") and bert_self_attention(module)
             and not getattr(module, "is_decoder", False) and not getattr(module, "is_causal", False)
-            and getattr(getattr(module, "config", None), "_attn_implementation", None) in ("sdpa", "eager"))
+            and getattr(getattr(module, "config", None), "_attn_implementation", None) in SDPA_COMPATIBLE)
 
 
 def use_fast_dropout(model: nn.Module) -> int:

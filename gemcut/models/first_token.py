@@ -37,11 +37,16 @@ FIRST_TOKEN_HEADS = (
 SDPA_COMPATIBLE = ("sdpa", "eager")
 
 
+def bert_self_attention(module: torch.nn.Module) -> bool:
+    """A self-attention module with BERT's parts: separate query/key/value projections and a probability dropout."""
+    return all(hasattr(module, name) for name in ("query", "key", "value", "attention_head_size", "scaling", "dropout"))
+
+
 def bert_layout(layer: torch.nn.Module) -> bool:
+    """An encoder layer with BERT's layout: self-attention, its output block, then the feed-forward block."""
     attention = getattr(layer, "attention", None)
-    self_attn = getattr(attention, "self", None)
     return (
-        all(hasattr(self_attn, name) for name in ("query", "key", "value", "attention_head_size", "scaling", "dropout"))
+        bert_self_attention(getattr(attention, "self", None))
         and hasattr(attention, "output") and hasattr(layer, "feed_forward_chunk")
         and not getattr(layer, "is_decoder", False) and not getattr(layer, "add_cross_attention", False)
     )

