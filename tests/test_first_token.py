@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from tiny import SMALL_ENCODER, logits_and_grads
 from tiny import padded_classifier_batch as _batch
 from transformers import (
     BertConfig,
@@ -18,15 +19,7 @@ from transformers import (
 
 from gemcut.models.first_token import last_layer_reads_first_token_only
 
-SMALL = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-             max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-
-
-def _logits_and_grads(model, ids, mask, labels):
-    model.zero_grad()
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    torch.nn.functional.cross_entropy(logits, labels).backward()
-    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+SMALL = SMALL_ENCODER
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -41,8 +34,8 @@ def test_patched_classifier_gives_the_same_logits_and_gradients(make, attn):
     patched = copy.deepcopy(reference)
     assert last_layer_reads_first_token_only(patched)
     ids, mask, labels = _batch()
-    want_logits, want_grads = _logits_and_grads(reference, ids, mask, labels)
-    got_logits, got_grads = _logits_and_grads(patched, ids, mask, labels)
+    want_logits, want_grads = logits_and_grads(reference, ids, mask, labels)
+    got_logits, got_grads = logits_and_grads(patched, ids, mask, labels)
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-6)
     assert got_grads.keys() == want_grads.keys()
     for name, grad in want_grads.items():

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from tiny import save_tiny_bert
+from tiny import SMALL_ENCODER, logits_and_grads, save_tiny_bert
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -23,8 +23,7 @@ from gemcut.models.load import load_base
 from gemcut.models.padding_free import ATTENTION_CHUNK_ROWS, packing_for, runs_padding_free, use_padding_free_encoder
 from gemcut.train.loop import group_by_length
 
-SMALL = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-             max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+SMALL = SMALL_ENCODER
 PAD = 1
 # 19 rows: three attention chunks of 8, 8 and 3 rows once sorted longest first; the first chunk's rows are
 # all full length (no mask), the others mix lengths.
@@ -41,16 +40,9 @@ def _batch(lengths=LENGTHS, width=13, left_padded=False):
     return ids, mask.long(), torch.arange(len(lengths)) % 3
 
 
-def _logits_and_grads(model, ids, mask, labels):
-    model.zero_grad()
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    torch.nn.functional.cross_entropy(logits, labels).backward()
-    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def _assert_same(got_model, want_model, batch):
-    want_logits, want_grads = _logits_and_grads(want_model, *batch)
-    got_logits, got_grads = _logits_and_grads(got_model, *batch)
+    want_logits, want_grads = logits_and_grads(want_model, *batch)
+    got_logits, got_grads = logits_and_grads(got_model, *batch)
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-6)
     assert got_grads.keys() == want_grads.keys()
     for name, grad in want_grads.items():

@@ -98,3 +98,16 @@ def padded_classifier_batch(vocab_size: int = 99) -> tuple[torch.Tensor, torch.T
     mask[3, 4:] = 0
     ids[mask == 0] = 1
     return ids, mask, torch.tensor([0, 2, 1, 2])
+
+
+# A tiny encoder classifier config, dropout off, for tests that compare a patched model with the original.
+SMALL_ENCODER = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def logits_and_grads(model, ids, mask, labels) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits of one batch and the gradients of its mean cross-entropy, by parameter name."""
+    model.zero_grad()
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    torch.nn.functional.cross_entropy(logits, labels).backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

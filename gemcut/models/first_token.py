@@ -74,15 +74,22 @@ def _first_token_forward(self, hidden_states: torch.Tensor, attention_mask: torc
     return self.feed_forward_chunk(attention_output)
 
 
+def first_token_encoder(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The encoder (with its `layer` list) of a first-token classifier whose attention SDPA can stand in for;
+    None for any other model."""
+    if type(model).__name__ not in FIRST_TOKEN_HEADS:
+        return None
+    if getattr(model.config, "_attn_implementation", None) not in SDPA_COMPATIBLE:
+        return None
+    encoder = getattr(getattr(model, model.base_model_prefix, None), "encoder", None)
+    return encoder if getattr(encoder, "layer", None) else None
+
+
 def last_layer_reads_first_token_only(model: torch.nn.Module) -> bool:
     """Patch the last encoder layer of a first-token classifier; True when patched, False when not eligible."""
-    if type(model).__name__ not in FIRST_TOKEN_HEADS:
+    encoder = first_token_encoder(model)
+    if encoder is None or not bert_layout(encoder.layer[-1]):
         return False
-    if getattr(model.config, "_attn_implementation", None) not in SDPA_COMPATIBLE:
-        return False
-    encoder = getattr(getattr(model, model.base_model_prefix, None), "encoder", None)
-    layers = getattr(encoder, "layer", None)
-    if not layers or not bert_layout(layers[-1]):
-        return False
+    layers = encoder.layer
     layers[-1].forward = types.MethodType(_first_token_forward, layers[-1])
     return True

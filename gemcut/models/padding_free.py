@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from gemcut.models.fast_dropout import FastDropout, attention_with_dropout
-from gemcut.models.first_token import FIRST_TOKEN_HEADS, SDPA_COMPATIBLE, bert_layout
+from gemcut.models.first_token import bert_layout, first_token_encoder
 
 ATTENTION_CHUNK_ROWS = 8  # rows per attention chunk: 4 chunks of a 32-row batch
 
@@ -125,6 +125,12 @@ def _attend(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
     return F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask, dropout_p=p, scale=attn.scaling)
 
 
+def _block(t: torch.Tensor, chunk: AttentionChunk, heads: tuple[int, int]) -> torch.Tensor:
+    """Packed [tokens, d] -> the chunk's padded [rows, heads, length, head size]."""
+    rows = t if chunk.gather is None else t.index_select(0, chunk.gather)
+    return rows.view(chunk.rows, chunk.length, *heads).transpose(1, 2)
+
+
 def _layer(layer, x: torch.Tensor, packing: Packing, *, first_only: bool) -> torch.Tensor:
     """One BERT-layout layer on packed tokens [tokens, d]; with `first_only`, returns [batch, d] at each row's
     first token alone (rows longest first)."""
@@ -136,14 +142,11 @@ def _layer(layer, x: torch.Tensor, packing: Packing, *, first_only: bool) -> tor
     query = attn.query(x)
     contexts = []
     for c in packing.chunks:
-        def padded(t: torch.Tensor) -> torch.Tensor:  # -> [rows, heads, length, head size]
-            return (t if c.gather is None else t.index_select(0, c.gather)).view(c.rows, c.length, *heads).transpose(1, 2)
-
         if first_only:
             q = query[c.start:c.start + c.rows].view(c.rows, 1, *heads).transpose(1, 2)
-            contexts.append(_attend(attn, q, padded(key), padded(value), c.key_mask).reshape(c.rows, -1))
+            contexts.append(_attend(attn, q, _block(key, c, heads), _block(value, c, heads), c.key_mask).reshape(c.rows, -1))
         else:
-            context = _attend(attn, padded(query), padded(key), padded(value), c.key_mask)
+            context = _attend(attn, _block(query, c, heads), _block(key, c, heads), _block(value, c, heads), c.key_mask)
             context = context.transpose(1, 2).reshape(c.rows * c.length, -1)
             contexts.append(context if c.real is None else context.index_select(0, c.real))
     context = torch.cat(contexts) if len(contexts) > 1 else contexts[0]
@@ -173,13 +176,8 @@ def _padding_free_encoder_forward(self, hidden_states: torch.Tensor, attention_m
 def use_padding_free_encoder(model: torch.nn.Module) -> bool:
     """Install the padding-free encoder on a first-token classifier; True when installed, False when the
     model is not one it was written for (it is then left as it was)."""
-    if type(model).__name__ not in FIRST_TOKEN_HEADS:
-        return False
-    if getattr(model.config, "_attn_implementation", None) not in SDPA_COMPATIBLE:
-        return False
-    encoder = getattr(getattr(model, model.base_model_prefix, None), "encoder", None)
-    layers = getattr(encoder, "layer", None)
-    if not layers or not all(bert_layout(layer) for layer in layers) or hasattr(encoder, "_forward_padded"):
+    encoder = first_token_encoder(model)
+    if encoder is None or not all(bert_layout(layer) for layer in encoder.layer) or hasattr(encoder, "_forward_padded"):
         return False
     encoder._forward_padded = encoder.forward
     encoder.forward = types.MethodType(_padding_free_encoder_forward, encoder)
