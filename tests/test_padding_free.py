@@ -147,3 +147,22 @@ def test_group_by_length_auto_keeps_random_batches_for_padding_free_models():
     assert group_by_length("auto", padded) is True
     assert group_by_length("auto", padding_free) is False
     assert group_by_length(True, padding_free) is True and group_by_length(False, padded) is False
+
+
+def test_activation_checkpointing_takes_the_padded_forward():
+    """Checkpointing wraps each layer's own call; the packed path would skip it and keep every activation."""
+    torch.manual_seed(0)
+    model = MODELS["bert"]("sdpa").train()
+    use_padding_free_encoder(model)
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    encoder, calls = model.bert.encoder, []
+    padded = encoder._forward_padded
+    encoder._forward_padded = lambda *args, **kwargs: calls.append(1) or padded(*args, **kwargs)
+    ids, mask, labels = _batch()
+    torch.nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, labels).backward()
+    assert calls == [1]
+    model.eval()  # no backward, nothing to checkpoint: packed again
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert calls == [1]

@@ -27,7 +27,7 @@ it on the heads of FIRST_TOKEN_HEADS whose layers all have the BERT layout, by r
 the encoder instance: parameter names, checkpoints, adapters (peft wraps the same Linear modules this
 code calls) and exports are unaffected. Anything it was not written for is passed to the encoder's own
 forward: cross-attention, a cache, a mask that is not a pure key-padding mask, a row whose first token
-is padding. Like the first-token patch, per-layer hidden states are not available from such a model.
+is padding, training under activation checkpointing (which wraps the layers' own calls). Like the first-token patch, per-layer hidden states are not available from such a model.
 """
 
 from __future__ import annotations
@@ -160,6 +160,8 @@ def _padding_free_encoder_forward(self, hidden_states: torch.Tensor, attention_m
 
     unsupported = any(a is not None for a in args) or any(
         kwargs.get(name) for name in ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values", "use_cache"))
+    # Activation checkpointing wraps each layer's __call__, which the packed path does not go through.
+    unsupported = unsupported or (self.training and any(getattr(layer, "gradient_checkpointing", False) for layer in self.layer))
     batch, length, _ = hidden_states.shape
     keep = False if unsupported else key_padding(attention_mask, batch, length)
     packing = None if keep is False else packing_for(keep, batch, length, hidden_states.device)

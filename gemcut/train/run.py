@@ -147,7 +147,7 @@ def train(config: RunConfig, *, resume: bool = False) -> Path:
     from gemcut.models.adapters import apply_adapter, trainable_summary
     from gemcut.models.load import load_base, run_meta, save_final, write_run_meta
     from gemcut.models.padding_free import runs_padding_free
-    from gemcut.train.loop import fit
+    from gemcut.train.loop import fit, group_by_length
 
     t0 = time.time()
     cfg = config.train
@@ -191,7 +191,7 @@ def train(config: RunConfig, *, resume: bool = False) -> Path:
     say(trainable_summary(model, config.adapter))
     padding_free = runs_padding_free(model)
     if padding_free:
-        grouping = "uniformly random batches" if cfg.group_by_length in ("auto", False) else "length-grouped batches"
+        grouping = "length-grouped batches" if group_by_length(cfg.group_by_length, model) else "uniformly random batches"
         say(f"padding-free encoder: the linear layers see real tokens only; {grouping} (train.group_by_length)")
     template = None
     if task != "classify":
