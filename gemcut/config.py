@@ -88,6 +88,7 @@ class ModelConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16"] = Field("float32", description="Dtype the weights are kept in; training uses train.precision for compute.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="Attention kernel.")
     dropout: float | None = Field(None, ge=0, lt=1, description="Set every dropout probability of the model (hidden, attention, classifier) to this; null keeps the checkpoint's.")
+    pooling: Literal["auto", "cls", "mean"] = Field("auto", description="Encoder classifiers: read the first token (cls) or the mean of the tokens (mean); auto follows the checkpoint (sentence-transformers models pool by mean).")
 
 
 class AdapterConfig(Section):

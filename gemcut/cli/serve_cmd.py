@@ -67,6 +67,8 @@ def export(
     folder = export_run(run, out, merge=merge, dtype=dtype, quantize=quantize)
     info = json.loads((folder / "export.json").read_text(encoding="utf-8"))
     typer.echo(f"exported {info['format']} to {folder} ({info['bytes']['weights'] / 1e6:.1f} MB of weights)")
+    if "warning" in info:
+        typer.secho(f"warning: {info['warning']}", fg="yellow", err=True)
     if "int8_report" in info:
         r = info["int8_report"]
         typer.echo(f"  size  {r['weights_bytes']['float32'] / 1e6:.1f} MB fp32 -> {r['weights_bytes']['int8'] / 1e6:.1f} MB int8")

@@ -9,6 +9,8 @@ tokenizer carries the run's chat template (so `apply_chat_template` renders exac
 and `generation_config.json` stops on the template's end-of-turn tokens. The run's `template.json`,
 `chat_template.jinja`, `labels.json` and `gemcut_run.json` are copied alongside, and `export.json` records
 what was exported and the sizes (for int8 also speed and quality before and after, see report.py).
+An encoder classifier's pooling is in config.json (`classifier_pooling`) and export.json; a mean-pooled one
+(gemcut/models/pooling.py) gets a warning there, since plain transformers reads the first token instead.
 """
 
 from __future__ import annotations
@@ -21,8 +23,13 @@ from typing import Literal
 import torch
 
 from gemcut.errors import GemcutError
+from gemcut.models.pooling import classifier_pooling
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# config.json records `classifier_pooling: mean`, which gemcut reads and plain transformers ignores.
+MEAN_POOLING_WARNING = ("this classifier pools the mean of its tokens (model.pooling); gemcut serve and gemcut.load_run "
+                        "read it that way, plain AutoModelForSequenceClassification reads the first token and gives "
+                        "other predictions")
 SIDE_FILES = ("template.json", "chat_template.jinja", "labels.json", "gemcut_run.json")
 
 
@@ -74,6 +81,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, merge: bo
     is_peft = isinstance(model, PeftModel)
     info: dict = {"source_run": str(run_dir.resolve()), "base_model": loaded.base_name, "task": loaded.task,
                   "merge": merge, "dtype": dtype if not quantize else "int8", "quantize": quantize}
+    pooling = classifier_pooling(model)
+    if pooling is not None:
+        info["pooling"] = pooling
+        if pooling == "mean":
+            info["warning"] = MEAN_POOLING_WARNING
 
     if not merge:
         if not is_peft:

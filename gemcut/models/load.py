@@ -136,13 +136,9 @@ def load_base(cfg, task: str, num_labels: int | None = None,
         # Decoder classifiers find each row's last real token through pad_token_id.
         model.config.pad_token_id = tokenizer.pad_token_id
     if task in CLASSIFY_TASKS:
-        from gemcut.models.first_token import last_layer_reads_first_token_only
-        from gemcut.models.padding_free import use_padding_free_encoder
+        from gemcut.models.pooling import prepare_classifier
 
-        # Both exact, both skipped for heads that read other positions; the padded first-token layer still
-        # serves the inputs the padding-free encoder hands back to the encoder's own forward.
-        use_padding_free_encoder(model)
-        last_layer_reads_first_token_only(model)
+        prepare_classifier(model, cfg.pooling, source)
     return model, tokenizer
 
 
@@ -261,6 +257,11 @@ def _head_size(weights_file: Path) -> int | None:
     return None
 
 
+def _with_pooling_default(model_section: dict) -> dict:
+    """A run's model section; runs saved before `model.pooling` existed read the first token."""
+    return {"pooling": "cls", **model_section}
+
+
 def load_run(run_dir: str | Path, checkpoint: str = "final") -> LoadedRun:
     """Load a run for inference (eval mode, no gradients needed); see the module docstring."""
     from gemcut.config import AdapterConfig, ModelConfig
@@ -278,7 +279,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "final") -> LoadedRun:
         config = meta["config"]
         task = meta["task"]
         labels = meta.get("labels") or _read_json(where / LABELS)
-        model_cfg = ModelConfig(**config["model"])
+        model_cfg = ModelConfig(**_with_pooling_default(config["model"]))
         if meta.get("format") == "adapter":
             from peft import PeftModel
 
@@ -290,9 +291,9 @@ def load_run(run_dir: str | Path, checkpoint: str = "final") -> LoadedRun:
                                       "trust_remote_code": model_cfg.trust_remote_code}
             model = _model_class(task).from_pretrained(where, **kwargs)
             if task in CLASSIFY_TASKS:
-                from gemcut.models.first_token import last_layer_reads_first_token_only
+                from gemcut.models.pooling import prepare_classifier
 
-                last_layer_reads_first_token_only(model)
+                prepare_classifier(model, model_cfg.pooling, where)
         tokenizer = load_tokenizer(where, trust_remote_code=model_cfg.trust_remote_code)
         template = ChatTemplate.load(where, tokenizer) if (where / TEMPLATE_JSON).is_file() else None
     else:
@@ -308,7 +309,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "final") -> LoadedRun:
             if num_labels is None:
                 raise GemcutError(f"{where}: cannot tell the classifier's labels (no labels.json, no data.labels, "
                                   "no head weights in model.safetensors)")
-        model_cfg = ModelConfig(**config["model"])
+        model_cfg = ModelConfig(**_with_pooling_default(config["model"]))
         model, tokenizer = load_base(model_cfg, task, num_labels=num_labels,
                                      label_names=labels if task == "classify" else None)
         if task == "classify" and labels is None:

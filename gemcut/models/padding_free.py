@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gemcut.errors import GemcutError
 from gemcut.models.fast_dropout import FastDropout, attention_with_dropout
 from gemcut.models.first_token import bert_layout, first_token_encoder
 
@@ -63,6 +64,7 @@ class Packing:
     batch: int
     tokens: torch.Tensor | None  # [tokens]: each packed token's index in the flattened [batch * length] input
     first: torch.Tensor  # [batch]: the packed index of each row's first token, rows longest first
+    lengths: torch.Tensor | None  # [batch]: real tokens per row, rows longest first; None when no row is padded
     restore: torch.Tensor | None  # [batch]: where each original row sits among the rows longest first
     chunks: list[AttentionChunk]
 
@@ -70,6 +72,14 @@ class Packing:
         """[batch, length, d] -> [tokens, d]."""
         flat = padded.reshape(-1, padded.shape[-1])
         return flat if self.tokens is None else flat.index_select(0, self.tokens)
+
+    def row_means(self, packed: torch.Tensor) -> torch.Tensor:
+        """[tokens, d] -> [batch, d]: each row's mean over its real tokens (rows longest first)."""
+        if self.lengths is None:
+            return packed.view(self.batch, -1, packed.shape[-1]).mean(1)
+        row_of_token = torch.repeat_interleave(torch.arange(self.batch, device=packed.device), self.lengths)
+        sums = packed.new_zeros(self.batch, packed.shape[-1]).index_add_(0, row_of_token, packed)
+        return sums / self.lengths[:, None].to(packed.dtype)
 
 
 def key_padding(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None | bool:
@@ -90,7 +100,7 @@ def packing_for(keep: torch.Tensor | None, batch: int, length: int, device: torc
     """The packing of a batch; None when some row's first token is padding (a first-token head would read it)."""
     if keep is None:
         first = torch.arange(0, batch * length, length, device=device)
-        return Packing(batch, None, first, None, [AttentionChunk(0, batch, length, None, None, None)])
+        return Packing(batch, None, first, None, None, [AttentionChunk(0, batch, length, None, None, None)])
     if not bool(keep[:, 0].all()):
         return None
     lengths = keep.sum(1)
@@ -114,7 +124,7 @@ def packing_for(keep: torch.Tensor | None, batch: int, length: int, device: torc
         else:
             chunks.append(AttentionChunk(start, rows, longest, gather.reshape(-1), real.reshape(-1).nonzero().squeeze(1),
                                          real[:, None, None, :]))
-    return Packing(batch, tokens, first, restore, chunks)
+    return Packing(batch, tokens, first, sorted_lengths, restore, chunks)
 
 
 def _attend(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -153,23 +163,44 @@ def _layer(layer, x: torch.Tensor, packing: Packing, *, first_only: bool) -> tor
     return layer.feed_forward_chunk(layer.attention.output(context, x))
 
 
+def masked_mean(hidden: torch.Tensor, keep: torch.Tensor | None | bool) -> torch.Tensor:
+    """[batch, length, d] -> [batch, d]: each row's mean over its real tokens (`keep`, from `key_padding`)."""
+    if keep is None:
+        return hidden.mean(1)
+    if keep is False:
+        raise GemcutError("mean pooling needs a key-padding attention mask (1 = token, 0 = padding), "
+                          "not a per-query mask; pass the tokenizer's attention_mask or use model.pooling=cls")
+    weights = keep.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
 def _padding_free_encoder_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                                   *args, **kwargs):
-    """The encoder's forward on packed tokens (module docstring); the original forward for anything else."""
+    """The encoder's forward on packed tokens (module docstring); the original forward for anything else.
+
+    With `self.pooling == "mean"` (gemcut/models/pooling.py) the returned `last_hidden_state` [batch, 1, d]
+    holds each row's mean over its real tokens where the head reads the first token, on either path."""
     from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
+    mean = getattr(self, "pooling", "cls") == "mean"
     unsupported = any(a is not None for a in args) or any(
         kwargs.get(name) for name in ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values", "use_cache"))
     # Activation checkpointing wraps each layer's __call__, which the packed path does not go through.
     unsupported = unsupported or (self.training and any(getattr(layer, "gradient_checkpointing", False) for layer in self.layer))
     batch, length, _ = hidden_states.shape
-    keep = False if unsupported else key_padding(attention_mask, batch, length)
-    packing = None if keep is False else packing_for(keep, batch, length, hidden_states.device)
+    keep = key_padding(attention_mask, batch, length)
+    packing = None if unsupported or keep is False else packing_for(keep, batch, length, hidden_states.device)
     if packing is None:
-        return self._forward_padded(hidden_states, attention_mask, *args, **kwargs)
+        out = self._forward_padded(hidden_states, attention_mask, *args, **kwargs)
+        if mean:
+            out.last_hidden_state = masked_mean(out.last_hidden_state, keep).unsqueeze(1)
+        return out
     x = packing.pack(hidden_states)
+    last = len(self.layer) - 1
     for i, layer in enumerate(self.layer):
-        x = _layer(layer, x, packing, first_only=i == len(self.layer) - 1)
+        x = _layer(layer, x, packing, first_only=i == last and not mean)
+    if mean:
+        x = packing.row_means(x)
     if packing.restore is not None:
         x = x.index_select(0, packing.restore)  # back to the batch's own row order
     return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=x.unsqueeze(1))

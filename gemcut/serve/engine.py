@@ -225,6 +225,10 @@ class Engine:
     def _plain(self, model, tokenizer, name: str, source: str, labels: list[str] | None) -> ServedModel:
         model = model.to(self.device).eval()
         classify = type(model).__name__.endswith("ForSequenceClassification")
+        if classify:
+            from gemcut.models.pooling import prepare_classifier
+
+            prepare_classifier(model, "auto", source)  # a gemcut export records its pooling in config.json
         if classify and labels is None:
             id2label = getattr(model.config, "id2label", None) or {}
             labels = [id2label[i] for i in sorted(id2label)] or None

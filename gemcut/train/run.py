@@ -147,6 +147,7 @@ def train(config: RunConfig, *, resume: bool = False) -> Path:
     from gemcut.models.adapters import apply_adapter, trainable_summary
     from gemcut.models.load import load_base, run_meta, save_final, write_run_meta
     from gemcut.models.padding_free import runs_padding_free
+    from gemcut.models.pooling import classifier_pooling
     from gemcut.train.loop import fit, group_by_length
 
     t0 = time.time()
@@ -193,6 +194,10 @@ def train(config: RunConfig, *, resume: bool = False) -> Path:
     if padding_free:
         grouping = "length-grouped batches" if group_by_length(cfg.group_by_length, model) else "uniformly random batches"
         say(f"padding-free encoder: the linear layers see real tokens only; {grouping} (train.group_by_length)")
+    pooling = classifier_pooling(model)
+    if pooling is not None:
+        say(f"classifier pooling: {'the mean of the tokens' if pooling == 'mean' else 'the first token'} "
+            f"(model.pooling={config.model.pooling})")
     template = None
     if task != "classify":
         if kind != "text" or config.data.template:
@@ -259,7 +264,7 @@ def train(config: RunConfig, *, resume: bool = False) -> Path:
         "steps": getattr(state, "step", None), "tokens": getattr(state, "tokens", None),
         "trained_tokens": getattr(state, "trained_tokens", None), "best_step": getattr(state, "best_step", None),
         "best_metric": getattr(state, "best_metric", None), "precision": getattr(result, "precision", None),
-        "seed": cfg.seed, "padding_free": padding_free, "versions": _versions(), "data_hash": prepared.content_hash,
+        "seed": cfg.seed, "padding_free": padding_free, "pooling": pooling, "versions": _versions(), "data_hash": prepared.content_hash,
         "config_sha256": hashlib.sha256(config.to_yaml().encode()).hexdigest(), "estimate": estimate_info,
         "final_files": {str(p.relative_to(final)): _sha256(p) for p in sorted(final.rglob("*")) if p.is_file()},
     }
