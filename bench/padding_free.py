@@ -13,7 +13,9 @@ split (prepared as `gemcut quickstart --task classify` prepares it; max length 6
 - grouped: the same tweets, each window of 50 batches sorted by token length before slicing (what
   `train.group_by_length` does), then the batches shuffled.
 
-"padded" runs the encoder's own forward (`_forward_padded`, the model without gemcut/models/padding_free.py);
+`--pooling cls` (the default, what the tables in docs/benchmarks.md used) reads the first token, so the
+last layer runs there alone; `--pooling mean` (gemcut/models/pooling.py, minilm-l6's default since) runs it
+at every token. "padded" runs the encoder's own forward (`_forward_padded`, the model without gemcut/models/padding_free.py);
 "padding-free" the packed one. The batch composition is the point: the padding-free encoder should make a
 random batch cost what a grouped one costs. Tokens per real token (the padding overhead of each
 composition) are printed first.
@@ -85,13 +87,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pooling", choices=("cls", "mean"), default="cls",
+                    help="model.pooling of the classifier (cls: the last layer at the first token only; mean: every token)")
     args = ap.parse_args()
     keep_freed_memory()
     with tempfile.TemporaryDirectory() as tmp:  # the quickstart's cleaned training split
         prepared = prepare(load_config(PRESET).data, Path(tmp) / "prepared")
         records, labels = list(prepared.splits["train"]), list(prepared.labels)
     torch.manual_seed(args.seed)
-    base, tokenizer = load_base(ModelConfig(name="minilm-l6"), "classify", label_names=labels)
+    base, tokenizer = load_base(ModelConfig(name="minilm-l6", pooling=args.pooling), "classify", label_names=labels)
     if not hasattr(base.base_model.encoder, "_forward_padded"):
         raise SystemExit("minilm-l6 did not load padding-free; nothing to compare")
     sets = {name: make_batches(records, tokenizer, labels, grouped=name == "grouped", n_batches=args.steps + 3, seed=args.seed)
@@ -112,7 +116,7 @@ def main() -> None:
         median = statistics.median(times[(pf, name)])
         print(f"{'padding-free' if pf else 'padded':<14}{name:<10}{median:>8.3f}{median / reference:>19.2f}x")
         summary.append({"padding_free": pf, "batches": name, "seconds_per_step": median, "rounds": times[(pf, name)]})
-    print(json.dumps({"steps": args.steps, "rounds": args.rounds, "threads": torch.get_num_threads(), "cells": summary}))
+    print(json.dumps({"steps": args.steps, "rounds": args.rounds, "pooling": args.pooling, "threads": torch.get_num_threads(), "cells": summary}))
 
 
 if __name__ == "__main__":

