@@ -4,33 +4,17 @@ import copy
 
 import pytest
 import torch
-from tiny import SMALL_ENCODER, logits_and_grads
+from tiny import ENCODER_CLASSIFIERS, classifiers_read_elsewhere, encoder_classifier, logits_and_grads
 from tiny import padded_classifier_batch as _batch
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    ElectraConfig,
-    ElectraForSequenceClassification,
-    LlamaConfig,
-    LlamaForSequenceClassification,
-    RobertaConfig,
-    RobertaForSequenceClassification,
-)
 
 from gemcut.models.first_token import last_layer_reads_first_token_only
 
-SMALL = SMALL_ENCODER
-
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("make", [
-    lambda attn: BertForSequenceClassification(BertConfig(**SMALL, attn_implementation=attn)),
-    lambda attn: RobertaForSequenceClassification(RobertaConfig(**SMALL, pad_token_id=1, attn_implementation=attn)),
-    lambda attn: ElectraForSequenceClassification(ElectraConfig(**SMALL, embedding_size=32, attn_implementation=attn)),
-], ids=["bert", "roberta", "electra"])
-def test_patched_classifier_gives_the_same_logits_and_gradients(make, attn):
+@pytest.mark.parametrize("name", ENCODER_CLASSIFIERS)
+def test_patched_classifier_gives_the_same_logits_and_gradients(name, attn):
     torch.manual_seed(0)
-    reference = make(attn).train()
+    reference = encoder_classifier(name, attn).train()
     patched = copy.deepcopy(reference)
     assert last_layer_reads_first_token_only(patched)
     ids, mask, labels = _batch()
@@ -48,7 +32,7 @@ def test_patched_classifier_gives_the_same_logits_and_gradients(make, attn):
 
 def test_padding_changes_nothing_for_the_patched_model():
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(**SMALL)).eval()
+    model = encoder_classifier("bert").eval()
     assert last_layer_reads_first_token_only(model)
     ids, mask, _ = _batch()
     with torch.no_grad():
@@ -58,9 +42,5 @@ def test_padding_changes_nothing_for_the_patched_model():
 
 
 def test_models_that_read_other_positions_are_left_alone():
-    decoder = LlamaForSequenceClassification(LlamaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,
-                                                         num_attention_heads=4, intermediate_size=64, num_labels=3))
-    assert not last_layer_reads_first_token_only(decoder)  # reads each row's last real token
-    flash_like = BertForSequenceClassification(BertConfig(**SMALL))
-    flash_like.config._attn_implementation = "flex_attention"
-    assert not last_layer_reads_first_token_only(flash_like)
+    for model in classifiers_read_elsewhere():
+        assert not last_layer_reads_first_token_only(model)

@@ -4,17 +4,15 @@ import copy
 
 import pytest
 import torch
-from tiny import SMALL_ENCODER, logits_and_grads, save_tiny_bert
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    ElectraConfig,
-    ElectraForSequenceClassification,
-    LlamaConfig,
-    LlamaForSequenceClassification,
-    RobertaConfig,
-    RobertaForSequenceClassification,
+from tiny import (
+    ENCODER_CLASSIFIERS,
+    SMALL_ENCODER,
+    classifiers_read_elsewhere,
+    encoder_classifier,
+    logits_and_grads,
+    save_tiny_bert,
 )
+from transformers import BertConfig, BertForSequenceClassification
 
 from gemcut.config import AdapterConfig, ModelConfig
 from gemcut.models.adapters import apply_adapter
@@ -49,18 +47,13 @@ def _assert_same(got_model, want_model, batch):
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-MODELS = {
-    "bert": lambda attn: BertForSequenceClassification(BertConfig(**SMALL, attn_implementation=attn)),
-    "roberta": lambda attn: RobertaForSequenceClassification(RobertaConfig(**SMALL, pad_token_id=PAD, attn_implementation=attn)),
-    "electra": lambda attn: ElectraForSequenceClassification(ElectraConfig(**SMALL, embedding_size=32, attn_implementation=attn)),
-}
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", ENCODER_CLASSIFIERS)
 def test_same_logits_and_gradients_as_the_padded_model(name, attn):
     torch.manual_seed(0)
-    reference = MODELS[name](attn).train()
+    reference = encoder_classifier(name, attn).train()
     padding_free = copy.deepcopy(reference)
     assert use_padding_free_encoder(padding_free) and runs_padding_free(padding_free)
     assert not runs_padding_free(reference)
@@ -85,7 +78,7 @@ def test_the_packing_holds_every_real_token_once_and_chunks_rows_longest_first()
 
 def test_left_padding_falls_back_to_the_padded_forward():
     torch.manual_seed(0)
-    reference = MODELS["bert"]("sdpa").train()
+    reference = encoder_classifier("bert").train()
     padding_free = copy.deepcopy(reference)
     use_padding_free_encoder(padding_free)
     left = _batch(left_padded=True)
@@ -112,7 +105,7 @@ def test_attention_dropout_is_applied_with_torch_and_with_fast_dropout():
 
 def test_lora_on_a_padding_free_model_trains_the_same_adapters():
     torch.manual_seed(0)
-    reference = MODELS["bert"]("sdpa")
+    reference = encoder_classifier("bert")
     padding_free = copy.deepcopy(reference)
     use_padding_free_encoder(padding_free)
     lora = AdapterConfig(method="lora", r=4, alpha=8, target_modules=["query", "key", "value", "dense"])
@@ -132,16 +125,12 @@ def test_lora_on_a_padding_free_model_trains_the_same_adapters():
 def test_load_base_installs_it_on_encoder_classifiers_only(tmp_path):
     model, _ = load_base(ModelConfig(name=str(save_tiny_bert(tmp_path / "bert"))), "classify", label_names=["a", "b", "c"])
     assert runs_padding_free(model)
-    decoder = LlamaForSequenceClassification(LlamaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,
-                                                         num_attention_heads=4, intermediate_size=64, num_labels=3))
-    assert not use_padding_free_encoder(decoder)  # reads each row's last real token
-    flash_like = BertForSequenceClassification(BertConfig(**SMALL))
-    flash_like.config._attn_implementation = "flex_attention"
-    assert not use_padding_free_encoder(flash_like)
+    for other in classifiers_read_elsewhere():
+        assert not use_padding_free_encoder(other)
 
 
 def test_group_by_length_auto_keeps_random_batches_for_padding_free_models():
-    padded = MODELS["bert"]("sdpa")
+    padded = encoder_classifier("bert")
     padding_free = copy.deepcopy(padded)
     use_padding_free_encoder(padding_free)
     assert group_by_length("auto", padded) is True
@@ -152,7 +141,7 @@ def test_group_by_length_auto_keeps_random_batches_for_padding_free_models():
 def test_activation_checkpointing_takes_the_padded_forward():
     """Checkpointing wraps each layer's own call; the packed path would skip it and keep every activation."""
     torch.manual_seed(0)
-    model = MODELS["bert"]("sdpa").train()
+    model = encoder_classifier("bert").train()
     use_padding_free_encoder(model)
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from test_padding_free import MODELS, SMALL, _batch
-from tiny import save_tiny_bert
-from transformers import BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+from test_padding_free import _batch
+from tiny import ENCODER_CLASSIFIERS, classifiers_read_elsewhere, encoder_classifier, save_tiny_bert
+from transformers import BertForSequenceClassification
 
 from gemcut.config import ModelConfig
 from gemcut.errors import ConfigError
@@ -45,10 +45,10 @@ def _assert_mean_pooled(model, reference, batch):
         torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", ENCODER_CLASSIFIERS)
 def test_mean_pooling_packed_matches_the_hand_computed_mean(name):
     torch.manual_seed(0)
-    reference = MODELS[name]("sdpa").train()
+    reference = encoder_classifier(name).train()
     model = copy.deepcopy(reference)
     assert prepare_classifier(model, "mean") == "mean" and classifier_pooling(model) == "mean"
     _assert_mean_pooled(model, reference, _batch())
@@ -59,7 +59,7 @@ def test_mean_pooling_packed_matches_the_hand_computed_mean(name):
 def test_mean_pooling_on_the_padded_fallbacks():
     """Left padding and activation checkpointing take the encoder's own forward; the mean is the same."""
     torch.manual_seed(0)
-    reference = MODELS["bert"]("eager").train()
+    reference = encoder_classifier("bert", "eager").train()
     model = copy.deepcopy(reference)
     prepare_classifier(model, "mean")
     _assert_mean_pooled(model, reference, _batch(left_padded=True))
@@ -70,7 +70,7 @@ def test_mean_pooling_on_the_padded_fallbacks():
 def test_mean_pooling_differs_from_first_token_pooling():
     """The mutation check of the tests above: the first-token model does not match the mean reference."""
     torch.manual_seed(0)
-    reference = MODELS["bert"]("sdpa").eval()
+    reference = encoder_classifier("bert").eval()
     cls = copy.deepcopy(reference)
     assert prepare_classifier(cls, "cls") == "cls"
     ids, mask, _ = _batch()
@@ -134,18 +134,15 @@ def test_auto_follows_the_checkpoint_and_saved_models_keep_their_pooling(tmp_pat
 
 
 def test_mean_pooling_is_refused_where_it_is_not_built():
-    decoder = LlamaForSequenceClassification(LlamaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,
-                                                         num_attention_heads=4, intermediate_size=64, num_labels=3))
+    decoder, flex = classifiers_read_elsewhere()
     assert prepare_classifier(decoder, "auto") is None  # reads each row's last real token, its own way
     with pytest.raises(ConfigError, match="model.pooling=mean"):
         prepare_classifier(decoder, "mean")
-    flash_like = BertForSequenceClassification(BertForSequenceClassification.config_class(**SMALL))
-    flash_like.config._attn_implementation = "flex_attention"
     with pytest.raises(ConfigError, match="flex_attention"):
-        prepare_classifier(flash_like, "mean")
+        prepare_classifier(flex, "mean")
     with pytest.raises(ConfigError, match="choose auto, cls or mean"):
         prepare_classifier(decoder, "max")
-    cls = MODELS["bert"]("sdpa")
+    cls = encoder_classifier("bert")
     assert prepare_classifier(cls, "cls") == prepare_classifier(cls, "auto") == "cls"  # idempotent
     with pytest.raises(ConfigError, match="already pools by cls"):
         prepare_classifier(cls, "mean")

@@ -105,6 +105,41 @@ SMALL_ENCODER = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_att
                      max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
+def encoder_classifier(name: str, attn: str = "sdpa"):
+    """A SMALL_ENCODER classifier of one of the first-token heads: "bert", "roberta" or "electra"."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        ElectraConfig,
+        ElectraForSequenceClassification,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
+
+    if name == "bert":
+        return BertForSequenceClassification(BertConfig(**SMALL_ENCODER, attn_implementation=attn))
+    if name == "roberta":
+        return RobertaForSequenceClassification(RobertaConfig(**SMALL_ENCODER, pad_token_id=1, attn_implementation=attn))
+    if name == "electra":
+        return ElectraForSequenceClassification(ElectraConfig(**SMALL_ENCODER, embedding_size=32, attn_implementation=attn))
+    raise ValueError(name)
+
+
+ENCODER_CLASSIFIERS = ("bert", "electra", "roberta")
+
+
+def classifiers_read_elsewhere() -> list:
+    """Classifiers the first-token code must leave alone: a decoder (reads each row's last real token) and a
+    BERT whose attention SDPA cannot stand in for."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    decoder = LlamaForSequenceClassification(LlamaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,
+                                                         num_attention_heads=4, intermediate_size=64, num_labels=3))
+    flex = encoder_classifier("bert")
+    flex.config._attn_implementation = "flex_attention"
+    return [decoder, flex]
+
+
 def logits_and_grads(model, ids, mask, labels) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Logits of one batch and the gradients of its mean cross-entropy, by parameter name."""
     model.zero_grad()
