@@ -4,7 +4,7 @@
     python bench/padding_free.py --steps 20 --rounds 2
     python bench/padding_free.py --precision fp32,bf16  # each cell in fp32 and under bf16 autocast
 
-One process, one set of batches per composition, and the four cells timed in turn within each round, so
+One process, one set of batches per composition, and the cells (four per precision) timed in turn within each round, so
 drift of the machine hits all of them; the table gives each cell's median seconds per step over the
 rounds. Each cell trains a fresh copy of `minilm-l6` as `load_base` gives it for classification, with fast
 dropout and fused AdamW as `gemcut train` runs it, on batches of 32 tweets of the quickstart's training
@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", help="comma-separated precisions to time each cell in: fp32, bf16")
     args = ap.parse_args()
     precisions = args.precision.split(",")
-    if not precisions or set(precisions) - {"fp32", "bf16"}:
+    if set(precisions) - {"fp32", "bf16"}:
         ap.error(f"--precision {args.precision}: give fp32, bf16 or both, comma-separated")
     keep_freed_memory()
     with tempfile.TemporaryDirectory() as tmp:  # the quickstart's cleaned training split
