@@ -12,6 +12,10 @@ import typer
 
 from gemcut.errors import GemcutError
 
+# One wording for every command that loads a model folder someone else may have made.
+TRUST_REMOTE_CODE_HELP = ("Run Python files shipped in the model or run folder (its config.json auto_map); only for folders "
+                          "you trust. A folder can never turn this on by itself.")
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fine-tune language models on your data, evaluate, export, serve.")
 
 

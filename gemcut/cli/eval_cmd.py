@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from gemcut.cli import app
+from gemcut.cli import TRUST_REMOTE_CODE_HELP, app
 
 console = Console()
 
@@ -80,6 +80,7 @@ def eval_command(
     forgetting_data: str | None = typer.Option(None, "--forgetting-data", help="General held-out set for the forgetting check (file or packaged alias; default: the run's eval.forgetting_data)."),
     select: bool = typer.Option(False, "--select-checkpoint", help="Evaluate every kept checkpoint on validation and mark the best."),
     metric: str | None = typer.Option(None, "--metric", help="With --select-checkpoint: the metric that decides (default: train.early_stopping.metric)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Evaluate a run: tuned vs base with confidence intervals, forgetting check, eval.json and report.html."""
     from gemcut.eval.evaluate import evaluate, run_config, select_checkpoint
@@ -87,10 +88,11 @@ def eval_command(
     def log(msg: str) -> None:
         console.print(f"[dim]{msg}[/]", highlight=False)
 
-    cfg = run_config(run)
+    cfg = run_config(run, trust_remote_code)
     if select:
         with progress_bars() as stage:
-            out = select_checkpoint(run, metric, split=split or "validation", max_examples=max_examples, log=log, progress=stage)
+            out = select_checkpoint(run, metric, split=split or "validation", max_examples=max_examples, log=log, progress=stage,
+                                    trust_remote_code=trust_remote_code)
         table = Table(title=f"checkpoints on {out['split']} by {out['metric']} ({'higher' if out['higher_is_better'] else 'lower'} is better)")
         for col in ("checkpoint", out["metric"], ""):
             table.add_column(col)
@@ -106,7 +108,8 @@ def eval_command(
         return
     with progress_bars() as stage:
         ev = evaluate(run, split=split or cfg.eval.split, checkpoint=checkpoint, base=cfg.eval.compare_base if base is None else base,
-                      max_examples=max_examples, forgetting_data=forgetting_data, log=log, progress=stage)
+                      max_examples=max_examples, forgetting_data=forgetting_data, log=log, progress=stage,
+                      trust_remote_code=trust_remote_code)
     console.print(_metrics_table(ev))
     for w in ev.get("warnings") or []:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import typer
 
-from gemcut.cli import app
+from gemcut.cli import TRUST_REMOTE_CODE_HELP, app
 
 label_app = typer.Typer(help="The ranking page and the export of rankings as preference pairs.", invoke_without_command=True,
                         no_args_is_help=False)
@@ -35,12 +35,13 @@ def generate_cmd(run_or_model: str = typer.Argument(..., help="A run folder, a l
                  seed: int = typer.Option(0, help="Seed: the same command queues the same completions."),
                  max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Tokens per completion at most."),
                  batch_size: int = typer.Option(16, "--batch-size", min=1, help="Sequences per generation batch."),
-                 db: str = typer.Option(None, "--db", help=DB_HELP)) -> None:
+                 db: str = typer.Option(None, "--db", help=DB_HELP),
+                 trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP)) -> None:
     """Sample N completions of each prompt and put them in the labeling queue."""
     from gemcut.label.generate import load_generator, queue_completions, read_prompts
 
     items = read_prompts(prompts)  # fail on a bad file before loading the model
-    model, tokenizer, template = load_generator(run_or_model)
+    model, tokenizer, template = load_generator(run_or_model, trust_remote_code)
     counts = queue_completions(_store(db), model, tokenizer, template, items, n=n, temperature=temperature, top_p=top_p,
                                seed=seed, max_new_tokens=max_new_tokens, model_name=run_or_model, batch_size=batch_size)
     typer.echo(f"queued {counts['queued']} of {counts['prompts']} prompts ({counts['completions']} completions); "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from gemcut.cli import app
+from gemcut.cli import TRUST_REMOTE_CODE_HELP, app
 from gemcut.errors import GemcutError
 
 
@@ -30,6 +30,7 @@ def serve(
     max_queue: int | None = typer.Option(None, help="Waiting requests before 429 (default 64)."),
     max_batch: int | None = typer.Option(None, help="Sequences per batch (default 8)."),
     threads: int | None = typer.Option(None, help="torch CPU threads for the model worker."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Serve runs behind an OpenAI-compatible API (FastAPI on uvicorn)."""
     import uvicorn
@@ -38,7 +39,8 @@ def serve(
     from gemcut.serve.settings import load_settings
 
     settings = load_settings(config, models=list(model) or None, host=host, port=port, db_url=db, log_prompts=log_prompts,
-                             max_queue=max_queue, max_batch=max_batch, num_threads=threads)
+                             max_queue=max_queue, max_batch=max_batch, num_threads=threads,
+                             trust_remote_code=trust_remote_code or None)
     if api_key:
         settings.api_keys = sorted(set(settings.api_keys) | set(api_key))
     if not settings.all_api_keys():
@@ -60,11 +62,12 @@ def export(
     dtype: str = typer.Option("fp32", help="Weights dtype of a merged export: fp32 or bf16."),
     quantize: str | None = typer.Option(None, help="int8: gemcut's int8 format for CPU serving (see docs/serving.md)."),
     out: Path | None = typer.Option(None, help="Output folder (default RUN/export/<kind>)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Export a run as a merged transformers folder, a peft adapter, or int8 for CPU."""
     from gemcut.export.merge import export_run
 
-    folder = export_run(run, out, merge=merge, dtype=dtype, quantize=quantize)
+    folder = export_run(run, out, merge=merge, dtype=dtype, quantize=quantize, trust_remote_code=trust_remote_code)
     info = json.loads((folder / "export.json").read_text(encoding="utf-8"))
     typer.echo(f"exported {info['format']} to {folder} ({info['bytes']['weights'] / 1e6:.1f} MB of weights)")
     if "warning" in info:
@@ -85,13 +88,14 @@ def chat(
     top_p: float = typer.Option(0.9),
     system: str | None = typer.Option(None, help="System message."),
     seed: int | None = typer.Option(None),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Talk to a model in the terminal with the run's chat template (/reset clears, /quit or Ctrl-D ends)."""
     from gemcut.generation import stream_generate
     from gemcut.serve.engine import Engine
     from gemcut.serve.settings import ServeSettings
 
-    engine = Engine(ServeSettings())
+    engine = Engine(ServeSettings(trust_remote_code=trust_remote_code))
     served = engine.add(run)
     if served.task != "causal_lm" or served.template is None:
         raise GemcutError(f"{run}: chat needs a generative model with a chat template (this is a {served.task} model)")

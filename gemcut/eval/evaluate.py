@@ -361,11 +361,13 @@ def compute_precision(model, cfg: RunConfig):
     return precision, lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def run_config(run_dir: Path) -> RunConfig:
+def run_config(run_dir: Path, trust_remote_code: bool = False) -> RunConfig:
+    """The run's resolved config, with remote code allowed only by the caller, never by the folder."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise GemcutError(f"{run_dir}: not a run folder (no config.yaml); pass the folder `gemcut train` created under runs/")
-    return load_config(path)
+    cfg = load_config(path)
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"trust_remote_code": trust_remote_code})})
 
 
 def samples(examples: list[Example], tuned: ModelResults, base: ModelResults | None, n: int) -> list[dict]:
@@ -432,7 +434,7 @@ def _clean_floats(obj):
 
 def evaluate(run_dir, *, split: str = "test", checkpoint: str = "final", base: bool = True, max_examples: int | None = None,
              forgetting_data: str | None = None, report: bool = True, log: Callable[[str], None] | None = None,
-             progress: Progress | None = None) -> dict:
+             progress: Progress | None = None, trust_remote_code: bool = False) -> dict:
     """Evaluate `run_dir` on `split`; write eval.json, eval_predictions.jsonl and report.html; return eval.json's dict.
 
     Args:
@@ -445,13 +447,14 @@ def evaluate(run_dir, *, split: str = "test", checkpoint: str = "final", base: b
         report: write report.html.
         log: called with one line per stage (the CLI prints them).
         progress: `progress(stage, total)` -> `advance(n)`, for a progress bar over each scoring pass.
+        trust_remote_code: let Python files shipped in the run (or base) folder run; the folder cannot.
     """
     from gemcut.models.load import load_run
 
     log = log or (lambda _msg: None)
     progress = progress or _no_progress
     run_dir = Path(run_dir)
-    cfg = run_config(run_dir)
+    cfg = run_config(run_dir, trust_remote_code)
     if forgetting_data is not None:
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"forgetting_data": forgetting_data})})
     t_start = time.time()
@@ -463,7 +466,7 @@ def evaluate(run_dir, *, split: str = "test", checkpoint: str = "final", base: b
     if not records:
         raise GemcutError(f"{run_dir}/data/{split}.jsonl has no records to evaluate")
     log(f"loading {run_dir} ({checkpoint})")
-    loaded = load_run(run_dir, checkpoint=checkpoint)
+    loaded = load_run(run_dir, checkpoint=checkpoint, trust_remote_code=trust_remote_code)
     labels = split_labels(records, getattr(loaded, "labels", None) or cfg.data.labels)
     examples = [to_example(r, labels=labels, data_cfg=cfg.data) for r in records]
     task = choose_task(examples, loaded.model)
@@ -551,7 +554,8 @@ def _metric_name(metric: str | None, cfg: RunConfig, task: str) -> str:
 
 
 def select_checkpoint(run_dir, metric: str | None = None, *, split: str = "validation", max_examples: int | None = None,
-                      log: Callable[[str], None] | None = None, progress: Progress | None = None) -> dict:
+                      log: Callable[[str], None] | None = None, progress: Progress | None = None,
+                      trust_remote_code: bool = False) -> dict:
     """Evaluate every kept checkpoint on `split`, mark the best by `metric`, and say which one final/ holds.
 
     `metric` is a metric name of the task (macro_f1, accuracy, rougeL, perplexity, ...); default: the run's
@@ -565,7 +569,7 @@ def select_checkpoint(run_dir, metric: str | None = None, *, split: str = "valid
 
     log = log or (lambda _msg: None)
     run_dir = Path(run_dir)
-    cfg = run_config(run_dir)
+    cfg = run_config(run_dir, trust_remote_code)
     found = complete_checkpoints(run_dir / "checkpoints")
     if not found:
         raise GemcutError(f"{run_dir}/checkpoints: no complete checkpoint to choose from (train with train.save_every or train.eval_every)")
@@ -573,7 +577,7 @@ def select_checkpoint(run_dir, metric: str | None = None, *, split: str = "valid
     rows, name, task = [], None, None
     for path in found:
         log(f"evaluating {path.name} on {split}")
-        loaded = load_run(run_dir, checkpoint=path.name)
+        loaded = load_run(run_dir, checkpoint=path.name, trust_remote_code=trust_remote_code)
         labels = split_labels(records, getattr(loaded, "labels", None) or cfg.data.labels)
         examples = [to_example(r, labels=labels, data_cfg=cfg.data) for r in records]
         task = choose_task(examples, loaded.model)

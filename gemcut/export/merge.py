@@ -49,7 +49,7 @@ def default_out_dir(run_dir: Path, merge: bool, dtype: str, quantize: str | None
 
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None, merge: bool = True,
                dtype: Literal["fp32", "bf16"] = "fp32", quantize: Literal["int8"] | None = None,
-               report: bool = True) -> Path:
+               report: bool = True, trust_remote_code: bool = False) -> Path:
     """Export the run's `final/` model; returns the output folder.
 
     Args:
@@ -59,6 +59,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, merge: bo
         dtype: weights dtype of a merged export.
         quantize: "int8" writes gemcut's int8 format for CPU serving (needs merge; dtype is ignored).
         report: for int8, measure size, speed and quality against the float model (a few seconds).
+        trust_remote_code: let Python files shipped in the run (or base) folder run; the folder cannot.
     """
     from peft import PeftModel
 
@@ -71,7 +72,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, merge: bo
         raise GemcutError(f"--quantize {quantize!r} is not supported; use int8 or leave it out")
     if quantize and not merge:
         raise GemcutError("--quantize int8 needs --merge: quantization works on the full merged weights")
-    loaded = load_run(run_dir)
+    loaded = load_run(run_dir, trust_remote_code=trust_remote_code)
     final = run_dir / "final"
     out = Path(out_dir) if out_dir is not None else default_out_dir(run_dir, merge, dtype, quantize)
     if out.exists() and any(out.iterdir()):

@@ -102,18 +102,19 @@ def queue_completions(store: LabelStore, model, tokenizer, template, items: list
     return counts
 
 
-def load_generator(run_or_model: str):
-    """(model, tokenizer, template) from a run folder (its final model) or a model name/folder."""
+def load_generator(run_or_model: str, trust_remote_code: bool = False):
+    """(model, tokenizer, template) from a run folder (its final model) or a model name/folder; Python files
+    shipped in the folder run only with `trust_remote_code`."""
     path = Path(run_or_model)
     if path.is_dir() and ((path / "final").is_dir() or (path / "checkpoints").is_dir()):
         from gemcut.models.load import load_run
 
-        run = load_run(path, "final" if (path / "final").is_dir() else "last")
+        run = load_run(path, "final" if (path / "final").is_dir() else "last", trust_remote_code=trust_remote_code)
         return run.model, run.tokenizer, run.template
     from gemcut.config import ModelConfig
     from gemcut.data.templates import ChatTemplate
     from gemcut.models.load import load_base
 
-    model, tokenizer = load_base(ModelConfig(name=run_or_model), "causal_lm")
+    model, tokenizer = load_base(ModelConfig(name=run_or_model, trust_remote_code=trust_remote_code), "causal_lm")
     template = ChatTemplate.from_tokenizer(tokenizer, None) if getattr(tokenizer, "chat_template", None) else None
     return model.eval(), tokenizer, template

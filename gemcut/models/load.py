@@ -10,15 +10,17 @@
   (peft format) or the full model, the tokenizer (its chat template set to the one used in training),
   `template.json` + `chat_template.jinja`, `labels.json`, and `gemcut_run.json` (base model, task, adapter
   method, resolved config). Written to a temporary folder and renamed into place.
-- `load_run(run_dir, checkpoint)`: `final`, `best`, `last` or `step-N`. For an adapter run it loads the
-  base model then the adapter; for a checkpoint (which holds only the trainable weights, see
-  gemcut/train/checkpoint.py) it rebuilds base + adapter from the checkpoint's `config.yaml` and copies the
-  saved weights in. Eval, export and serve all load runs through this.
+- `load_run(run_dir, checkpoint, trust_remote_code=False)`: `final`, `best`, `last` or `step-N`. For an
+  adapter run it loads the base model then the adapter; for a checkpoint (which holds only the trainable
+  weights, see gemcut/train/checkpoint.py) it rebuilds base + adapter from the checkpoint's `config.yaml`
+  and copies the saved weights in. Eval, export and serve all load runs through this. Whether the folder's
+  own Python may run is the caller's choice, never the folder's (docs/security.md).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -34,6 +36,9 @@ from gemcut.models.resolve import resolve_model
 RUN_META = "gemcut_run.json"
 LABELS = "labels.json"
 CLASSIFY_TASKS = ("classify", "reward")
+TRUST_HINT = "pass --trust-remote-code (trust_remote_code: true in a serve settings file) only if you trust whoever made it"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -262,15 +267,64 @@ def _with_pooling_default(model_section: dict) -> dict:
     return {"pooling": "cls", **model_section}
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "final") -> LoadedRun:
-    """Load a run for inference (eval mode, no gradients needed); see the module docstring."""
-    from gemcut.config import AdapterConfig, ModelConfig
-    from gemcut.data.templates import TEMPLATE_JSON, ChatTemplate
-    from gemcut.models.adapters import apply_adapter
+def code_requests(folder: str | Path) -> list[str]:
+    """The Python a model folder asks transformers to import: `auto_map` entries of its config.json and
+    tokenizer_config.json, as "file: class" strings (empty for an ordinary folder)."""
+    found = []
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((Path(folder) / name).read_text(encoding="utf-8")).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue  # no file or not a JSON object: nothing asked for here (loading reports real damage)
+        refs = auto_map.values() if isinstance(auto_map, dict) else auto_map
+        for ref in refs:
+            for one in ref if isinstance(ref, list) else [ref]:
+                if isinstance(one, str):
+                    found.append(f"{name}: {one}")
+    return found
 
+
+def run_model_config(model_section: dict, folder: Path, trust_remote_code: bool):
+    """The ModelConfig that loads a saved run: the run's own model section, except that remote code is
+    allowed only by the person loading it (`trust_remote_code`), never by the folder; a folder that asks
+    for its code to run is named in a warning."""
+    from gemcut.config import ModelConfig
+
+    section = _with_pooling_default(model_section)
+    base = Path(str(section.get("name", "")))
+    asked = code_requests(folder) + (code_requests(base) if base.is_dir() else [])
+    if section.get("trust_remote_code"):
+        asked.append("its config sets model.trust_remote_code: true")
+    if asked and not trust_remote_code:
+        log.warning("%s asks to run Python code from its files (%s); not run: it is loaded with transformers' own "
+                    "classes. To run that code, %s.", folder, "; ".join(asked), TRUST_HINT)
+    return ModelConfig(**{**section, "trust_remote_code": trust_remote_code})
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "final", *, trust_remote_code: bool = False) -> LoadedRun:
+    """Load a run for inference (eval mode, no gradients needed); see the module docstring.
+
+    `trust_remote_code` lets Python files in the run folder (or its base model folder) run; it is the
+    caller's decision, whatever the folder's own config says.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise GemcutError(f"{run_dir}: no such run folder")
+    try:
+        return _load_run(run_dir, checkpoint, trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        # transformers has no class of its own for this model and remote code is off.
+        raise GemcutError(f"{run_dir}: the model needs Python code shipped in its folder, which gemcut does not run "
+                          f"unless you say so; {TRUST_HINT}") from None
+
+
+def _load_run(run_dir: Path, checkpoint: str, trust_remote_code: bool) -> LoadedRun:
+    from gemcut.config import AdapterConfig
+    from gemcut.data.templates import TEMPLATE_JSON, ChatTemplate
+    from gemcut.models.adapters import apply_adapter
+
     if checkpoint == "final":
         where = run_dir / "final"
         meta = _read_json(where / RUN_META)
@@ -279,7 +333,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "final") -> LoadedRun:
         config = meta["config"]
         task = meta["task"]
         labels = meta.get("labels") or _read_json(where / LABELS)
-        model_cfg = ModelConfig(**_with_pooling_default(config["model"]))
+        model_cfg = run_model_config(config["model"], where, trust_remote_code)
         if meta.get("format") == "adapter":
             from peft import PeftModel
 
@@ -309,7 +363,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "final") -> LoadedRun:
             if num_labels is None:
                 raise GemcutError(f"{where}: cannot tell the classifier's labels (no labels.json, no data.labels, "
                                   "no head weights in model.safetensors)")
-        model_cfg = ModelConfig(**_with_pooling_default(config["model"]))
+        model_cfg = run_model_config(config["model"], where, trust_remote_code)
         model, tokenizer = load_base(model_cfg, task, num_labels=num_labels,
                                      label_names=labels if task == "classify" else None)
         if task == "classify" and labels is None:

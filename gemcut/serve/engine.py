@@ -213,13 +213,16 @@ class Engine:
     def _load_folder(self, path: Path | str, name: str, source: str) -> ServedModel:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-        cfg = AutoConfig.from_pretrained(path)
+        # The folder's own Python runs only when the person serving it said so (never left to a prompt).
+        trust = self.settings.trust_remote_code
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust)
         archs = cfg.architectures or []
         classify = any(a.endswith("ForSequenceClassification") for a in archs)
         cls = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
         # safetensors only: a pickled checkpoint could run code when loaded
-        model = cls.from_pretrained(path, dtype=torch.float32 if self.device.type == "cpu" else "auto", use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = cls.from_pretrained(path, dtype=torch.float32 if self.device.type == "cpu" else "auto", use_safetensors=True,
+                                    trust_remote_code=trust)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
         return self._plain(model, tokenizer, name, source, self._labels_file(path))
 
     def _plain(self, model, tokenizer, name: str, source: str, labels: list[str] | None) -> ServedModel:
@@ -251,7 +254,7 @@ class Engine:
         from gemcut.models.load import load_run
 
         name = name or run_dir.name
-        loaded = load_run(run_dir)
+        loaded = load_run(run_dir, trust_remote_code=self.settings.trust_remote_code)
         task = "classify" if loaded.task in ("classify", "reward") or type(loaded.model).__name__.endswith("ForSequenceClassification") \
             else "causal_lm"
         template, tokenizer = loaded.template, loaded.tokenizer

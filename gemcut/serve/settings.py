@@ -39,6 +39,7 @@ class ServeSettings(BaseModel):
     default_max_tokens: int = Field(256, ge=1, description="Completion budget when a request gives no max_tokens (clipped to the context).")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads for the worker; None leaves torch's default.")
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu' or 'cuda'.")
+    trust_remote_code: bool = Field(False, description="Run Python files shipped in a served folder (its config.json auto_map). Off: a folder never turns it on itself.")
 
     @field_validator("api_keys")
     @classmethod
