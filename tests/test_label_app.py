@@ -18,7 +18,7 @@ def store(tmp_path):
 
 
 def test_api_round_trip(store):
-    client = TestClient(create_app(store))
+    client = TestClient(create_app(store), base_url="http://127.0.0.1")
     assert client.get("/").url.path == "/label/"  # the standalone app's root leads to the page
     assert "rank completions" in client.get("/label/").text
     assert client.get("/label/static/label.js").headers["content-type"].startswith("text/javascript")
@@ -45,7 +45,7 @@ def test_keys_identify_labelers(store, tmp_path):
     keys_file = tmp_path / "keys.txt"
     keys_file.write_text("# name:key\nalice:alice-secret-1\nbob:bob-secret-22\n")
     keys = read_keys(keys_file)
-    client = TestClient(create_app(store, keys))
+    client = TestClient(create_app(store, keys), base_url="http://127.0.0.1")
     assert client.get("/label/api/config").json() == {"keys_required": True}
     assert client.get("/label/api/next", headers={"X-Labeler": "alice"}).status_code == 401  # a name alone is not enough
     assert client.get("/label/api/next", headers={"X-Labeler-Key": "wrong"}).status_code == 401

@@ -55,7 +55,7 @@ def test_every_protected_route_refuses_missing_and_wrong_keys(app):
     for expected in ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/classify", "/v1/feedback", "/metrics", "/health",
                      "/openapi.json"):
         assert expected in paths
-    client = TestClient(app)  # no lifespan: auth is checked before any model work
+    client = TestClient(app, base_url="http://127.0.0.1")  # no lifespan: auth is checked before any model work
     checked = 0
     for method, path in routes:
         if path in PUBLIC_PATHS:
@@ -70,7 +70,7 @@ def test_every_protected_route_refuses_missing_and_wrong_keys(app):
 
 
 def test_right_key_passes_and_health_is_public(app):
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         assert client.get("/health").status_code == 200
         assert client.get("/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
         assert client.get("/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
@@ -78,7 +78,7 @@ def test_right_key_passes_and_health_is_public(app):
 
 def test_keys_from_the_environment(app, monkeypatch):
     monkeypatch.setenv("GEMCUT_API_KEYS", "env-key-1, env-key-2")
-    client = TestClient(app)
+    client = TestClient(app, base_url="http://127.0.0.1")
     assert client.get("/v1/models", headers={"Authorization": "Bearer env-key-2"}).status_code == 200
     assert client.get("/v1/models", headers={"Authorization": "Bearer env-key-3"}).status_code == 401
 

@@ -53,22 +53,26 @@ def generate_cmd(run_or_model: str = typer.Argument(..., help="A run folder, a l
 @label_app.callback()
 def label_cmd(ctx: typer.Context,
               db: str = typer.Option(None, "--db", help=DB_HELP),
-              port: int = typer.Option(8700, help="Port on 127.0.0.1."),
+              host: str = typer.Option("127.0.0.1", help="Interface to bind; beyond loopback it needs --keys."),
+              port: int = typer.Option(8700, help="TCP port."),
+              allowed_host: list[str] = typer.Option(None, "--allowed-host", help="Another name the page is reached by (repeatable); other Host headers get 400."),
               keys: str = typer.Option(None, "--keys", help="File of `name:key` lines: labelers then sign in with their key."),
               lease_minutes: float = typer.Option(15, "--lease-minutes", min=0.1, help="How long a prompt stays with a labeler who does not answer."),
               rankings_per_prompt: int = typer.Option(1, "--rankings-per-prompt", min=1, help="Labelers who rank each prompt.")) -> None:
-    """Serve the ranking page on http://127.0.0.1:PORT/label/ (or run `gemcut label export`)."""
+    """Serve the ranking page on http://HOST:PORT/label/ (or run `gemcut label export`)."""
     ctx.obj = {"db": db}
     if ctx.invoked_subcommand is not None:
         return
     import uvicorn
 
     from gemcut.label.app import create_app, read_keys
+    from gemcut.netguard import uvicorn_log_config
 
     store = _store(db, lease_seconds=int(lease_minutes * 60), rankings_per_prompt=rankings_per_prompt)
+    application = create_app(store, read_keys(keys) if keys else None, host=host, allowed_hosts=allowed_host or ())
     progress = store.progress()
-    typer.echo(f"{progress['prompts']} prompts, {progress['ranked']} ranked; ranking page: http://127.0.0.1:{port}/label/")
-    uvicorn.run(create_app(store, read_keys(keys) if keys else None), host="127.0.0.1", port=port, log_level="warning")
+    typer.echo(f"{progress['prompts']} prompts, {progress['ranked']} ranked; ranking page: http://{host}:{port}/label/")
+    uvicorn.run(application, host=host, port=port, log_level="warning", log_config=uvicorn_log_config())
 
 
 @label_app.command("export")

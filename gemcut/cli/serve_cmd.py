@@ -22,6 +22,7 @@ from gemcut.errors import GemcutError
 def serve(
     model: list[str] = typer.Option(None, "--model", "-m", help="Run folder, exported folder or model name; repeat for several."),
     host: str = typer.Option(None, help="Interface to bind (default 127.0.0.1, loopback only)."),
+    allowed_host: list[str] = typer.Option(None, "--allowed-host", help="Another name clients reach the server by (repeatable); other Host headers get 400."),
     port: int = typer.Option(None, help="TCP port (default 8000)."),
     config: Path | None = typer.Option(None, help="YAML file of serve settings (keys as in `ServeSettings`)."),
     api_key: list[str] = typer.Option(None, "--api-key", help="Accepted bearer key (repeatable); also read from $GEMCUT_API_KEYS."),
@@ -35,10 +36,12 @@ def serve(
     """Serve runs behind an OpenAI-compatible API (FastAPI on uvicorn)."""
     import uvicorn
 
+    from gemcut.netguard import uvicorn_log_config
     from gemcut.serve.app import create_app
     from gemcut.serve.settings import load_settings
 
-    settings = load_settings(config, models=list(model) or None, host=host, port=port, db_url=db, log_prompts=log_prompts,
+    settings = load_settings(config, models=list(model) or None, host=host, allowed_hosts=allowed_host or None, port=port,
+                             db_url=db, log_prompts=log_prompts,
                              max_queue=max_queue, max_batch=max_batch, num_threads=threads,
                              trust_remote_code=trust_remote_code or None)
     if api_key:
@@ -52,7 +55,7 @@ def serve(
         typer.secho(f"warning: binding {settings.host} exposes the API beyond this machine", fg="yellow", err=True)
     application = create_app(settings)
     typer.echo(f"serving {', '.join(application.state.engine.models)} on http://{settings.host}:{settings.port}/v1")
-    uvicorn.run(application, host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(application, host=settings.host, port=settings.port, log_level="info", log_config=uvicorn_log_config())
 
 
 @app.command("export")

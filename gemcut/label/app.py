@@ -14,7 +14,9 @@ Routes (all under /label):
   GET  /api/progress   counts for the progress bar
 
 The labeler is named by the `X-Labeler` header. When the app has labeler keys (`--keys`, lines of
-`name:key`), the `X-Labeler-Key` header is required instead and the name comes from the key.
+`name:key`), the `X-Labeler-Key` header is required instead and the name comes from the key. A standalone
+server answers only to its own Host names (gemcut/netguard.py), and one bound beyond loopback
+(`--host`) requires keys: the page shows prompts and takes rankings.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pydantic import BaseModel, Field
 
 from gemcut.errors import GemcutError
 from gemcut.label.store import LabelError, LabelStore
+from gemcut.netguard import install_host_check, is_loopback
 
 STATIC = Path(__file__).parent / "static"
 _STATIC_FILES = {"label.js": "text/javascript", "label.css": "text/css"}
@@ -52,10 +55,16 @@ def install(app: FastAPI, store: LabelStore, keys: dict[str, str] | None = None)
     app.include_router(router)
 
 
-def create_app(store: LabelStore, keys: dict[str, str] | None = None) -> FastAPI:
-    """A FastAPI app with only the ranking page (what `gemcut label` serves)."""
+def create_app(store: LabelStore, keys: dict[str, str] | None = None, *, host: str = "127.0.0.1",
+               allowed_hosts: list[str] | tuple[str, ...] = ()) -> FastAPI:
+    """A FastAPI app with only the ranking page (what `gemcut label` serves) for a server bound to `host`;
+    `allowed_hosts` are further names it answers to."""
+    if not is_loopback(host) and not keys:
+        raise GemcutError(f"binding {host} puts the ranking page (prompts, rankings) beyond this machine: pass --keys FILE "
+                          "(lines of name:key) so only your labelers get in, or leave --host at 127.0.0.1")
     app = FastAPI(title="gemcut labeling", docs_url=None, redoc_url=None)
     install(app, store, keys)
+    install_host_check(app, host, allowed_hosts)
     app.add_api_route("/", lambda: RedirectResponse("/label/"), include_in_schema=False)
     return app
 

@@ -22,6 +22,7 @@ from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text,
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
+from gemcut.dbfiles import make_private
 from gemcut.errors import GemcutError
 
 DEFAULT_LEASE_SECONDS = 15 * 60
@@ -140,6 +141,7 @@ class LabelStore:
         self.lease_seconds = lease_seconds
         self.clock = clock
         connect_args = {"check_same_thread": False, "timeout": 30} if self.url.startswith("sqlite") else {}
+        make_private(self.url)  # prompts and rankings: the owner's eyes only
         self.engine = create_engine(self.url, connect_args=connect_args)
         if self.url.startswith("sqlite"):
             # pysqlite's own BEGIN handling defers the write lock; take it at BEGIN so two concurrent

@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
 from gemcut.errors import GemcutError
+from gemcut.netguard import install_host_check
 from gemcut.serve import feedback, openai_api
 from gemcut.serve.auth import require_api_key
 from gemcut.serve.engine import Engine
@@ -57,6 +58,7 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings, app.state.engine, app.state.metrics, app.state.store = settings, engine, metrics, store
     install_error_handlers(app, on_error=metrics.record_error)
+    install_host_check(app, settings.host, settings.allowed_hosts)
 
     @app.get("/health")
     def health() -> dict:

@@ -7,11 +7,12 @@ only filled when the server runs with `log_prompts` on; lengths, tokens and late
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
 
 from sqlalchemy import DateTime, Float, ForeignKey, Index, Integer, String, Text, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from gemcut.dbfiles import make_private
 
 
 def utcnow() -> datetime:
@@ -59,9 +60,8 @@ Index("ix_request_log_model_created", RequestLog.model, RequestLog.created_at)
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for `url`, creating the SQLite file's folder and the tables if needed."""
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    """An engine for `url`, creating the SQLite file (owner-only: it holds prompts) and the tables if needed."""
+    make_private(url)
     kwargs = {"connect_args": {"check_same_thread": False}} if url.startswith("sqlite") else {}
     engine = create_engine(url, **kwargs)
     if url.startswith("sqlite"):

@@ -27,6 +27,7 @@ class ServeSettings(BaseModel):
 
     models: list[str] = Field(default_factory=list, description="Run folders, exported folders or model names to serve; the first is the default.")
     host: str = Field("127.0.0.1", description="Interface to bind; loopback unless you mean to expose the server.")
+    allowed_hosts: list[str] = Field(default_factory=list, description="Further names clients reach the server by (Host header); others get 400. Loopback names and the bound address are always allowed.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
     api_keys: list[str] = Field(default_factory=list, description=f"Bearer keys accepted, in addition to those in ${API_KEYS_ENV}.")
     db_url: str = Field("sqlite:///runs/serve.db", description="SQLAlchemy URL of the request log and feedback store.")
