@@ -128,3 +128,17 @@ def test_export_command(run):
     assert "gemcut-int8" in result.output and "perplexity" in result.output and (out / "quantize_config.json").is_file()
     bad = CliRunner().invoke(app, ["export", str(run["run"]), "--no-merge", "--quantize", "int8", "--out", str(run["tmp"] / "z")])
     assert bad.exit_code != 0
+
+
+def test_plain_transformers_refuses_an_int8_export(run):
+    """An int8 folder must not load as a randomly initialised model in the standard tool."""
+    from transformers import AutoModelForCausalLM
+
+    out = export_run(run["run"], run["tmp"] / "int8-plain", merge=True, quantize="int8", report=False)
+    with pytest.raises(OSError, match="model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "gemcut-int8"
+    assert "gemcut.export.load_int8" in config["quantization_config"]["load_with"]
+    model, _ = load_int8(out)  # gemcut's own loader still reads it
+    assert type(model).__name__ == "LlamaForCausalLM"

@@ -8,11 +8,12 @@ run time, fbgemm/onednn kernels) makes CPU inference faster and the weights 4x s
 dynamically quantized module holds packed parameters that neither `save_pretrained` nor safetensors can
 store, and unpickling a torch.save file is unsafe. So the folder holds plain tensors:
 
-- `model.safetensors`: every non-Linear parameter in float32 (embeddings, norms), and for each Linear
+- `model.int8.safetensors`: every non-Linear parameter in float32 (embeddings, norms), and for each Linear
   `<module>.qweight` (int8, [out, in]) and `<module>.wscale` (float32, [out]): symmetric per-output-channel
   quantization, `weight ~= qweight * wscale[:, None]`, plus `<module>.bias` when it has one;
-- `config.json` (the transformers config), tokenizer files, `generation_config.json`;
-- `quantize_config.json`: `{"format": "gemcut-int8", "version": 1, "modules": [...], "tied": {...}}`.
+- `config.json` (the transformers config, with a `quantization_config` naming this format), tokenizer
+  files, `generation_config.json`;
+- `quantize_config.json`: `{"format": "gemcut-int8", "version": 2, "modules": [...], "tied": {...}}`.
 
 Which Linears stay float: the FFN output projections (`down_proj`, `fc2`, `c_proj`, `w2`, BERT's
 `output.dense`) and the LM head. Their inputs carry outlier activations (Dettmers et al. 2022, LLM.int8(),
@@ -23,7 +24,12 @@ extra bytes, since it shares the embedding tensor, which is stored once.
 
 `load_int8` builds the architecture from config.json, loads the float tensors, and swaps each listed
 Linear for `torch.ao.nn.quantized.dynamic.Linear` holding exactly the saved int8 values and scales.
-Plain transformers cannot load this folder; export without --quantize for that.
+
+Plain transformers cannot load this folder, and it must not seem to: given a `model.safetensors` it does
+not understand, `from_pretrained` fills every Linear with random weights and succeeds. So the weights file
+has a name transformers does not look for (it raises "no file named model.safetensors") and config.json's
+`quantization_config` names the format and its loader (transformers warns "Unknown quantization type,
+got gemcut-int8 ..."). Version 1 folders (weights in `model.safetensors`) still load here.
 """
 
 from __future__ import annotations
@@ -39,7 +45,11 @@ from torch import nn
 from gemcut.errors import GemcutError
 
 FORMAT = "gemcut-int8"
-VERSION = 1
+VERSION = 2
+WEIGHTS = "model.int8.safetensors"  # not model.safetensors: see the module docstring
+# What plain transformers reads from config.json, and names in its warning before it refuses the folder.
+QUANTIZATION_CONFIG = {"quant_method": FORMAT,
+                       "load_with": "gemcut.export.load_int8(folder) or `gemcut serve --model folder`; plain transformers cannot"}
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,9 +93,13 @@ def save_int8(model: nn.Module, out_dir: str | Path) -> Path:
             continue
         first_name[param.data_ptr()] = pname
         tensors[pname] = param.detach().float().contiguous()
-    path = out / "model.safetensors"
+    path = out / WEIGHTS
     save_file(tensors, path, metadata={"format": FORMAT})
     model.config.save_pretrained(out)
+    config_file = out / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["quantization_config"] = QUANTIZATION_CONFIG
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
     (out / "quantize_config.json").write_text(json.dumps(
         {"format": FORMAT, "version": VERSION, "scheme": "int8 symmetric per-output-channel weights; dynamic int8 activations",
          "modules": linears, "tied": tied, "model_class": type(model).__name__}, indent=2), encoding="utf-8")
@@ -114,14 +128,16 @@ def load_int8(path: str | Path):
     if not meta_file.is_file():
         raise GemcutError(f"{path}: no quantize_config.json; this is not a gemcut int8 export (run `gemcut export RUN --quantize int8`)")
     meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise GemcutError(f"{meta_file}: format {meta.get('format')!r} v{meta.get('version')} is not {FORMAT} v{VERSION}; re-export with this gemcut")
+    if meta.get("format") != FORMAT or meta.get("version") not in (1, VERSION):
+        raise GemcutError(f"{meta_file}: format {meta.get('format')!r} v{meta.get('version')} is not {FORMAT} v1-v{VERSION}; re-export with this gemcut")
     config = AutoConfig.from_pretrained(path)
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config  # it only tells plain transformers to stay away
     cls = getattr(transformers, meta["model_class"], None)
     if cls is None:
         raise GemcutError(f"{meta_file}: model_class {meta['model_class']!r} is not in this transformers version")
     model = cls(config)
-    tensors = load_file(path / "model.safetensors")
+    tensors = load_file(path / (WEIGHTS if meta["version"] >= 2 else "model.safetensors"))
     quantized = set(meta["modules"])
     floats = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] not in quantized}
     tied = meta.get("tied", {})
@@ -130,7 +146,7 @@ def load_int8(path: str | Path):
     missing, unexpected = model.load_state_dict(floats, strict=False)
     bad_missing = [k for k in missing if k.rsplit(".", 1)[0] not in quantized]
     if bad_missing or unexpected:
-        raise GemcutError(f"{path}/model.safetensors does not match config.json: missing {bad_missing[:5]}, unexpected {unexpected[:5]}")
+        raise GemcutError(f"{path}: the int8 weights do not match config.json: missing {bad_missing[:5]}, unexpected {unexpected[:5]}")
     for name in meta["modules"]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
