@@ -24,19 +24,38 @@ def _register() -> None:
     from gemcut.cli import config_cmd, data_cmd, eval_cmd, label_cmd, models_cmd, quickstart_cmd, serve_cmd, train_cmd  # noqa: F401
 
 
+def _version(value: bool) -> None:
+    if value:
+        from gemcut import __version__
+
+        typer.echo(f"gemcut {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="Print gemcut's version and exit.")) -> None:
+    """Fine-tune language models on your data, evaluate, export, serve."""
+
+
+def usage_line(error) -> str:
+    """A click usage error as one line with its fix: `error: Missing argument 'CONFIG'. (see `gemcut train --help`)`."""
+    ctx = getattr(error, "ctx", None)
+    command = ctx.command_path if ctx is not None else "gemcut"
+    return f"error: {error.format_message()} (see `{command} --help`)"
+
+
 def main() -> None:
     _register()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="gemcut")
     except GemcutError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         sys.exit(2)
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
-    except Exception as e:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+    except typer.TyperException as e:  # click's usage errors (typer vendors click: its ClickException is this)
+        if e.format_message():  # empty when `gemcut GROUP` alone has just printed its help
+            typer.secho(usage_line(e), fg="red", err=True)
+        sys.exit(getattr(e, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
