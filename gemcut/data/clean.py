@@ -11,7 +11,9 @@ Steps, in order (each switched by `data.clean.*`, each counting the records it c
 4. `normalize_whitespace` — runs of spaces/tabs become one space, line ends are unified, more than one blank
    line becomes one, ends are stripped.
 Then records whose text is shorter than `min_chars` or longer than `max_chars`, or whose required field
-became empty, are dropped and counted by reason. Labels are never touched.
+became empty (`empty_after_cleaning`) or holds only whitespace and zero-width characters (`zero_width_only`:
+U+200B-U+200D, U+2060, U+FEFF, invisible yet not whitespace to Python), are dropped and counted by reason.
+Labels are never touched.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ TEXT_FIELDS = ("text", "prompt", "completion", "system", "chosen", "rejected")
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Zero-width space, non-joiner, joiner, word joiner, BOM: a text of these alone shows as empty.
+_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
 
 
 def _plain_ascii(s: str) -> bool:
@@ -119,6 +123,8 @@ class Cleaner:
         parts = [r[f] for f in TEXT_FIELDS if f in r and f != "system"] + [m["content"] for m in r.get("messages", [])]
         if any(not p.strip() for p in parts):
             return "empty_after_cleaning"
+        if any(not p.translate(_ZERO_WIDTH).strip() for p in parts):
+            return "zero_width_only"
         if "chosen" in r and r["chosen"] == r["rejected"]:
             return "chosen_equals_rejected_after_cleaning"
         n = len(record_text(r))

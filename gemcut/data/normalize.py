@@ -4,9 +4,13 @@
 print(Normalizer('auto').normalize(Row('x.jsonl', 1, {'instruction': 'Add', 'input': '1+1', 'output': '2'})))"
 
 A bad record raises `DataError` naming file:line, the field, a short `reason` (counted in the report when
-`data.on_error=skip`) and the fix. Reasons: malformed_json, malformed_yaml, missing_field, extra_field,
-wrong_type, empty_text, unknown_role, roles_not_alternating, no_assistant_turn, label_not_declared,
-chosen_equals_rejected, ranking_ties, multi_turn_prompt.
+`data.on_error=skip`) and the fix. Reasons: missing_field, extra_field, wrong_type, empty_text, unknown_role,
+roles_not_alternating, no_assistant_turn, label_not_declared, chosen_equals_rejected, ranking_ties,
+multi_turn_prompt, mixed_kinds (plus the readers' malformed_json, duplicate_key, too_deep, ...: docs/data.md).
+
+With `kind: auto` the first record fixes the kind; a later record whose fields clearly make another kind
+is a `mixed_kinds` error, never silently flattened or misread. Labels are strings: an integer label 1 and a
+string "1" are one label, and each label's spellings are counted (`label_spellings`) for the report.
 
 User schemas accepted besides the normalised shapes: Alpaca (instruction/input/output -> prompt/completion),
 OpenAI DPO (input.messages/preferred_output/non_preferred_output -> prompt/chosen/rejected), a ranked list
@@ -18,9 +22,11 @@ flattens each record into one document (see docs/data.md).
 from __future__ import annotations
 
 import difflib
+import json
+import math
 from collections import Counter
 from itertools import combinations
-from typing import Any
+from typing import Any, NoReturn
 
 from gemcut.data.readers import Row
 from gemcut.data.records import KINDS, ROLES
@@ -77,6 +83,8 @@ class Normalizer:
         self.reverse = {user: ours for ours, user in self.columns.items()}
         self.labels = list(labels) if labels else None
         self.unused: Counter = Counter()
+        self.first_source: str | None = None  # the record `auto` took the kind from
+        self.label_spellings: dict[str, Counter] = {}  # label -> how it was written (json) -> records
 
     # ------------------------------------------------------------ entry points
 
@@ -91,7 +99,7 @@ class Normalizer:
                     f"cannot tell the record kind from the fields ({keys}); set data.kind (one of {', '.join(KINDS)}) "
                     "and map your fields with data.columns, e.g. columns: {text: tweet, label: sentiment}",
                     path=row.path, line=row.line, reason="missing_field")
-            self.kind = found
+            self.kind, self.first_source = found, row.source
         return self.kind
 
     def normalize(self, row: Row) -> tuple[list[dict], set[str]]:
@@ -103,6 +111,7 @@ class Normalizer:
             self._fail(row, None, "wrong_type", f"a record must be a JSON object with named fields, got {type(value).__name__}")
         kind = self.resolve_kind(row)
         value = self._map_columns(value, row)
+        self._check_same_kind(value, row)
         self._check_unknown(value, row)
         natural = infer_kind(value) if kind == "text" else kind
         if natural is None:  # kind text but no field fits any kind: report the missing text
@@ -116,6 +125,36 @@ class Normalizer:
         for r in records:
             r["_source"] = row.source
         return records, unused
+
+    def normalize_prompt(self, row: Row) -> tuple[str, list[dict] | None]:
+        """A prompt to sample from (`gemcut generate`), checked like a training record: `{prompt, system?}` ->
+        (prompt, messages); `{messages}` -> (the conversation shown as text, its messages up to the last user
+        turn: a trailing assistant turn is what gets sampled); `{text}` -> (text, None: continued as raw text)."""
+        if row.error is not None:
+            raise row.error
+        value = row.value
+        if not isinstance(value, dict):
+            self._fail(row, None, "wrong_type", f"a prompt must be a JSON object with named fields, got {type(value).__name__}")
+        value = self._map_columns(value, row)
+        if "messages" in value:
+            self._check_unknown(value, row, "messages")
+            msgs = self._messages(value["messages"], row, "messages", need_assistant=False)
+            while msgs and msgs[-1]["role"] == "assistant":
+                msgs.pop()
+            if not msgs or msgs[-1]["role"] != "user":
+                self._fail(row, "messages", "missing_field", "messages has no user turn to answer; add one")
+            shown = "\n\n".join(f"{m['role']}: {m['content']}" for m in msgs) if len(msgs) > 1 else msgs[0]["content"]
+            return shown, msgs
+        if "prompt" in value:
+            self._check_unknown(value, row, "prompt_completion")
+            prompt, system = self._str(value, "prompt", row), self._str(value, "system", row, required=False)
+            return prompt, ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        if "text" in value:
+            self._check_unknown(value, row, "text")
+            return self._str(value, "text", row), None
+        found = ", ".join(map(str, value))
+        self._fail(row, "prompt", "missing_field", f"field 'prompt' missing or empty (found: {found or 'nothing'}); write "
+                   '{"prompt": "..."}, {"messages": [...]} or {"text": "..."}')
 
     # ------------------------------------------------------------ helpers
 
@@ -132,23 +171,35 @@ class Normalizer:
                 out[key] = v
         return out
 
-    def _fail(self, row: Row, field: str | None, reason: str, message: str) -> None:
+    def _check_same_kind(self, value: dict, row: Row) -> None:
+        """With `auto`, a record whose fields make another kind than the first record's is an error. A record
+        that only looks like `text` is left to the builders: a missing label or completion names itself better."""
+        if self.first_source is None:
+            return
+        found = infer_kind(value)
+        if found not in (None, "text", self.kind):
+            self._fail(row, None, "mixed_kinds",
+                       f"this record is {found}, but the first record ({self.first_source}) is {self.kind}, and a run reads one kind; "
+                       "put each kind in its own file, or set data.kind: text to flatten every record into a document")
+
+    def _fail(self, row: Row, field: str | None, reason: str, message: str) -> NoReturn:
         where = f"conversation {row.locator}: " if row.locator else ""
         raise DataError(where + message, path=row.path, line=row.line, field=field, reason=reason)
 
     def _user_name(self, field: str) -> str:
         return f' (column "{self.columns[field]}", mapped by data.columns)' if field in self.columns else ""
 
-    def _check_unknown(self, value: dict, row: Row) -> None:
+    def _check_unknown(self, value: dict, row: Row, kind: str | None = None) -> None:
         if row.tabular:
             return  # unused columns are reported once per file, not per row
+        kind = kind or self.kind
         for key in value:
             if key in KNOWN_FIELDS or key in PASSTHROUGH or str(key).startswith("_"):
                 continue
             near = difflib.get_close_matches(str(key), sorted(KNOWN_FIELDS), n=1, cutoff=0.6)
             hint = f'; did you mean "{near[0]}"?' if near else ""
             self._fail(row, str(key), "extra_field",
-                       f'unknown field "{key}"{hint} A {self.kind} record has: {", ".join(_kind_fields(self.kind))}. '
+                       f'unknown field "{key}"{hint} A {kind} record has: {", ".join(_kind_fields(kind))}. '
                        "Rename it, map it with data.columns, or prefix it with _ to keep it out of training")
 
     def _get(self, value: dict, field: str, row: Row, *, required: bool = True) -> Any:
@@ -181,10 +232,10 @@ class Normalizer:
 
     def _build_label(self, value: dict, row: Row) -> tuple[list[dict], set[str]]:
         text = self._str(value, "text", row)
-        label = self._get(value, "label", row)
-        if isinstance(label, bool) or not isinstance(label, (str, int)):
-            self._fail(row, "label", "wrong_type", f'field "label" must be a string (or an integer class id), got {type(label).__name__} ({_short(label)})')
-        label = str(label).strip()
+        written = self._get(value, "label", row)
+        if isinstance(written, bool) or not isinstance(written, (str, int)):
+            self._fail(row, "label", "wrong_type", f'field "label" must be a string (or an integer class id), got {type(written).__name__} ({_short(written)})')
+        label = str(written).strip()
         if not label:
             self._fail(row, "label", "empty_text", 'field "label" is empty; give every record its class')
         if self.labels is not None and label not in self.labels:
@@ -192,6 +243,7 @@ class Normalizer:
             hint = f' Did you mean "{near[0]}"?' if near else ""
             self._fail(row, "label", "label_not_declared",
                        f'label "{label}" is not in data.labels ({", ".join(self.labels)}).{hint} Fix the record or add the label to data.labels')
+        self.label_spellings.setdefault(label, Counter())[json.dumps(written, ensure_ascii=False)] += 1
         return [{"text": text, "label": label}], {"text", "label"}
 
     def _build_prompt_completion(self, value: dict, row: Row) -> tuple[list[dict], set[str]]:
@@ -308,6 +360,9 @@ class Normalizer:
                 k = it[this]
                 if isinstance(k, bool) or not isinstance(k, (int, float)):
                     self._fail(row, f"{where}.{this}", "wrong_type", f"{where}.{this} must be a number, got {_short(k)}")
+                if isinstance(k, float) and not math.isfinite(k):  # NaN sorts nowhere: its pairs would come out in arbitrary order
+                    better = "1 = best" if this == "rank" else "higher = better"
+                    self._fail(row, f"{where}.{this}", "wrong_type", f"{where}.{this} is {k}; give every completion a real number ({better})")
                 k = k if this == "rank" else -k
             else:
                 self._fail(row, where, "wrong_type", f"{where} must be a string or {{text, rank|score}}, got {type(it).__name__}")
@@ -363,5 +418,8 @@ def _kind_fields(kind: str) -> list[str]:
 
 
 def _short(v: Any, n: int = 40) -> str:
-    s = repr(v)
+    try:
+        s = repr(v)
+    except RecursionError:  # parsed JSON can be nested nearly as deep as repr can go
+        return f"a {type(v).__name__} nested too deeply to show"
     return s if len(s) <= n else s[: n - 3] + "..."

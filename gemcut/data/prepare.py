@@ -28,7 +28,7 @@ from gemcut.data.clean import Cleaner
 from gemcut.data.dedup import Deduplicator, LeakageCheck, text_key
 from gemcut.data.normalize import Normalizer
 from gemcut.data.readers import SourceStats, read_source
-from gemcut.data.records import record_text
+from gemcut.data.records import record_text, sort_labels
 from gemcut.data.split import SPLITS, bucket, describe, split_records
 from gemcut.errors import DataError
 
@@ -97,7 +97,8 @@ class _Run:
         for name in names:
             path = resolve_source(name)
             display = name if is_alias(name) and not Path(name).exists() else None
-            for row in read_source(path, cfg.format, cfg.encoding, tuple(cfg.fallback_encodings), self.sources, display=display):
+            for row in read_source(path, cfg.format, cfg.encoding, tuple(cfg.fallback_encodings), self.sources, display=display,
+                                   delimiter=cfg.delimiter):
                 self.counts["rows_read"] += 1
                 try:
                     records, unused = self.normalizer.normalize(row)
@@ -158,8 +159,10 @@ class _Run:
             "unused_fields": dict(self.normalizer.unused),
             "cleaning": cleaning, "duplicates": duplicates, "leakage": leakage,
             "splits": splits, "split_method": split_method, "limit": limit,
-            "labels": ({"read": reportlib.label_balance(dict(self.labels_read)),
-                        "after_cleaning": reportlib.label_balance(labels_after)} if labels_after is not None else None),
+            "labels": ({"read": reportlib.label_balance(dict(self.labels_read), declared=self.cfg.labels),
+                        "after_cleaning": reportlib.label_balance(labels_after, declared=self.cfg.labels),
+                        "spellings_merged": {label: dict(ways) for label, ways in self.normalizer.label_spellings.items() if len(ways) > 1}}
+                       if labels_after is not None else None),
             "content_hash": content_hash,
         }
         return reportlib.finish(rep)
@@ -175,15 +178,16 @@ def _peek_kind(run: _Run, it: Iterator[dict]) -> tuple[str, Iterator[dict]]:
 def _no_records(run: _Run) -> DataError:
     why = ", ".join(f"{k} {v}" for k, v in run.errors.items()) or "none"
     dropped = ", ".join(f"{k} {v}" for k, v in run.cleaner.dropped.items()) or "none"
+    first = next((ex[0] for ex in run.error_examples.values() if ex), None)  # with a whole file skipped, this names it
     return DataError(f"no training records left after reading {run.counts['rows_read']} rows (skipped: {why}; dropped by cleaning: {dropped}); "
-                     "check data.train, data.kind and data.columns", reason="no_records")
+                     "check data.train, data.kind and data.columns" + (f". First skipped: {first}" if first else ""), reason="no_records")
 
 
 def prepare(cfg: DataConfig, out_dir: Path | None = None, *, console=None) -> PreparedData:
     """Read, validate, clean, deduplicate, split, check leakage and report on `cfg`'s data.
 
     Returns `PreparedData` (splits train/validation/test of normalised records with `_source`, the kind,
-    the sorted label set for label records, the report dict and the content hash). With `out_dir`, also
+    the label set for label records in label-id order (`sort_labels`), the report dict and the content hash). With `out_dir`, also
     writes the split JSONL files, data_report.json and content_hash.txt there.
     """
     if not cfg.train:
@@ -217,7 +221,7 @@ def _prepare_in_memory(run: _Run, kind: str, train_iter: Iterator[dict], out_dir
     make = tuple(s for s in EVAL_SPLITS if s not in given)
     if not train:
         raise _no_records(run)
-    labels_after = reportlib.count_labels(itertools.chain(train, *evals.values())) if kind == "label" else None
+    labels_after = reportlib.count_labels(itertools.chain(train, *evals.values()), cfg.labels) if kind == "label" else None
     splits = split_records(train, cfg.split, stratify_by="label" if kind == "label" else None, make=make)
     splits.update(evals)
     leak = LeakageCheck(cfg.clean.near_threshold)
@@ -230,13 +234,14 @@ def _prepare_in_memory(run: _Run, kind: str, train_iter: Iterator[dict], out_dir
         splits["train"] = splits["train"][: cfg.limit]
     hashes = {s: hashlib.sha256("".join(_line(r) for r in splits[s]).encode("utf-8")).hexdigest() for s in SPLITS}
     content_hash = _combine_hashes(hashes)
-    summary = {s: {"count": len(splits[s]), **({"labels": reportlib.count_labels(splits[s])} if kind == "label" else {})} for s in SPLITS}
+    summary = {s: {"count": len(splits[s]), **({"labels": reportlib.count_labels(splits[s], cfg.labels)} if kind == "label" else {})}
+               for s in SPLITS}
     stratified = kind == "label" and cfg.split.stratify
     method = describe(cfg.split, stratified, streaming=False, from_files=tuple(given))
     rep = run.report(kind, summary, method, leak.summary(), limit, labels_after, content_hash)
     labels = None
-    if kind == "label":
-        labels = sorted(set(cfg.labels)) if cfg.labels else sorted({r["label"] for s in SPLITS for r in splits[s]})
+    if kind == "label":  # the label ids: the declared order, else integers numerically and names alphabetically
+        labels = list(cfg.labels) if cfg.labels else sort_labels({r["label"] for s in SPLITS for r in splits[s]})
     files = None
     if out_dir is not None:
         out_dir = Path(out_dir)

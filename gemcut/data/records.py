@@ -17,6 +17,8 @@ input/preferred_output/non_preferred_output, a `columns:` mapping). See docs/dat
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Literal
 
 Kind = Literal["text", "prompt_completion", "messages", "label", "preference"]
@@ -35,6 +37,18 @@ def record_text(record: dict) -> str:
     if "completion" in record:
         return f"{record['prompt']}\n{record['completion']}"
     return record["text"]
+
+
+_INTEGER = re.compile(r"[+-]?\d{1,30}")  # longer digit strings sort as names (int() refuses very long ones)
+
+
+def sort_labels(labels: Iterable[str], declared: list[str] | None = None) -> list[str]:
+    """The order of a label set, which gives the label ids: the declared labels in their declared order,
+    then any others with integer labels numerically (2 before 10) and the rest alphabetically."""
+    found = set(labels)
+    head = [x for x in declared or [] if x in found]
+    rest = sorted(found - set(head), key=lambda x: (0, int(x), x) if _INTEGER.fullmatch(x) else (1, 0, x))
+    return head + rest
 
 
 def record_kind(record: dict) -> str:

@@ -14,17 +14,21 @@ from collections import Counter
 from rich.console import Console
 from rich.table import Table
 
+from gemcut.data.records import sort_labels
+
 # Warn when the largest class has more than this many times the records of the smallest.
 SKEW_WARN_RATIO = 2.0
 
 
-def label_balance(counts: dict[str, int], warn_ratio: float = SKEW_WARN_RATIO) -> dict:
-    """Counts, shares, largest/smallest ratio, and a warning when the ratio exceeds `warn_ratio`."""
+def label_balance(counts: dict[str, int], warn_ratio: float = SKEW_WARN_RATIO, declared: list[str] | None = None) -> dict:
+    """Counts, shares, largest/smallest ratio, and a warning when the ratio exceeds `warn_ratio`; labels in
+    label-id order (`sort_labels`)."""
     total = sum(counts.values())
-    out: dict = {"counts": dict(sorted(counts.items())), "warn_ratio": warn_ratio, "imbalance_ratio": None, "warning": None}
+    order = sort_labels(counts, declared)
+    out: dict = {"counts": {k: counts[k] for k in order}, "warn_ratio": warn_ratio, "imbalance_ratio": None, "warning": None}
     if not counts or total == 0:
         return out
-    out["shares"] = {k: round(v / total, 4) for k, v in sorted(counts.items())}
+    out["shares"] = {k: round(counts[k] / total, 4) for k in order}
     big, small = max(counts, key=counts.get), min(counts, key=counts.get)
     ratio = counts[big] / max(counts[small], 1)
     out["imbalance_ratio"] = round(ratio, 3)
@@ -40,6 +44,9 @@ def finish(report: dict) -> dict:
     labels = report.get("labels") or {}
     if (labels.get("after_cleaning") or {}).get("warning"):
         warnings.append(labels["after_cleaning"]["warning"])
+    for label, spellings in (labels.get("spellings_merged") or {}).items():
+        ways = ", ".join(f"{w} in {n} record{'s' if n != 1 else ''}" for w, n in spellings.items())
+        warnings.append(f'label "{label}" is written {len(spellings)} ways ({ways}); they are read as one label, "{label}"')
     for src in report.get("sources", []):
         if src.get("fallback_lines"):
             encs = ", ".join(f"{k}: {v}" for k, v in src["lines_by_encoding"].items())
@@ -97,7 +104,8 @@ def render(report: dict, console: Console | None = None) -> None:
     r = report["records"]
     console.print(_table("Records", ["stage", "count"], [[k.replace("_", " "), v] for k, v in r.items()]))
     splits = report["splits"]
-    label_names = sorted({k for v in splits.values() for k in (v.get("labels") or {})})
+    seen = [k for v in [(report.get("labels") or {}).get("after_cleaning") or {}, *splits.values()] for k in (v.get("counts") or v.get("labels") or {})]
+    label_names = list(dict.fromkeys(seen))  # label-id order, as the counts are written
     console.print(_table(f"Splits ({report['split_method']})", ["split", "records", *label_names],
                          [[k, v["count"], *[(v.get("labels") or {}).get(n, 0) for n in label_names]] for k, v in splits.items()]))
     c = report["cleaning"]
@@ -122,5 +130,7 @@ def render(report: dict, console: Console | None = None) -> None:
         console.print(line, style="yellow" if line.startswith("warning") else None, markup=False, highlight=False)
 
 
-def count_labels(records) -> dict[str, int]:
-    return dict(Counter(r["label"] for r in records if "label" in r))
+def count_labels(records, declared: list[str] | None = None) -> dict[str, int]:
+    """Records per label, in label-id order (`sort_labels`)."""
+    counts = Counter(r["label"] for r in records if "label" in r)
+    return {k: counts[k] for k in sort_labels(counts, declared)}

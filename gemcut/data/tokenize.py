@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from gemcut.data.records import sort_labels
 from gemcut.errors import ConfigError, DataError
 
 IGNORE = -100
@@ -98,10 +99,10 @@ def conversation(record: dict, kind: str, cfg, label_names: list[str] | None) ->
 
 
 def resolve_label_names(records: list[dict], label_names: list[str] | None) -> list[str]:
-    """The declared label set, or the sorted set of labels seen (so the label ids are stable)."""
+    """The declared label set, or the labels seen in `sort_labels` order (so the label ids are stable)."""
     if label_names:
         return [str(x) for x in label_names]
-    return sorted({str(r["label"]) for r in records})
+    return sort_labels({str(r["label"]) for r in records})
 
 
 # ---------------------------------------------------------------- policy

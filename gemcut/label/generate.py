@@ -4,17 +4,22 @@
 
 PROMPTS.jsonl holds one object a line: `{"prompt": "..."}` (rendered as a user turn with the model's chat
 template), `{"messages": [...]}` (a conversation; the next assistant turn is sampled) or `{"text": "..."}`
-(continued as raw text). Sampling goes through `gemcut.generation.generate`, seeded, so the same command
-fills the same queue. Identical completions of one prompt are kept once (two equal texts cannot be ranked
-against each other); a prompt left with fewer than two distinct completions is not queued; both are counted.
+(continued as raw text). It is read by the data pipeline's reader and checked by its record checks
+(`gemcut.data`: the same encodings and byte-order marks, the same roles, the same file:line errors); a
+.json, .csv, .tsv or .parquet file is read in its format, any other name as JSONL. Sampling goes through
+`gemcut.generation.generate`, seeded, so the same command fills the same queue. Identical completions of
+one prompt are kept once (two equal texts cannot be ranked against each other); a prompt left with fewer
+than two distinct completions is not queued; both are counted.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from gemcut.config import DataConfig
+from gemcut.data.normalize import Normalizer
+from gemcut.data.readers import FORMAT_BY_SUFFIX, read_source
 from gemcut.errors import DataError
 from gemcut.generation import generate
 from gemcut.label.store import LabelStore
@@ -27,40 +32,22 @@ class PromptItem:
     source: str  # "file:line"
 
 
+PROMPT_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet")
+
+
 def read_prompts(path: str | Path) -> list[PromptItem]:
-    """PROMPTS.jsonl -> prompts, with file:line errors naming the field and the fix."""
+    """PROMPTS.jsonl -> prompts, through the data pipeline's reader and checks (file:line errors naming the
+    field and the fix). Messages are kept as read, up to the last user turn."""
     path = Path(path)
     if not path.is_file():
         raise DataError("no such prompts file", path=str(path))
+    fmt = FORMAT_BY_SUFFIX.get(path.suffix.lower())
+    defaults = DataConfig()  # the pipeline's encodings: UTF-8, then the counted fallbacks
+    check = Normalizer()
     items = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"not valid JSON ({e.msg} at column {e.colno})", path=str(path), line=lineno) from None
-            where = f"{path}:{lineno}"
-            if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
-                msgs = ([{"role": "system", "content": obj["system"]}] if obj.get("system") else [])
-                items.append(PromptItem(obj["prompt"], msgs + [{"role": "user", "content": obj["prompt"]}], where))
-            elif isinstance(obj, dict) and isinstance(obj.get("messages"), list) and obj["messages"]:
-                msgs = [m for m in obj["messages"] if isinstance(m, dict)]
-                while msgs and msgs[-1].get("role") == "assistant":
-                    msgs.pop()  # the turn to be sampled
-                if not msgs or not all(isinstance(m.get("content"), str) for m in msgs):
-                    raise DataError("field 'messages' needs {role, content} turns before the assistant's", path=str(path),
-                                    line=lineno, field="messages")
-                shown = "\n\n".join(f"{m['role']}: {m['content']}" for m in msgs) if len(msgs) > 1 else msgs[0]["content"]
-                items.append(PromptItem(shown, msgs, where))
-            elif isinstance(obj, dict) and isinstance(obj.get("text"), str) and obj["text"].strip():
-                items.append(PromptItem(obj["text"], None, where))
-            else:
-                found = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
-                raise DataError(f"field 'prompt' missing or empty (found: {found or 'nothing'}); write "
-                                '{"prompt": "..."}, {"messages": [...]} or {"text": "..."}', path=str(path), line=lineno,
-                                field="prompt")
+    for row in read_source(path, fmt if fmt in PROMPT_FORMATS else "jsonl", defaults.encoding, tuple(defaults.fallback_encodings)):
+        shown, messages = check.normalize_prompt(row)
+        items.append(PromptItem(shown, messages, row.source))
     if not items:
         raise DataError("no prompts in the file", path=str(path))
     return items
