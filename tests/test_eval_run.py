@@ -233,3 +233,22 @@ def test_forgetting_task_accuracy_on_answered_general_data(root):
 
 def test_forgetting_task_is_none_for_conversations(gen_eval):
     assert gen_eval["forgetting"]["task"] is None  # chit-chat has many good answers: perplexity only
+
+
+def test_eval_overrides_and_a_forgetting_set_the_run_trained_on(root, gen_run):
+    from gemcut.errors import ConfigError
+    from gemcut.eval.evaluate import run_config
+
+    assert run_config(gen_run, overrides=["eval.forgetting_data=none"]).eval.forgetting_data is None
+    assert run_config(gen_run, overrides=["eval.max_examples=3"]).eval.max_examples == 3
+    with pytest.raises(ConfigError, match="gemcut eval changes eval.\\* settings only"):
+        run_config(gen_run, overrides=["train.lr=1"])
+    trained_on = str(root / "labels.jsonl")  # the run's own data.train
+    ev = evaluate(gen_run, overrides=[f"eval.forgetting_data={trained_on}", "eval.max_examples=4"], report=False)
+    assert ev["n_examples"] == 4
+    f = ev["forgetting"]
+    assert f["in_training_data"] is True and "perplexity_base" not in f
+    assert f["skipped"] == (f"eval.forgetting_data={trained_on} is part of this run's training data (data.train), so it measures "
+                            "fit, not forgetting; pass eval.forgetting_data=chitchat (or another set the run did not train on) "
+                            "or eval.forgetting_data=none")
+    assert f["skipped"] in ev["warnings"]

@@ -1,7 +1,7 @@
 """`gemcut eval RUN` and `gemcut compare RUN_A RUN_B`: print the tables, write the HTML reports.
 
-    gemcut eval runs/<name> [--split test] [--checkpoint final|best|last|step-N] [--base/--no-base] [--max-examples N]
-                            [--forgetting-data FILE_OR_ALIAS]
+    gemcut eval runs/<name> [eval.key=value ...] [--split test] [--checkpoint final|best|last|step-N] [--base/--no-base]
+                            [--max-examples N] [--forgetting-data FILE_OR_ALIAS]
     gemcut eval runs/<name> --select-checkpoint [--metric macro_f1]
     gemcut compare runs/a runs/b [--out compare.html]
 """
@@ -73,6 +73,7 @@ def _metrics_table(ev: dict) -> Table:
 @app.command("eval")
 def eval_command(
     run: Path = typer.Argument(..., help="Run folder (runs/<name>)."),
+    overrides: list[str] = typer.Argument(None, help="eval.key=value overrides of the run's eval settings (e.g. eval.forgetting_data=none)."),
     split: str = typer.Option(None, "--split", help="Prepared split to evaluate: test or validation (default: the run's eval.split)."),
     checkpoint: str = typer.Option("final", "--checkpoint", help="final, best, last or step-N."),
     base: bool | None = typer.Option(None, "--base/--no-base", help="Also evaluate the base model (default: the run's eval.compare_base)."),
@@ -88,11 +89,11 @@ def eval_command(
     def log(msg: str) -> None:
         console.print(f"[dim]{msg}[/]", highlight=False)
 
-    cfg = run_config(run, trust_remote_code)
+    cfg = run_config(run, trust_remote_code, overrides)
     if select:
         with progress_bars() as stage:
             out = select_checkpoint(run, metric, split=split or "validation", max_examples=max_examples, log=log, progress=stage,
-                                    trust_remote_code=trust_remote_code)
+                                    trust_remote_code=trust_remote_code, overrides=overrides)
         table = Table(title=f"checkpoints on {out['split']} by {out['metric']} ({'higher' if out['higher_is_better'] else 'lower'} is better)")
         for col in ("checkpoint", out["metric"], ""):
             table.add_column(col)
@@ -109,7 +110,7 @@ def eval_command(
     with progress_bars() as stage:
         ev = evaluate(run, split=split or cfg.eval.split, checkpoint=checkpoint, base=cfg.eval.compare_base if base is None else base,
                       max_examples=max_examples, forgetting_data=forgetting_data, log=log, progress=stage,
-                      trust_remote_code=trust_remote_code)
+                      trust_remote_code=trust_remote_code, overrides=overrides)
     console.print(_metrics_table(ev))
     for w in ev.get("warnings") or []:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from gemcut.config import RunConfig, load_config
-from gemcut.errors import GemcutError
+from gemcut.errors import ConfigError, GemcutError
 from gemcut.eval import scoring
 from gemcut.eval.examples import Example, read_split, split_labels, to_example
 from gemcut.eval.labels import map_many
@@ -282,6 +282,11 @@ def forgetting_check(loaded, cfg: RunConfig, *, with_base: bool, log: Callable[[
     spec = cfg.eval.forgetting_data
     if spec is None:
         return {"skipped": "eval.forgetting_data is None"}
+    if in_training_data(spec, cfg.data.train):
+        # Perplexity on what the run trained on can only fall: it would hide forgetting, and costs half of eval.
+        why = (f"eval.forgetting_data={spec} is part of this run's training data (data.train), so it measures fit, not "
+               "forgetting; pass eval.forgetting_data=chitchat (or another set the run did not train on) or eval.forgetting_data=none")
+        return {"skipped": why, "warning": why, "in_training_data": True}
     if is_sequence_classifier(loaded.model):
         return {"skipped": "a classifier head has no language-model perplexity to compare"}
     if not with_base:
@@ -303,8 +308,7 @@ def forgetting_check(loaded, cfg: RunConfig, *, with_base: bool, log: Callable[[
                   n_resamples=cfg.eval.bootstrap, seed=cfg.train.seed)
     before, after = s["base"]["perplexity"], s["tuned"]["perplexity"]
     rise = after / before - 1 if before and math.isfinite(before) else float("nan")
-    in_training = spec in cfg.data.train
-    out = {"data": spec, "n": len(examples), "unusable_records": counts["unusable"], "in_training_data": in_training,
+    out = {"data": spec, "n": len(examples), "unusable_records": counts["unusable"], "in_training_data": False,
            "tokens": s["tuned"]["nll_tokens"], "perplexity_base": before,
            "perplexity_tuned": after, "relative_change": rise, "margin": cfg.eval.forgetting_margin,
            "delta": s["deltas"]["perplexity"], "warning": None, "task": None}
@@ -321,6 +325,21 @@ def forgetting_check(loaded, cfg: RunConfig, *, with_base: bool, log: Callable[[
         out["warning"] = ("; ".join(warnings) + ": the tuned model may have forgotten general ability; "
                           "try fewer epochs, a lower lr, or a smaller LoRA rank")
     return out
+
+
+def in_training_data(spec: str, train: list[str]) -> bool:
+    """Whether the forgetting set is one of the run's training sources: the same alias, the same file or
+    folder, or a file inside a training folder."""
+    target = Path(spec).expanduser()
+    for source in train:
+        if source == spec:
+            return True
+        folder = Path(source).expanduser()
+        if target.exists() and folder.exists():
+            resolved = target.resolve()
+            if resolved == folder.resolve() or folder.resolve() in resolved.parents:
+                return True
+    return False
 
 
 def forgetting_task(loaded, cfg: RunConfig, examples: list[Example], *, log: Callable[[str], None],
@@ -361,12 +380,17 @@ def compute_precision(model, cfg: RunConfig):
     return precision, lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def run_config(run_dir: Path, trust_remote_code: bool = False) -> RunConfig:
-    """The run's resolved config, with remote code allowed only by the caller, never by the folder."""
+def run_config(run_dir: Path, trust_remote_code: bool = False, overrides: list[str] | None = None) -> RunConfig:
+    """The run's resolved config with `eval.*` overrides, remote code allowed only by the caller (never by the
+    folder). Other sections are what the run was trained with and cannot change here."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise GemcutError(f"{run_dir}: not a run folder (no config.yaml); pass the folder `gemcut train` created under runs/")
-    cfg = load_config(path)
+    for text in overrides or []:
+        if not text.strip().startswith("eval."):
+            raise ConfigError(f"override {text!r}: gemcut eval changes eval.* settings only (for example "
+                              "eval.forgetting_data=none); the other sections are what the run was trained with")
+    cfg = load_config(path, overrides)
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"trust_remote_code": trust_remote_code})})
 
 
@@ -434,7 +458,7 @@ def _clean_floats(obj):
 
 def evaluate(run_dir, *, split: str = "test", checkpoint: str = "final", base: bool = True, max_examples: int | None = None,
              forgetting_data: str | None = None, report: bool = True, log: Callable[[str], None] | None = None,
-             progress: Progress | None = None, trust_remote_code: bool = False) -> dict:
+             progress: Progress | None = None, trust_remote_code: bool = False, overrides: list[str] | None = None) -> dict:
     """Evaluate `run_dir` on `split`; write eval.json, eval_predictions.jsonl and report.html; return eval.json's dict.
 
     Args:
@@ -448,13 +472,14 @@ def evaluate(run_dir, *, split: str = "test", checkpoint: str = "final", base: b
         log: called with one line per stage (the CLI prints them).
         progress: `progress(stage, total)` -> `advance(n)`, for a progress bar over each scoring pass.
         trust_remote_code: let Python files shipped in the run (or base) folder run; the folder cannot.
+        overrides: `eval.key=value` strings applied to the run's eval section (as `gemcut eval RUN k=v`).
     """
     from gemcut.models.load import load_run
 
     log = log or (lambda _msg: None)
     progress = progress or _no_progress
     run_dir = Path(run_dir)
-    cfg = run_config(run_dir, trust_remote_code)
+    cfg = run_config(run_dir, trust_remote_code, overrides)
     if forgetting_data is not None:
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"forgetting_data": forgetting_data})})
     t_start = time.time()
@@ -555,7 +580,7 @@ def _metric_name(metric: str | None, cfg: RunConfig, task: str) -> str:
 
 def select_checkpoint(run_dir, metric: str | None = None, *, split: str = "validation", max_examples: int | None = None,
                       log: Callable[[str], None] | None = None, progress: Progress | None = None,
-                      trust_remote_code: bool = False) -> dict:
+                      trust_remote_code: bool = False, overrides: list[str] | None = None) -> dict:
     """Evaluate every kept checkpoint on `split`, mark the best by `metric`, and say which one final/ holds.
 
     `metric` is a metric name of the task (macro_f1, accuracy, rougeL, perplexity, ...); default: the run's
@@ -569,7 +594,7 @@ def select_checkpoint(run_dir, metric: str | None = None, *, split: str = "valid
 
     log = log or (lambda _msg: None)
     run_dir = Path(run_dir)
-    cfg = run_config(run_dir, trust_remote_code)
+    cfg = run_config(run_dir, trust_remote_code, overrides)
     found = complete_checkpoints(run_dir / "checkpoints")
     if not found:
         raise GemcutError(f"{run_dir}/checkpoints: no complete checkpoint to choose from (train with train.save_every or train.eval_every)")

@@ -196,8 +196,6 @@ def forgetting_section(ev: dict) -> str:
     d = f.get("delta") or {}
     ci = f" (interval [{fmt(d.get('low'))}, {fmt(d.get('high'))}])" if d.get("low") is not None else ""
     warn = f'<div class="warn">{esc(f["warning"])}</div>' if f.get("warning") else ""
-    if f.get("in_training_data"):
-        warn += '<div class="warn">This corpus is among the run\'s training files, so it does not measure forgetting.</div>'
     return (f"<h2>Forgetting check</h2><p>Perplexity on {f['n']} general held-out examples of <code>{esc(f['data'])}</code> "
             f"({f['tokens']} tokens): base <span data-metric=\"forgetting_perplexity\" data-model=\"base\">{fmt(f['perplexity_base'])}</span>, "
             f"tuned <span data-metric=\"forgetting_perplexity\" data-model=\"tuned\">{fmt(f['perplexity_tuned'])}</span>, "
