@@ -21,7 +21,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fine-tune la
 
 def _register() -> None:
     # Imported for their side effect of adding commands to `app`.
-    from gemcut.cli import config_cmd, data_cmd, eval_cmd, label_cmd, models_cmd, quickstart_cmd, serve_cmd, train_cmd  # noqa: F401
+    from gemcut.cli import config_cmd, data_cmd, eval_cmd, label_cmd, models_cmd, quickstart_cmd, runs_cmd, serve_cmd, train_cmd  # noqa: F401
 
 
 def _version(value: bool) -> None:
