@@ -23,9 +23,10 @@ from gemcut.errors import ConfigError
 
 
 class Section(BaseModel):
-    """Base for every config section: unknown keys are errors, defaults are validated too."""
+    """Base for every config section: unknown keys are errors, defaults are validated too, and a float field
+    refuses inf and nan (`train.lr=inf` would poison every weight at the first step)."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 RecordKind = Literal["auto", "text", "prompt_completion", "messages", "label", "preference"]

@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gemcut.errors import ConfigError, GemcutError
 from gemcut.models.resolve import resolve_model
 
@@ -351,8 +349,10 @@ def _load_run(run_dir: Path, checkpoint: str, trust_remote_code: bool) -> Loaded
         tokenizer = load_tokenizer(where, trust_remote_code=model_cfg.trust_remote_code)
         template = ChatTemplate.load(where, tokenizer) if (where / TEMPLATE_JSON).is_file() else None
     else:
+        from gemcut.train.checkpoint import load_trainable, read_config
+
         where = _checkpoint_dir(run_dir, checkpoint)
-        config = yaml.safe_load((where / "config.yaml").read_text())
+        config = read_config(where)  # a damaged file names the checkpoint and the problem
         meta = (_read_json(where / RUN_META) or _read_json(run_dir / RUN_META)
                 or _read_json(run_dir / "final" / RUN_META) or {})
         task = meta.get("task") or _infer_task(config)
@@ -370,8 +370,6 @@ def _load_run(run_dir: Path, checkpoint: str, trust_remote_code: bool) -> Loaded
             labels = [model.config.id2label[i] for i in range(num_labels)]
         # The same wrapping training used, so the checkpoint's parameter names line up.
         model = apply_adapter(model, AdapterConfig(**config["adapter"]), task)
-        from gemcut.train.checkpoint import load_trainable
-
         load_trainable(model, where)
         template = None
         for candidate in (where, run_dir / "final", run_dir):

@@ -20,6 +20,10 @@ moment leaves either a `.tmp-*` folder, which resume ignores and the next save r
 Every `.pt` file holds only tensors, numbers, strings, lists and dicts, so it loads with
 `torch.load(weights_only=True)`: a checkpoint never unpickles code. `checkpoints/best` is a text file
 naming the best checkpoint (`step-N`); pruning to `keep_last_n` never removes it.
+
+Every read goes through `_read`, so a missing, truncated or garbled file, a weight that is nan or inf, or
+weights whose names or shapes do not fit the model raise a `CheckpointError` naming the checkpoint and the
+problem; resume then names the newest intact checkpoint and how to continue from it (`resume_point`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +47,16 @@ from safetensors.torch import load_file, save_file
 from gemcut.errors import TrainingError
 
 COMPLETE = "COMPLETE"
+WEIGHTS = "model.safetensors"
 BEST = "best"
 TMP_PREFIX = ".tmp-"
 # Settings that may change between a run and its resume without changing what is computed.
 RESUME_MAY_DIFFER = ("train.force", "train.num_threads", "train.log_every", "train.sample_prompts", "eval.", "output.")
+
+
+class CheckpointError(TrainingError):
+    """A checkpoint that cannot be used: a file missing or unreadable, a weight that is not finite, or weights
+    that do not fit the model."""
 
 
 @dataclasses.dataclass
@@ -70,19 +82,92 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable(model: torch.nn.Module, path: Path) -> None:
-    """Copy saved trainable weights into `model`; the names must match exactly."""
-    saved = load_file(str(Path(path) / "model.safetensors"))
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+def _unusable(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} cannot be used: {problem}")
+
+
+def _read(path: Path, name: str, read: Callable[[Path], Any]) -> Any:
+    """`read(path / name)`, with every way a damaged file fails turned into a CheckpointError naming it."""
+    file = Path(path) / name
+    if not file.is_file():
+        raise _unusable(path, f"{name} is missing")
+    try:
+        return read(file)
+    except Exception as e:  # safetensors, torch's zip reader, json and yaml each raise their own types
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise _unusable(path, f"{name} cannot be read ({type(e).__name__}: {detail})") from None
+
+
+def _load_pt(file: Path, mmap: bool = False) -> Any:
+    return torch.load(file, weights_only=True, map_location="cpu", mmap=mmap)
+
+
+def _mapping(value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping, found {type(value).__name__}")
+    return value
+
+
+def read_state(path: Path) -> dict:
+    return _read(path, "state.json", lambda f: _mapping(json.loads(f.read_text())))
+
+
+def read_config(path: Path) -> dict:
+    """The run config a checkpoint was made with, as a dict."""
+    return _read(path, "config.yaml", lambda f: _mapping(yaml.safe_load(f.read_text())))
+
+
+def _mismatch(saved: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> str | None:
     missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
     if missing or unexpected:
-        raise TrainingError(
-            f"{path}/model.safetensors does not match the model's trainable parameters "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was it made with another model or adapter config?"
-        )
+        return f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+    # Names alone are not enough: copy_ would broadcast a [1, d] tensor into a [k, d] parameter.
+    differ = [n for n, p in params.items() if saved[n].shape != p.shape]
+    if not differ:
+        return None
+    n = differ[0]
+    more = f", and {len(differ) - 1} more" if len(differ) > 1 else ""
+    return f"{n} is {list(saved[n].shape)} there, {list(params[n].shape)} in the model{more}"
+
+
+def read_weights(path: Path, params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The saved trainable weights of checkpoint `path`, shown readable and finite and, given `params` (the
+    model's trainable parameters by name), of the same names and shapes."""
+    saved = _read(path, WEIGHTS, lambda f: load_file(str(f)))
+    bad = {n: int((~torch.isfinite(t)).sum()) for n, t in saved.items() if t.is_floating_point()}
+    bad = {n: k for n, k in bad.items() if k}
+    if bad:
+        total = sum(t.numel() for t in saved.values())
+        raise _unusable(path, f"{WEIGHTS} holds {sum(bad.values()):,} of {total:,} weights that are nan or inf (in {', '.join(list(bad)[:3])})")
+    problem = _mismatch(saved, params) if params is not None else None
+    if problem:
+        raise _unusable(path, f"{WEIGHTS} does not match the model's trainable parameters ({problem}); "
+                              "was it made with another model or adapter config?")
+    return saved
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: torch.nn.Module, path: Path) -> None:
+    """Copy saved trainable weights into `model`; names and shapes must match exactly (see `read_weights`)."""
+    params = _trainable(model)
+    saved = read_weights(path, params)
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(saved[name])
+
+
+def verify(path: Path, params: dict[str, torch.Tensor] | None = None) -> None:
+    """Raise a CheckpointError unless every file of checkpoint `path` is present and readable and its weights
+    are finite (and fit `params`, when given). The .pt files are opened memory-mapped: their structure is
+    read, their tensors are not."""
+    read_weights(path, params)
+    for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
+        _read(path, name, partial(_load_pt, mmap=True))
+    read_state(path)
+    read_config(path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -213,13 +298,13 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def check_compatible(path: Path, *, data_hash: str, config: dict) -> None:
     """Refuse to resume from `path` when the data or the training-relevant config differ."""
     path = Path(path)
-    state = json.loads((path / "state.json").read_text())
+    state = read_state(path)
     if state.get("data_hash") != data_hash:
         raise TrainingError(
             f"{path}: the training data changed since this checkpoint (data hash {state.get('data_hash')!r}, "
             f"now {data_hash!r}); resume needs the same data, or start a new run with another output.name"
         )
-    saved = _flatten(yaml.safe_load((path / "config.yaml").read_text()) or {})
+    saved = _flatten(read_config(path))
     now = _flatten(config)
     differ = [k for k in sorted(set(saved) | set(now))
               if saved.get(k) != now.get(k) and not k.startswith(RESUME_MAY_DIFFER)]
@@ -235,21 +320,74 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, scheduler)
     """Restore weights, optimizer, scheduler and RNG states in place; return the training position."""
     path = Path(path)
     load_trainable(model, path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    fields = json.loads((path / "state.json").read_text())
+    optimizer.load_state_dict(_read(path, "optimizer.pt", _load_pt))
+    scheduler.load_state_dict(_read(path, "scheduler.pt", _load_pt))
+    set_rng_state(_read(path, "rng.pt", _load_pt))
+    fields = read_state(path)
     return TrainState(**{f.name: fields[f.name] for f in dataclasses.fields(TrainState) if f.name in fields})
 
 
-def start_or_resume(root: Path, *, resume: bool, data_hash: str, config: dict, model: torch.nn.Module, optimizer,
+def newest_intact(root: Path, *, before: int, params: dict[str, torch.Tensor] | None = None) -> Path | None:
+    """The newest complete checkpoint older than step `before` that `verify` accepts, or None."""
+    for path in reversed(complete_checkpoints(root)):
+        if _step_of(path) < before:
+            try:
+                verify(path, params)
+                return path
+            except CheckpointError:
+                continue
+    return None
+
+
+def resume_point(root: Path, resume: bool | str, params: dict[str, torch.Tensor] | None = None) -> Path:
+    """The checkpoint to resume from: with `resume=True` the newest complete one, with "step-N" (or "N") that
+    one, shown intact by `verify`. A damaged one raises a CheckpointError that names the newest intact
+    checkpoint before it and the option that continues from there."""
+    root = Path(root)
+    if isinstance(resume, str):
+        name = resume if resume.startswith("step-") else f"step-{resume}"
+        path = root / name
+        if not (path / COMPLETE).is_file():
+            available = ", ".join(p.name for p in complete_checkpoints(root)) or "none"
+            raise TrainingError(f"--resume-from {name}: {path} is not a complete checkpoint; complete checkpoints: {available}")
+    else:
+        path = latest_checkpoint(root)
+        if path is None:
+            raise TrainingError(f"--resume: no complete checkpoint in {root}; start without --resume")
+    try:
+        verify(path, params)
+    except CheckpointError as e:
+        intact = newest_intact(root, before=_step_of(path), params=params)
+        hint = (f"The newest intact checkpoint is {intact}; continue from it with --resume-from {intact.name} "
+                "(the checkpoints after it are removed)." if intact is not None else
+                "No earlier checkpoint is intact; start a new run (another output.name) without --resume.")
+        raise CheckpointError(f"{e}\n{hint}") from None
+    return path
+
+
+def forget_after(root: Path, path: Path, best_step: int | None) -> None:
+    """Remove the complete checkpoints newer than `path`: the resumed run retraces their steps. The best marker
+    moves back to `best_step`'s checkpoint if it named a removed one."""
+    for later in complete_checkpoints(root):
+        if _step_of(later) > _step_of(path):
+            shutil.rmtree(later)
+    marker = Path(root) / BEST
+    if marker.is_file() and best_checkpoint(root) is None:
+        best = Path(root) / f"step-{best_step}"
+        if best_step is not None and (best / COMPLETE).is_file():
+            _write_text_atomic(marker, best.name + "\n")
+        else:
+            marker.unlink()
+
+
+def start_or_resume(root: Path, *, resume: bool | str, data_hash: str, config: dict, model: torch.nn.Module, optimizer,
                     scheduler) -> tuple[TrainState, Path | None]:
-    """A fresh state, or with `resume` the newest complete checkpoint's, once it is shown to belong to this
-    data and config; returns (state, the checkpoint resumed from or None). Shared by `fit` and `fit_rl`."""
+    """A fresh state, or with `resume` (see `resume_point`) that checkpoint's, once it is shown intact and made
+    from this data and config; returns (state, the checkpoint resumed from or None). Shared by `fit` and `fit_rl`."""
     if not resume:
         return TrainState(data_hash=data_hash), None
-    last = latest_checkpoint(root)
-    if last is None:
-        raise TrainingError(f"--resume: no complete checkpoint in {root}; start without --resume")
-    check_compatible(last, data_hash=data_hash, config=config)
-    return load_checkpoint(last, model=model, optimizer=optimizer, scheduler=scheduler), last
+    path = resume_point(root, resume, _trainable(model))
+    check_compatible(path, data_hash=data_hash, config=config)
+    state = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
+    forget_after(root, path, state.best_step)
+    return state, path

@@ -7,10 +7,11 @@ parameters only, warmup + cosine/linear/constant schedule, gradient clipping, an
 which each micro-batch's summed loss is divided by the target count of the *whole* optimizer step, so that
 batch 8 x 1 and batch 1 x 8 with accumulation give the same update. The data order of epoch e is a
 permutation drawn from (seed, e) — with length grouping, batches of similar lengths — so the data position is
-(epoch, index) and resume skips exactly to it. Losses stay on the device until a log step or a save, where
-they are checked: a NaN or inf stops the run naming the step and the last good checkpoint (a checkpoint is
-written only after that check, so none holds a poisoned update). Ctrl-C finishes the current step, saves a
-checkpoint and returns.
+(epoch, index) and resume skips exactly to it. Losses, gradient norms and the largest trainable weight after
+each update stay on the device until a log step or a save, where they are checked (`gemcut/train/guard.py`):
+a NaN or inf stops the run naming the step and the last good checkpoint (a checkpoint is written only after
+that check, so none holds a poisoned update), and a model stuck at the loss of a uniform guess with no
+gradient stops it as "collapsed". Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and returns.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from gemcut.errors import TrainingError
 from gemcut.models.padding_free import runs_padding_free
 from gemcut.objectives.base import Objective
 from gemcut.train import checkpoint as ckpt
+from gemcut.train import guard
 from gemcut.train.logging import RunLogger
 from gemcut.train.optimizer import adamw, param_groups
 from gemcut.train.schedule import build_scheduler, warmup_steps_for
@@ -46,11 +46,12 @@ GROUP_BATCHES = 50  # length grouping sorts windows of this many batches, like H
 @dataclass
 class FitResult:
     state: ckpt.TrainState
-    stopped: str  # "completed", "early_stopped" or "interrupted"
+    stopped: str  # "completed", "early_stopped", "interrupted" or "collapsed"
     last_checkpoint: Path | None
     best_checkpoint: Path | None
     precision: str
     seconds: float
+    reason: str = ""  # interrupted: the signal ("SIGINT", "SIGTERM"); collapsed: what happened and the fix
 
 
 def example_length(example: dict) -> int:
@@ -144,27 +145,6 @@ def backward_step(model, objective: Objective, batches: Sequence[Batch], *, n_st
     return step_loss
 
 
-class _Interrupt:
-    """SIGINT sets a flag the loop checks between steps; a second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.requested, self._previous = False, None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
 def store_frozen_linears_in_bf16(model: torch.nn.Module) -> int:
     """Under bf16 autocast, keep the frozen weights of a LoRA model's linear layers in bf16; returns how many.
 
@@ -197,8 +177,9 @@ def fit(model: torch.nn.Module, objective: Objective, train_set: Sequence[dict],
         sample_fn: Callable[[torch.nn.Module], list[dict]] | None = None, logger: RunLogger | None = None) -> FitResult:
     """Train `model` in place on tokenized `train_set` (dicts with `input_ids`, ...) batched by `collate`.
 
-    Writes `run_dir/metrics.jsonl`, `samples.jsonl`, `tb/` and `checkpoints/`. With `resume`, continues from
-    the newest complete checkpoint after checking its data hash and config. `sample_fn(model)` returns
+    Writes `run_dir/metrics.jsonl`, `samples.jsonl`, `tb/` and `checkpoints/`. With `resume` (True, or a
+    checkpoint's name `step-N`), continues from the newest complete checkpoint, or that one, after checking
+    that it is intact and made from this data and config. `sample_fn(model)` returns
     generated samples ([{"prompt", "output"}]) written at each evaluation. Under bf16 the frozen linear
     weights of a LoRA model stay in bf16 afterwards (see `store_frozen_linears_in_bf16`): call the model
     through its forward (accelerate keeps it autocast) or inside `torch.autocast`."""
@@ -213,6 +194,8 @@ def fit(model: torch.nn.Module, objective: Objective, train_set: Sequence[dict],
         raise TrainingError("no trainable parameters: check adapter.method and adapter.target_modules")
     params = [p for g in groups for p in g["params"]]
     optimizer = adamw(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    choices = guard.uniform_choices(model, getattr(objective, "task", None))
+    collapse_watch = guard.CollapseWatch(choices, cfg.lr) if choices else None
     model, optimizer = acc.prepare(model, optimizer)
     world, per_micro = acc.num_processes, cfg.batch_size
     per_step = per_micro * cfg.grad_accum * world
@@ -228,22 +211,24 @@ def fit(model: torch.nn.Module, objective: Objective, train_set: Sequence[dict],
     grouped = group_by_length(cfg.group_by_length, model)
     es, orders, pending = cfg.early_stopping, {}, []
     stopped, t_log, tokens_log = "completed", time.time(), (state.tokens, state.trained_tokens)
+    collapsed = ""  # the collapse message, once the watch has seen one
 
     def flush() -> None:
-        """Sync the losses kept on the device since the last flush: log them, stop on NaN/inf."""
-        nonlocal t_log, tokens_log
+        """Sync the values kept on the device since the last flush: stop on NaN/inf, watch for a collapse, log."""
+        nonlocal t_log, tokens_log, collapsed
         if not pending:
             return
-        values = torch.stack([torch.stack([l_, g_]) for _, l_, g_, _ in pending]).float().tolist()
-        for (step, _, _, _), (loss, gnorm) in zip(pending, values):
-            if not (math.isfinite(loss) and math.isfinite(gnorm)):
-                what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {gnorm}"
-                raise TrainingError(f"{what} at step {step}; last good checkpoint: {last_saved or 'none'}. "
-                                    "Lower train.lr, check the data for empty or broken examples, or resume from that checkpoint.")
+        values = torch.stack([torch.stack([l_, g_, w_]) for _, l_, g_, w_, _ in pending]).float().tolist()
+        for (step, *_), (loss, gnorm, weights) in zip(pending, values):
+            guard.check_finite(step, loss=loss, grad_norm=gnorm, weights=weights, params=params, now=state.step,
+                               last_good=last_saved, fix="Lower train.lr, check the data for empty or broken examples, "
+                                                         "or resume from that checkpoint.")
+            if collapse_watch is not None and not collapsed:
+                collapsed = collapse_watch.update(step, loss, gnorm) or ""
         now, seconds = time.time(), max(time.time() - t_log, 1e-9)
         tokens, trained = state.tokens - tokens_log[0], state.trained_tokens - tokens_log[1]
         log.log({"step": pending[-1][0], "epoch": state.epoch, "loss": sum(v[0] for v in values) / len(values),
-                 "lr": pending[-1][3], "grad_norm": values[-1][1], "tokens": tokens, "trained_tokens": trained,
+                 "lr": pending[-1][4], "grad_norm": values[-1][1], "tokens": tokens, "trained_tokens": trained,
                  "tokens_per_s": tokens / seconds, "trained_tokens_per_s": trained / seconds,
                  "tokens_total": state.tokens, "trained_tokens_total": state.trained_tokens})
         t_log, tokens_log = now, (state.tokens, state.trained_tokens)
@@ -252,11 +237,13 @@ def fit(model: torch.nn.Module, objective: Objective, train_set: Sequence[dict],
     def save(is_best: bool = False) -> None:
         nonlocal last_saved
         flush()
+        if collapsed:  # a model that can no longer learn is not worth a checkpoint
+            return
         last_saved = ckpt.save_checkpoint(root, model=acc.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
                                           state=state, config=config_dict, keep_last_n=cfg.keep_last_n, is_best=is_best)
 
     model.train()
-    with _Interrupt() as interrupt:
+    with guard.StopSignals() as interrupt:
         try:
             while state.step < total:
                 if state.epoch not in orders:
@@ -272,7 +259,8 @@ def fit(model: torch.nn.Module, objective: Objective, train_set: Sequence[dict],
                     n_step = int(acc.reduce(torch.tensor(n_step, device=acc.device), "sum")) / world
                 step_loss = backward_step(model, objective, batches, n_step=n_step, accelerator=acc)
                 state.trained_tokens += sum(counts)
-                gnorm = acc.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else torch.zeros(())
+                # Measured even when not clipping (an infinite bound scales by 1): the guards read it.
+                gnorm = acc.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
                 lr = scheduler.get_last_lr()[0]  # the rate this step uses
                 optimizer.step()
                 scheduler.step()
@@ -280,7 +268,7 @@ def fit(model: torch.nn.Module, objective: Objective, train_set: Sequence[dict],
                 state.step, state.index = state.step + 1, state.index + len(take)
                 if state.index >= len(train_set):
                     state.epoch, state.index = state.epoch + 1, 0
-                pending.append((state.step, step_loss, gnorm.detach().float(), lr))
+                pending.append((state.step, step_loss, gnorm.detach().float(), guard.weights_max_abs(params), lr))
                 if state.step % cfg.log_every == 0:
                     flush()
                 last = state.step == total
@@ -310,12 +298,19 @@ def fit(model: torch.nn.Module, objective: Objective, train_set: Sequence[dict],
                     save(is_best=improved)
                 if saving or evaluated:
                     t_log = time.time()  # tokens/s measures training: evaluation and saving are not in it
+                if collapsed:  # seen at a log step or by the flush before a save, which then saved nothing
+                    stopped = "collapsed"
                 if stopped != "completed":
                     break
             flush()
+            if collapsed:
+                stopped = "collapsed"
+                log.log({"step": state.step, "collapsed": collapsed})
+                log.print(f"[red]collapsed:[/red] {collapsed}")
         finally:
             if logger is None:
                 log.close()
     if stopped == "interrupted":
-        log.print(f"interrupted: saved {last_saved}; continue with --resume")
-    return FitResult(state, stopped, last_saved, ckpt.best_checkpoint(root), precision, time.time() - t0)
+        log.print(f"interrupted ({interrupt.requested}): saved {last_saved}; continue with --resume")
+    reason = {"interrupted": interrupt.requested or "", "collapsed": collapsed}.get(stopped, "")
+    return FitResult(state, stopped, last_saved, ckpt.best_checkpoint(root), precision, time.time() - t0, reason)

@@ -38,8 +38,9 @@ from gemcut.objectives.grpo import group_advantages, grpo_loss
 from gemcut.objectives.ppo import gae, ppo_loss, shaped_rewards, whiten
 from gemcut.objectives.rewards import RewardFn
 from gemcut.train import checkpoint as ckpt
+from gemcut.train import guard
 from gemcut.train.logging import RunLogger
-from gemcut.train.loop import _Interrupt, epoch_order, resolve_precision
+from gemcut.train.loop import epoch_order, resolve_precision
 from gemcut.train.optimizer import adamw, param_groups
 from gemcut.train.schedule import build_scheduler, warmup_steps_for
 
@@ -97,6 +98,7 @@ class RLResult:
     last_checkpoint: Path | None
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    reason: str = ""  # interrupted: the signal ("SIGINT", "SIGTERM")
 
 
 def prompt_inputs(records: Sequence[dict], tokenizer, template=None, prompt_words: int | None = None) -> list[dict]:
@@ -269,7 +271,7 @@ def fit_rl(policy: torch.nn.Module, tokenizer, prompts: Sequence[dict], reward_f
         last_saved = ckpt.save_checkpoint(root, model=trainable, optimizer=optimizer, scheduler=scheduler, state=state,
                                           config=config_dict, keep_last_n=cfg.keep_last_n)
 
-    with _Interrupt() as interrupt:
+    with guard.StopSignals() as interrupt:
         try:
             while state.step < total:
                 order = epoch_order(lengths, seed=cfg.seed, epoch=state.epoch, batch_size=per_iter, group_by_length=False)
@@ -315,13 +317,14 @@ def fit_rl(policy: torch.nn.Module, tokenizer, prompts: Sequence[dict], reward_f
                         step_loss += float(out.loss_sum.detach()) / max(n_targets, 1)
                         for k, v in out.metrics.items():
                             sums[k] = sums.get(k, 0.0) + float(v)
-                    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else torch.zeros(())
-                    if not (math.isfinite(step_loss) and math.isfinite(float(gnorm))):
-                        raise TrainingError(f"loss {step_loss} / gradient norm {float(gnorm)} at iteration {state.step + 1}; "
-                                            f"last good checkpoint: {last_saved or 'none'}. Lower train.lr or raise objective.rl.kl_coef.")
+                    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+                    # Each update is checked at once: an RL iteration syncs with the host anyway (rewards, logs).
+                    guard.check_finite(state.step + 1, loss=step_loss, grad_norm=float(gnorm), weights=float(guard.weights_max_abs(params)),
+                                       params=params, now=state.step + 1, last_good=last_saved,
+                                       fix="Lower train.lr or raise objective.rl.kl_coef.")
                 state.step, state.index = state.step + 1, state.index + len(take)
                 state.tokens += int(ro.attention_mask.sum())
                 state.trained_tokens += int(ro.mask.sum())
@@ -369,5 +372,5 @@ def fit_rl(policy: torch.nn.Module, tokenizer, prompts: Sequence[dict], reward_f
             if logger is None:
                 log.close()
     if stopped == "interrupted":
-        log.print(f"interrupted: saved {last_saved}; continue with --resume")
-    return RLResult(state, stopped, last_saved, history, time.time() - t0)
+        log.print(f"interrupted ({interrupt.requested}): saved {last_saved}; continue with --resume")
+    return RLResult(state, stopped, last_saved, history, time.time() - t0, interrupt.requested or "")

@@ -3,11 +3,15 @@
     gemcut train examples/sft_chatterbot.yaml train.max_steps=20
     python -c "from gemcut import load_config, train; train(load_config('examples/sft_chatterbot.yaml'))"
 
-`train(config, resume=False) -> Path` is the Python entry point the CLI, the job worker and the benchmark
-call. The run folder gets: `config.yaml` (resolved), `data/` (cleaned splits), `data_report.json` (cleaning
+`train(config, resume=False) -> Path` is the Python entry point the job worker and the benchmark call;
+`train_run` is the same run, returning how it ended too (the CLI's exit status). The run folder gets: `config.yaml` (resolved), `data/` (cleaned splits), `data_report.json` (cleaning
 and tokenization counts), `gemcut_run.json` (what `load_run` needs for checkpoints), `metrics.jsonl`,
 `samples.jsonl`, `tb/`, `checkpoints/`, `final/` (adapter or model, tokenizer, template, labels) and
 `manifest.json` (package versions, data and config hashes, file hashes of `final/`, how the run ended).
+
+With `resume`, nothing is written into the run folder until the checkpoint is shown intact and made from
+this data and config: a refused resume leaves the folder describing the run that happened. A run that
+collapses (gemcut/train/guard.py) gets a manifest saying so, no `final/`, and a TrainingError.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import platform
 import re
 import time
+from dataclasses import dataclass
 from functools import partial
 from importlib import metadata
 from pathlib import Path
@@ -26,10 +31,17 @@ from rich.console import Console
 
 from gemcut.config import RunConfig
 from gemcut.errors import TrainingError
-from gemcut.train.checkpoint import best_checkpoint, latest_checkpoint, load_trainable
+from gemcut.train.checkpoint import best_checkpoint, check_compatible, latest_checkpoint, load_trainable, resume_point
 
 PACKAGES = ("gemcut", "torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "trl")
 SAMPLE_MAX_NEW_TOKENS = 48
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: Path
+    stopped: str  # "completed", "early_stopped" or "interrupted" (a collapse raises)
+    reason: str = ""  # interrupted: the signal, "SIGINT" or "SIGTERM"
 
 
 def resolve_task(objective_kind: str, record_kind: str) -> str:
@@ -137,8 +149,14 @@ def _objective_and_collate(task: str, config: RunConfig, pad_id: int, train_exam
     return build_objective(task), partial(C.collate_causal, pad_id=pad_id)
 
 
-def train(config: RunConfig, *, resume: bool = False) -> Path:
-    """Run `config` end to end and return the run folder (see the module docstring)."""
+def train(config: RunConfig, *, resume: bool | str = False) -> Path:
+    """Run `config` end to end and return the run folder (see the module docstring). `resume`: True continues
+    from the newest complete checkpoint, "step-N" from that one."""
+    return train_run(config, resume=resume).run_dir
+
+
+def train_run(config: RunConfig, *, resume: bool | str = False) -> TrainOutcome:
+    """`train`, returning how the run ended as well as where."""
     from accelerate.utils import set_seed
 
     from gemcut.data.prepare import prepare
@@ -159,15 +177,21 @@ def train(config: RunConfig, *, resume: bool = False) -> Path:
 
         keep_freed_memory()  # each step's large tensors reuse warm pages instead of faulting fresh ones in
     task_hint = resolve_task(config.objective.kind, config.data.kind)
-    run_dir = run_folder(config, task_hint, resume=resume)
+    run_dir = run_folder(config, task_hint, resume=bool(resume))
     if not resume and latest_checkpoint(run_dir / "checkpoints") is not None:
         raise TrainingError(f"{run_dir} already holds checkpoints; continue it with --resume, or choose another output.name")
     run_dir.mkdir(parents=True, exist_ok=True)
     say = partial(Console(stderr=True).print, highlight=False, soft_wrap=True)
     say(f"run folder: {run_dir}")
-    (run_dir / "config.yaml").write_text(config.to_yaml())
 
-    prepared = prepare(config.data, run_dir / "data")
+    # Resuming, the data is prepared outside the run folder and the checkpoint checked before anything is written.
+    prepared = prepare(config.data, None if resume else run_dir / "data")
+    if resume:
+        check_compatible(resume_point(run_dir / "checkpoints", resume), data_hash=prepared.content_hash,
+                         config=config.model_dump(mode="json"))
+        if not (run_dir / "data" / "content_hash.txt").is_file():  # data/ lost since: the same data, written again
+            prepared = prepare(config.data, run_dir / "data")
+    (run_dir / "config.yaml").write_text(config.to_yaml())
     kind = prepared.kind
     task = resolve_task(config.objective.kind, kind)
     set_seed(cfg.seed)  # before load_base: a new classification head is drawn from the global RNG
@@ -244,30 +268,35 @@ def train(config: RunConfig, *, resume: bool = False) -> Path:
         sample_fn = _sample_fn(config, kind, val_records, tokenizer, template, labels) if task == "causal_lm" else None
         result = fit(model, objective, train_ex, collate, config=config, run_dir=run_dir, val_set=val_ex or None,
                      data_hash=prepared.content_hash, resume=resume, sample_fn=sample_fn)
-    stopped = getattr(result, "stopped", "completed")
+    stopped, reason = result.stopped, result.reason
     if stopped == "interrupted":
-        say(f"stopped by Ctrl-C; continue with: gemcut train ... output.name={run_dir.name} --resume")
-        return run_dir
+        say(f"stopped by {reason} after step {result.state.step}; saved {result.last_checkpoint}; "
+            f"continue with: gemcut train ... output.name={run_dir.name} --resume")
+        return TrainOutcome(run_dir, stopped, reason)
 
-    final_from = "last"
-    best = best_checkpoint(run_dir / "checkpoints")
-    if cfg.early_stopping.patience and best is not None:
-        load_trainable(model, best)  # early stopping keeps the best weights, not the last
-        final_from = best.name
-    meta = {**run_meta(config, task, labels), "final_from": final_from}
-    final = save_final(model, tokenizer, template, run_dir / "final", labels=labels, meta=meta)
-    state = getattr(result, "state", None)
+    final, final_from = None, None
+    if stopped != "collapsed":  # a collapsed model is not worth a final/: nothing should load it as finished
+        final_from = "last"
+        best = best_checkpoint(run_dir / "checkpoints")
+        if cfg.early_stopping.patience and best is not None:
+            load_trainable(model, best)  # early stopping keeps the best weights, not the last
+            final_from = best.name
+        meta = {**run_meta(config, task, labels), "final_from": final_from}
+        final = save_final(model, tokenizer, template, run_dir / "final", labels=labels, meta=meta)
+    state = result.state
     manifest = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(time.time() - t0, 1),
-        "loop_seconds": round(result.seconds, 1) if hasattr(result, "seconds") else None,
-        "task": task, "record_kind": kind, "stopped": stopped, "final_from": final_from,
+        "loop_seconds": round(result.seconds, 1), "task": task, "record_kind": kind, "stopped": stopped,
+        "reason": reason, "final_from": final_from,
         "steps": getattr(state, "step", None), "tokens": getattr(state, "tokens", None),
         "trained_tokens": getattr(state, "trained_tokens", None), "best_step": getattr(state, "best_step", None),
         "best_metric": getattr(state, "best_metric", None), "precision": getattr(result, "precision", None),
         "seed": cfg.seed, "padding_free": padding_free, "pooling": pooling, "versions": _versions(), "data_hash": prepared.content_hash,
         "config_sha256": hashlib.sha256(config.to_yaml().encode()).hexdigest(), "estimate": estimate_info,
-        "final_files": {str(p.relative_to(final)): _sha256(p) for p in sorted(final.rglob("*")) if p.is_file()},
+        "final_files": {str(p.relative_to(final)): _sha256(p) for p in sorted(final.rglob("*")) if p.is_file()} if final else {},
     }
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    if stopped == "collapsed":
+        raise TrainingError(reason)
     say(f"done: {stopped} after {manifest['steps']} steps; model in {final}")
-    return run_dir
+    return TrainOutcome(run_dir, stopped, reason)
