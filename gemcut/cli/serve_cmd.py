@@ -31,6 +31,7 @@ def serve(
     max_queue: int | None = typer.Option(None, help="Waiting requests before 429 (default 64)."),
     max_batch: int | None = typer.Option(None, help="Sequences per batch (default 8)."),
     threads: int | None = typer.Option(None, help="torch CPU threads for the model worker."),
+    max_body_bytes: int | None = typer.Option(None, help="Largest request body accepted, in bytes (default 8 MiB); bigger ones get 413."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Serve runs behind an OpenAI-compatible API (FastAPI on uvicorn)."""
@@ -42,7 +43,7 @@ def serve(
 
     settings = load_settings(config, models=list(model) or None, host=host, allowed_hosts=allowed_host or None, port=port,
                              db_url=db, log_prompts=log_prompts,
-                             max_queue=max_queue, max_batch=max_batch, num_threads=threads,
+                             max_queue=max_queue, max_batch=max_batch, num_threads=threads, max_body_bytes=max_body_bytes,
                              trust_remote_code=trust_remote_code or None)
     if api_key:
         settings.api_keys = sorted(set(settings.api_keys) | set(api_key))

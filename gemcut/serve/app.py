@@ -7,7 +7,9 @@ Routes: GET /health (public), GET /metrics, GET /v1/models, POST /v1/chat/comple
 POST /v1/completions, POST /v1/classify, POST /v1/feedback, and the ranking page under /label when
 gemcut.label is installed. Every route but /health needs `Authorization: Bearer <key>`.
 Models load when the app is created (so a bad --model fails before the port opens); the worker thread
-starts and stops with the app's lifespan.
+starts and stops with the app's lifespan. Bodies over `max_body_bytes` get 413 before they are read
+(gemcut/serve/limits.py); CPU work on a request (templates, tokenisation, the request log) runs in
+threads, never on the event loop, so one big prompt cannot stall other clients.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from gemcut.serve import feedback, openai_api
 from gemcut.serve.auth import require_api_key
 from gemcut.serve.engine import Engine
 from gemcut.serve.errors import install_error_handlers
+from gemcut.serve.limits import BodyLimit
 from gemcut.serve.metrics import Metrics
 from gemcut.serve.settings import API_KEYS_ENV, ServeSettings
 from gemcut.serve.store import Store
@@ -57,11 +60,13 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
     app = FastAPI(title="gemcut", version="0.1.0", lifespan=lifespan, dependencies=[Depends(require_api_key)],
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings, app.state.engine, app.state.metrics, app.state.store = settings, engine, metrics, store
-    install_error_handlers(app, on_error=metrics.record_error)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, on_error=metrics.record_error)
+    install_error_handlers(app, on_error=metrics.record_error)  # added after it, its catch-all wraps the body limit too
     install_host_check(app, settings.host, settings.allowed_hosts)
 
     @app.get("/health")
-    def health() -> dict:
+    async def health() -> dict:
+        # async: answered on the event loop itself, so a threadpool busy with tokenisation cannot delay it
         alive = engine._thread is not None and engine._thread.is_alive()
         return {"status": "ok" if alive else "starting", "models": sorted(engine.models), "queue_depth": engine.depth()}
 

@@ -367,9 +367,9 @@ class Engine:
             except APIError as e:
                 for job in batch:
                     self._fail(job, e)
-            except Exception as e:  # a fault in one batch must not kill the worker: fail that batch, go on
+            except Exception:  # a fault in one batch must not kill the worker: fail that batch, go on
                 log.exception("model call failed")
-                err = APIError(500, f"model call failed: {type(e).__name__}: {e}", type="server_error", code="model_error")
+                err = APIError(500, "the model call failed; the details are in the server's log", type="server_error", code="model_error")
                 for job in batch:
                     self._fail(job, err)
 

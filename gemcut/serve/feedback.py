@@ -21,21 +21,22 @@ from pathlib import Path
 from typing import Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from gemcut.serve.errors import APIError
+from gemcut.serve.limits import UnicodeChecked
 from gemcut.serve.store import Store
 
 router = APIRouter(prefix="/v1")
 
 
-class FeedbackRequest(BaseModel):
+class FeedbackRequest(UnicodeChecked):
     model_config = ConfigDict(extra="forbid")
 
     response_id: str = Field(min_length=1, max_length=64, description="The `id` of a chat or completion response.")
     rating: Literal["up", "down", 1, -1] = Field(description="Thumbs up ('up' or 1) or down ('down' or -1).")
     comment: str | None = Field(None, max_length=4000)
-    choice_index: int = Field(0, ge=0, description="Which of the n choices the rating is about.")
+    choice_index: int = Field(0, ge=0, le=1023, description="Which of the n choices the rating is about.")
 
 
 @router.post("/feedback")

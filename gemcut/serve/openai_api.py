@@ -4,9 +4,11 @@
     client.chat.completions.create(model="my-run", messages=[{"role": "user", "content": "hi"}], stream=True)
 
 Bodies are validated by pydantic; the error handlers (gemcut/serve/errors.py) turn every failure into
-OpenAI's error shape with a 4xx. Prompts are rendered with the run's own chat template (the one used in
-training) and checked against the context length before they reach the queue. Each answered request is
-logged (gemcut/serve/store.py) and counted (gemcut/serve/metrics.py).
+OpenAI's error shape with a 4xx. Every number is range-checked here, so nothing a client sends can make
+torch raise later: seeds are 64-bit, temperatures under MIN_TEMPERATURE are greedy. Prompts are rendered
+with the run's own chat template (the one used in training) and checked against the context length
+before they reach the queue; rendering, tokenising and logging run in worker threads, never on the event
+loop. Each answered request is logged (gemcut/serve/store.py) and counted (gemcut/serve/metrics.py).
 """
 
 from __future__ import annotations
@@ -19,12 +21,21 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.concurrency import run_in_threadpool
 
+from gemcut.errors import GemcutError
 from gemcut.serve.engine import _DONE, ClassifyJob, GenJob, ServedModel
 from gemcut.serve.errors import APIError, invalid
+from gemcut.serve.limits import UnicodeChecked
 
 router = APIRouter(prefix="/v1")
+
+# Below this a temperature is taken as 0 (greedy): dividing float32 logits by it would overflow to inf,
+# and sampling at it picks the argmax anyway.
+MIN_TEMPERATURE = 1e-4
+INT64 = 2**63
 
 
 class _Body(BaseModel):
@@ -36,25 +47,27 @@ class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[dict[str, Any]]
 
-    def text(self) -> str:
+    def text(self, index: int) -> str:
+        """The message's text; `index` is its place in `messages`, for errors."""
         if isinstance(self.content, str):
             return self.content
         parts = []
-        for part in self.content:
+        for i, part in enumerate(self.content):
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise invalid(f"content part of type {part.get('type')!r} is not supported; only text parts are", param="messages")
+                raise invalid(f"content part of type {part.get('type')!r} is not supported; only text parts are",
+                              param=f"messages[{index}].content[{i}]", code="invalid_value")
             parts.append(part["text"])
         return "".join(parts)
 
 
-class _Sampling(_Body):
+class _Sampling(UnicodeChecked, _Body):
     model: str = Field(description="A name from GET /v1/models.")
-    temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy.")
+    temperature: float = Field(1.0, ge=0, le=2, description=f"0 is greedy (and so is anything under {MIN_TEMPERATURE}).")
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens; wins when both are given.")
     n: int = Field(1, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64, le=INT64 - 1, description="A 64-bit integer; the same seed gives the same sample.")
     stop: str | list[str] | None = Field(None, validate_default=True, description="Up to 4 strings that end a completion.")
     stream: bool = False
 
@@ -70,6 +83,11 @@ class _Sampling(_Body):
             raise ValueError("stop sequences must be non-empty")
         return v
 
+    @field_validator("temperature")
+    @classmethod
+    def _vanishing_is_greedy(cls, v: float) -> float:
+        return 0.0 if v < MIN_TEMPERATURE else v
+
     def budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
@@ -83,7 +101,7 @@ class CompletionRequest(_Sampling):
     echo: bool = False
 
 
-class ClassifyRequest(_Body):
+class ClassifyRequest(UnicodeChecked, _Body):
     model: str
     input: str | list[str] = Field(description="Text or list of texts to classify.")
 
@@ -120,6 +138,22 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 async def _await(future) -> Any:
     return await asyncio.wrap_future(future)
+
+
+def _chat_prompt_ids(served: ServedModel, messages: list[dict]) -> list[int]:
+    """The chat template's token ids for `messages` (CPU work: call it in a thread)."""
+    if len(messages) > served.context_length:  # each message takes at least one token: refuse before rendering them all
+        raise APIError(400, f"{len(messages)} messages cannot fit this model's maximum context length of {served.context_length} "
+                            "tokens; send fewer", param="messages", code="context_length_exceeded")
+    try:
+        return list(served.template.prompt_ids(messages))
+    except (GemcutError, TemplateError) as e:  # the template's own checks, e.g. roles that must alternate
+        raise invalid(f"the model's chat template refuses these messages: {e}", param="messages", code="invalid_messages") from None
+
+
+def _token_ids(served: ServedModel, text: str) -> list[int]:
+    """The tokenizer's ids for `text` (CPU work: call it in a thread)."""
+    return list(served.tokenizer(text)["input_ids"])
 
 
 def _record(request: Request, *, response_id: str, endpoint: str, served_name: str, started: float, prompt_chars: int,
@@ -165,8 +199,8 @@ async def chat_completions(body: ChatRequest, request: Request):
     served = engine.get(body.model)
     if served.task == "causal_lm" and served.template is None:
         raise invalid(f"{served.name!r} has no chat template; use POST /v1/completions with a plain prompt", param="model")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    prompt_ids = list(served.template.prompt_ids(messages)) if served.template is not None else []
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(i)} for i, m in enumerate(body.messages)]
+    prompt_ids = await run_in_threadpool(_chat_prompt_ids, served, messages) if served.template is not None else []
     max_new = _check_sampling(body, served, len(prompt_ids), request.app.state.settings)
     return await _respond(request, body, served, prompt_ids, max_new, started, "chat", messages,
                           prompt_chars=sum(len(m["content"]) for m in messages))
@@ -182,8 +216,10 @@ async def completions(body: CompletionRequest, request: Request):
         raise invalid(f"send one prompt per request (got {len(prompts)}); batching happens on the server", param="prompt")
     if not prompts[0]:
         raise invalid("prompt is empty", param="prompt")
-    prompt_ids = list(served.tokenizer(prompts[0])["input_ids"]) if served.task == "causal_lm" else []
+    prompt_ids = await run_in_threadpool(_token_ids, served, prompts[0]) if served.task == "causal_lm" else []
     max_new = _check_sampling(body, served, len(prompt_ids), request.app.state.settings)
+    if not prompt_ids:
+        raise invalid("the prompt has no tokens for this model's tokenizer", param="prompt")
     return await _respond(request, body, served, prompt_ids, max_new, started, "completions", prompts[0], prompt_chars=len(prompts[0]))
 
 
@@ -205,7 +241,8 @@ async def _respond(request: Request, body: _Sampling, served: ServedModel, promp
     results = await _await(engine.submit(job))
     completion_tokens = sum(len(r.token_ids) for r in results)
     queue_ms = (job.started - job.enqueued) * 1000
-    _record(request, completion_tokens=completion_tokens, queue_ms=queue_ms, response_text=results[0].text, **log_args)
+    await run_in_threadpool(_record, request, completion_tokens=completion_tokens, queue_ms=queue_ms, response_text=results[0].text,
+                            **log_args)
     usage = _usage(len(prompt_ids), completion_tokens)
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason, "logprobs": None}
@@ -278,7 +315,7 @@ async def classify(body: ClassifyRequest, request: Request) -> dict:
         raise invalid("input must be a non-empty string or a list of non-empty strings", param="input")
     if len(texts) > request.app.state.settings.max_batch * 8:
         raise invalid(f"at most {request.app.state.settings.max_batch * 8} texts per request", param="input")
-    n_tokens = sum(len(served.tokenizer(t)["input_ids"]) for t in texts)
+    n_tokens = sum(map(len, await run_in_threadpool(lambda: served.tokenizer(texts)["input_ids"])))
     job = ClassifyJob(served, texts=texts)
     probs = await _await(engine.submit(job))
     labels = served.labels or [str(i) for i in range(len(probs[0]))]
@@ -287,8 +324,8 @@ async def classify(body: ClassifyRequest, request: Request) -> dict:
         best = max(range(len(row)), key=row.__getitem__)
         data.append({"index": i, "label": labels[best], "probabilities": dict(zip(labels, row))})
     response_id = _new_id("clf")
-    _record(request, response_id=response_id, endpoint="classify", served_name=served.name, started=started,
-            prompt_chars=sum(map(len, texts)), prompt_tokens=n_tokens, completion_tokens=0, n=len(texts),
-            queue_ms=(job.started - job.enqueued) * 1000, stream=False, prompt_obj=texts,
-            response_text=json.dumps([d["label"] for d in data]))
+    await run_in_threadpool(_record, request, response_id=response_id, endpoint="classify", served_name=served.name, started=started,
+                            prompt_chars=sum(map(len, texts)), prompt_tokens=n_tokens, completion_tokens=0, n=len(texts),
+                            queue_ms=(job.started - job.enqueued) * 1000, stream=False, prompt_obj=texts,
+                            response_text=json.dumps([d["label"] for d in data]))
     return {"id": response_id, "object": "list", "model": served.name, "data": data, "usage": _usage(n_tokens, 0)}

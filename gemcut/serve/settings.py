@@ -29,6 +29,8 @@ class ServeSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Interface to bind; loopback unless you mean to expose the server.")
     allowed_hosts: list[str] = Field(default_factory=list, description="Further names clients reach the server by (Host header); others get 400. Loopback names and the bound address are always allowed.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted (8 MiB, far above any context); "
+                                "a bigger one gets 413 before it is read.")
     api_keys: list[str] = Field(default_factory=list, description=f"Bearer keys accepted, in addition to those in ${API_KEYS_ENV}.")
     db_url: str = Field("sqlite:///runs/serve.db", description="SQLAlchemy URL of the request log and feedback store.")
     log_prompts: bool = Field(False, description="Store prompt and response text in the request log (needed for drift and data export). Off by default: prompts may hold personal data.")
