@@ -34,8 +34,13 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                          help="Print gemcut's version and exit.")) -> None:
+                                          help="Print gemcut's version and exit."),
+             verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the libraries' progress bars, load reports and "
+                                          "deprecation warnings, and gemcut's debug lines.")) -> None:
     """Fine-tune language models on your data, evaluate, export, serve."""
+    from gemcut.cli.output import configure_output
+
+    configure_output(verbose)
 
 
 def usage_line(error) -> str:

@@ -132,9 +132,10 @@ def load_base(cfg, task: str, num_labels: int | None = None,
             "ignore_mismatched_sizes": True,
         }
     try:
-        model = _model_class(task).from_pretrained(source, **kwargs)
+        model, loading = _model_class(task).from_pretrained(source, output_loading_info=True, **kwargs)
     except OSError as e:
         raise GemcutError(f"model {cfg.name!r} ({source}) could not be loaded with safetensors: {e}") from None
+    _report_loading(model, loading, task, cfg.name)
     if model.config.pad_token_id is None:
         # Decoder classifiers find each row's last real token through pad_token_id.
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -143,6 +144,24 @@ def load_base(cfg, task: str, num_labels: int | None = None,
 
         prepare_classifier(model, cfg.pooling, source)
     return model, tokenizer
+
+
+def _report_loading(model, loading: dict, task: str, name: str) -> None:
+    """One line for each thing transformers' load-report table says: a classifier's new head is expected
+    (info); other weights missing from the checkpoint are a warning; unused checkpoint weights are info."""
+    mismatched = [k[0] if isinstance(k, tuple) else k for k in loading.get("mismatched_keys", ())]
+    fresh = sorted({*loading.get("missing_keys", ()), *mismatched})
+    head = [k for k in fresh if task in CLASSIFY_TASKS and k.split(".")[0] in ("score", "classifier")]
+    others = [k for k in fresh if k not in head]
+    unused = sorted(loading.get("unexpected_keys", ()))
+    if head:
+        log.info("%s: new %s head (%d outputs), initialised from the seed", name, head[0].rsplit(".", 1)[0],
+                 model.config.num_labels)
+    if others:
+        log.warning("%s: %d weights missing from the checkpoint and initialised at random: %s", name, len(others),
+                    ", ".join(others[:5]))
+    if unused:
+        log.info("%s: %d checkpoint weights not used by %s: %s", name, len(unused), type(model).__name__, ", ".join(unused[:5]))
 
 
 # ---------------------------------------------------------------- saving

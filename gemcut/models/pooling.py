@@ -114,7 +114,7 @@ def prepare_classifier(model: torch.nn.Module, setting: str = "auto", source: st
         # fallback runs through this patched layer.
         last_layer_reads_first_token_only(model)
     setattr(model.config, CONFIG_FIELD, pooling)
-    log.info("%s pools by %s", type(model).__name__, "the mean of its tokens" if pooling == "mean" else "its first token")
+    log.debug("%s pools by %s", type(model).__name__, "the mean of its tokens" if pooling == "mean" else "its first token")
     return pooling
 
 
