@@ -210,6 +210,20 @@ def test_duplicate_json_keys_are_an_error(tmp_path):
     assert sorted(r["text"] for r in done.splits["train"]) == ["ok", "z"]
 
 
+def test_a_duplicate_key_inside_a_broken_record_stops_the_array(tmp_path):
+    q = tmp_path / "dup.json"
+    q.write_text('[\n{"text": "ok"},\n{"x": {"a": 1, "a": 2}, oops}\n]\n', encoding="utf-8")
+    done = prep(q, on_error="skip")
+    assert done.report["errors"]["by_reason"] == {"duplicate_key": 1, "malformed_json": 1}
+
+
+def test_lone_surrogate_escapes_are_an_error(tmp_path):
+    p = jsonl(tmp_path / "s.jsonl", [{"text": "fine"}, '{"text": "half \\ud800 a pair"}', '{"text": "whole \\ud83d\\ude00 pair"}'])
+    assert str(error_of(p)) == (f"{p}:2: a string holds a lone surrogate \\ud800 (half of a \\u escape pair), which no file can store; "
+                                "fix or drop the escape" + SKIP_HINT)
+    assert sorted(r["text"] for r in prep(p, on_error="skip").splits["train"]) == ["fine", "whole \U0001f600 pair"]
+
+
 @pytest.mark.parametrize("codec", ["utf-16", "utf-16-le"])
 def test_utf16_files_are_named_and_readable_with_data_encoding(tmp_path, codec):
     p = tmp_path / "u16.csv"

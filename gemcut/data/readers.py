@@ -288,6 +288,33 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
     return obj
 
 
+class _LoneSurrogate(ValueError):
+    def __init__(self, char: str):
+        super().__init__(char)
+        self.char = char
+
+
+def _no_lone_surrogates(value: Any, text: str) -> Any:
+    """`value`, unless one of its strings holds half of a \\u escape pair (which no file can store: it would
+    fail when written). Walked only when the text has such an escape at all, and without recursion."""
+    if "\\ud" not in text.lower():
+        return value
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise _LoneSurrogate(v[e.start]) from None
+    return value
+
+
 _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys)
 _LENIENT = json.JSONDecoder()  # finds where a record with a duplicate key ends, to read on after it
 TOO_DEEP = "JSON nested too deeply to read (Python's parser stops near 1,000 levels); flatten the record"
@@ -301,12 +328,15 @@ def _json_error(e: Exception, shown: str, record_line: int, text_line: int = 1, 
                          path=shown, line=record_line, field=e.key, reason="duplicate_key")
     if isinstance(e, RecursionError):
         return DataError(TOO_DEEP + tail, path=shown, line=record_line, reason="too_deep")
+    if isinstance(e, _LoneSurrogate):
+        return DataError(f"a string holds a lone surrogate {e.char.encode('unicode_escape').decode()} (half of a \\u escape pair), "
+                         f"which no file can store; fix or drop the escape{tail}", path=shown, line=record_line, reason="malformed_json")
     assert isinstance(e, json.JSONDecodeError)
     line = text_line + e.lineno - 1
     return DataError(f"not valid JSON ({e.msg} at column {e.colno}){tail}", path=shown, line=line, reason="malformed_json")
 
 
-_JSON_ERRORS = (json.JSONDecodeError, _DuplicateKey, RecursionError)
+_JSON_ERRORS = (json.JSONDecodeError, _DuplicateKey, RecursionError, _LoneSurrogate)
 
 
 # ---------------------------------------------------------------- one reader per format
@@ -319,7 +349,7 @@ def _read_jsonl(file: Path, shown: str, stats: SourceStats, encoding: str, fallb
             stats.blank_lines += 1
             continue
         try:
-            value = _DECODER.decode(text.rstrip("\r\n"))  # an error at the end of the line is on this line
+            value = _no_lone_surrogates(_DECODER.decode(text.rstrip("\r\n")), text)  # (an error at the end of the line is on this line)
         except _JSON_ERRORS as e:
             tail = "; each line must hold one JSON object" if isinstance(e, json.JSONDecodeError) else ""
             yield Row(shown, lineno, error=_json_error(e, shown, lineno, lineno, tail))
@@ -356,14 +386,22 @@ def _read_json(file: Path, shown: str, stats: SourceStats, encoding: str, fallba
     if text[pos:pos + 1] == "]":
         return
     while True:
+        row, bad = None, None
         try:
             value, end = _DECODER.raw_decode(text, pos)
-            yield Row(shown, line_at(pos), value)
-        except _DuplicateKey as e:
-            yield Row(shown, line_at(pos), error=_json_error(e, shown, line_at(pos)))
-            _, end = _LENIENT.raw_decode(text, pos)  # the record is whole JSON: read on after it
+            row = Row(shown, line_at(pos), _no_lone_surrogates(value, text[pos:end]))
+        except (_DuplicateKey, _LoneSurrogate) as e:
+            row = Row(shown, line_at(pos), error=_json_error(e, shown, line_at(pos)))
+            try:
+                _, end = _LENIENT.raw_decode(text, pos)  # read on after the bad record, if it is whole JSON
+            except (json.JSONDecodeError, RecursionError) as e2:
+                bad = e2
         except (json.JSONDecodeError, RecursionError) as e:
-            err = _json_error(e, shown, line_at(pos), tail="; the rest of this file cannot be read")
+            bad = e
+        if row is not None:
+            yield row
+        if bad is not None:
+            err = _json_error(bad, shown, line_at(pos), tail="; the rest of this file cannot be read")
             yield Row(shown, err.line, error=err)
             return
         pos = skip(end)
@@ -387,7 +425,7 @@ def _is_chitchat(obj: dict) -> bool:
 
 def _read_json_object(text: str, shown: str, stats: SourceStats) -> Iterator[Row]:
     try:
-        obj = _DECODER.decode(text)
+        obj = _no_lone_surrogates(_DECODER.decode(text), text)
     except _JSON_ERRORS as e:
         err = _json_error(e, shown, 1)
         yield Row(shown, err.line, error=err)
