@@ -37,7 +37,8 @@ encodings = st.sampled_from(["utf-8", "utf-8-sig", "latin-1", "utf-16"])
 odd_json = (st.integers(500, 5000).map(lambda n: '{"text": ' + "[" * n + "]" * n + "}")
             | st.sampled_from(['{"text": "a", "text": "b"}', '{"prompt": "p", "completions": [{"text": "a", "score": NaN}, '
                                '{"text": "b", "score": Infinity}]}', '{"text": "\\ud800"}', '{"label": 1, "text": "\\u200b"}',
-                               '{"x": {"a": 1, "a": 2}, oops}', '{"text": ["\\udfff", "\\ud83d\\ude00"]}']))
+                               '{"x": {"a": 1, "a": 2}, oops}', '{"text": ["\\udfff", "\\ud83d\\ude00"]}',
+                               '{"text": "a", "label": ' + "7" * 5000 + "}", '{"text": "a", "label": 1e999}']))
 
 
 @st.composite

@@ -217,6 +217,15 @@ def test_a_duplicate_key_inside_a_broken_record_stops_the_array(tmp_path):
     assert done.report["errors"]["by_reason"] == {"duplicate_key": 1, "malformed_json": 1}
 
 
+def test_a_number_too_long_for_python_is_an_error(tmp_path):
+    p = jsonl(tmp_path / "n.jsonl", [{"text": "fine", "label": 1}, '{"text": "a", "label": ' + "7" * 5000 + "}"])
+    assert str(error_of(p)) == (f"{p}:2: cannot read a number in this record (Exceeds the limit (4300 digits) for integer string "
+                                "conversion: value has 5000 digits); write it as a string" + SKIP_HINT)
+    q = tmp_path / "n.json"
+    q.write_text('[{"text": "a", "label": ' + "7" * 5000 + "}]", encoding="utf-8")
+    assert str(error_of(q)).startswith(f"{q}:1: cannot read a number in this record")
+
+
 def test_lone_surrogate_escapes_are_an_error(tmp_path):
     p = jsonl(tmp_path / "s.jsonl", [{"text": "fine"}, '{"text": "half \\ud800 a pair"}', '{"text": "whole \\ud83d\\ude00 pair"}'])
     assert str(error_of(p)) == (f"{p}:2: a string holds a lone surrogate \\ud800 (half of a \\u escape pair), which no file can store; "

@@ -331,12 +331,14 @@ def _json_error(e: Exception, shown: str, record_line: int, text_line: int = 1, 
     if isinstance(e, _LoneSurrogate):
         return DataError(f"a string holds a lone surrogate {e.char.encode('unicode_escape').decode()} (half of a \\u escape pair), "
                          f"which no file can store; fix or drop the escape{tail}", path=shown, line=record_line, reason="malformed_json")
-    assert isinstance(e, json.JSONDecodeError)
+    if not isinstance(e, json.JSONDecodeError):  # int(): a number of more than 4,300 digits
+        return DataError(f"cannot read a number in this record ({str(e).split(';')[0]}); write it as a string{tail}",
+                         path=shown, line=record_line, reason="malformed_json")
     line = text_line + e.lineno - 1
     return DataError(f"not valid JSON ({e.msg} at column {e.colno}){tail}", path=shown, line=line, reason="malformed_json")
 
 
-_JSON_ERRORS = (json.JSONDecodeError, _DuplicateKey, RecursionError, _LoneSurrogate)
+_JSON_ERRORS = (ValueError, RecursionError)  # JSONDecodeError, _DuplicateKey and _LoneSurrogate are ValueErrors
 
 
 # ---------------------------------------------------------------- one reader per format
@@ -394,9 +396,9 @@ def _read_json(file: Path, shown: str, stats: SourceStats, encoding: str, fallba
             row = Row(shown, line_at(pos), error=_json_error(e, shown, line_at(pos)))
             try:
                 _, end = _LENIENT.raw_decode(text, pos)  # read on after the bad record, if it is whole JSON
-            except (json.JSONDecodeError, RecursionError) as e2:
+            except _JSON_ERRORS as e2:
                 bad = e2
-        except (json.JSONDecodeError, RecursionError) as e:
+        except _JSON_ERRORS as e:
             bad = e
         if row is not None:
             yield row
