@@ -37,7 +37,7 @@ from gemcut.models.adapters import apply_adapter
 from gemcut.models.load import load_run
 from gemcut.objectives import CausalLM, Classify
 from gemcut.train import checkpoint as ckpt
-from gemcut.train import loop
+from gemcut.train import guard, loop
 from gemcut.train.loop import fit
 from gemcut.train.run import train
 
@@ -214,8 +214,6 @@ def test_a_collapsed_run_stops_as_collapsed(tmp_path, make, objective, examples,
 
 
 def test_collapse_needs_both_a_uniform_loss_and_no_gradient():
-    from gemcut.train import guard
-
     watch = guard.CollapseWatch(choices=384, lr=0.01)
     level = watch.level
     assert [watch.update(s, 0.001, 0.0) for s in (1, 2, 3, 4)] == [None] * 4  # converged, not collapsed
