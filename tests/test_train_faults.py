@@ -306,9 +306,11 @@ def test_resume_from_the_newest_intact_checkpoint_gives_the_same_losses(tmp_path
     shutil.copytree(finished, run)
     (run / "checkpoints" / "step-12" / "model.safetensors").write_bytes(b"")
     (run / "checkpoints" / "step-9" / "rng.pt").unlink()
+    (run / "checkpoints" / "best").write_text("step-12\n")  # a marker naming a checkpoint the resume removes
     with pytest.raises(TrainingError, match=r"continue from it with --resume-from step-6 "):
         tiny_run(run, resume=True)
     result = tiny_run(run, resume="step-6")
+    assert not (run / "checkpoints" / "best").exists()  # this run never evaluated: no best to move back to
     assert result.stopped == "completed" and result.state.step == TINY_RUN["max_steps"]
     assert train_losses(run) == pytest.approx(straight, rel=1e-6)
     assert [p.name for p in ckpt.complete_checkpoints(run / "checkpoints")] == ["step-3", "step-6", "step-9", "step-12"]
