@@ -6,8 +6,10 @@
 A name is tried, in order, as:
 1. an alias of a packaged model (`gemcut/models/registry.py`); a GGUF alias is converted once into
    `$GEMCUT_HOME/models/<alias>/` (default `~/.cache/gemcut`);
-2. a local folder with a `config.json`;
-3. a hub id (`owner/name`), returned as is only when it is already in the Hugging Face cache or a hub is
+2. a run folder of `gemcut train` (config.yaml, final/): its weights, an adapter merged into its base
+   once (`gemcut/models/run_base.py`), so one run can start from another (SFT -> DPO);
+3. a local folder with a `config.json`;
+4. a hub id (`owner/name`), returned as is only when it is already in the Hugging Face cache or a hub is
    reachable (never when `HF_HUB_OFFLINE=1`).
 Anything else is a `ModelNotFoundError` that lists every place gemcut looked and the package to install.
 """
@@ -99,6 +101,12 @@ def resolve_model(name: str, revision: str | None = None) -> Path | str:
         return _resolve_alias(ALIASES[name])
     path = Path(name).expanduser()
     if path.is_dir():
+        from gemcut.models.run_base import is_run_folder, run_weights
+
+        if is_run_folder(path):
+            return run_weights(path).resolve()
+        if path.name == "final" and is_run_folder(path.parent) and not (path / "config.json").is_file():
+            return run_weights(path.parent).resolve()  # a LoRA run's final/ holds only the adapter
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(
                 f"{path}: the folder exists but has no config.json, so it is not a transformers model folder "
