@@ -297,7 +297,7 @@ class _LoneSurrogate(ValueError):
 def _no_lone_surrogates(value: Any, text: str) -> Any:
     """`value`, unless one of its strings holds half of a \\u escape pair (which no file can store: it would
     fail when written). Walked only when the text has such an escape at all, and without recursion."""
-    if "\\ud" not in text.lower():
+    if "\\ud" not in text and "\\uD" not in text:
         return value
     stack = [value]
     while stack:
