@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -408,12 +409,23 @@ def test_gemcut_train_on_sigterm_exits_143_with_the_resume_hint(tmp_path, sft_da
     (tmp_path / "run.yaml").write_text("{}\n")
     model_dir = save_tiny_llama(tmp_path / "tiny-llama")
     previous = signal.signal(signal.SIGTERM, unhandled)
+    args = ["train", str(tmp_path / "run.yaml"), *run_overrides(tmp_path, model_dir, sft_data, "t")]
     try:
-        result = CliRunner().invoke(app, ["train", str(tmp_path / "run.yaml"), *run_overrides(tmp_path, model_dir, sft_data, "t")])
+        result = CliRunner().invoke(app, args)
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert result.exit_code == 143, (result.output, result.exception)
     assert "stopped by SIGTERM after step 3; saved" in result.output
-    assert "continue with: gemcut train ... output.name=t --resume" in result.output
+    # The hint is the real command: the same file and overrides, the run's name pinned, --resume.
+    hint = shlex.join(["gemcut", *[a for a in args if a != "output.name=t"], "output.name=t", "--resume"])
+    assert f"continue with: {hint}" in " ".join(result.output.split())
     assert ckpt.latest_checkpoint(tmp_path / "t" / "checkpoints").name == "step-3"
     assert not (tmp_path / "t" / "final").exists()
+
+    monkeypatch.setattr(loop, "backward_step", real)
+    resumed = CliRunner().invoke(app, shlex.split(hint)[1:])
+    assert resumed.exit_code == 0, (resumed.output, resumed.exception)
+    assert "resumed from step 3" in resumed.output
+    elapsed = {r["step"]: r["elapsed_s"] for r in map(json.loads, (tmp_path / "t" / "metrics.jsonl").read_text().splitlines())
+               if "loss" in r}
+    assert sorted(elapsed) == [1, 2, 3, 4] and elapsed[4] >= elapsed[3]  # elapsed_s goes on, it does not restart at 0

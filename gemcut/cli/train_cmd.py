@@ -30,7 +30,7 @@ def train(config: str = typer.Argument(..., help="YAML run file (see examples/).
 
     cfg = load_config(config, list(overrides or []))
     try:
-        outcome = train_run(cfg, resume=resume_from or resume)
+        outcome = train_run(cfg, resume=resume_from or resume, command=["gemcut", "train", config, *(overrides or [])])
     except KeyboardInterrupt:  # before or after the loop; inside it, Ctrl-C saves a checkpoint and returns
         typer.secho("interrupted", fg="yellow", err=True)
         sys.exit(130)

@@ -19,11 +19,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
-def _truncate_jsonl(path: Path, last_step: int) -> None:
+def _truncate_jsonl(path: Path, last_step: int) -> float:
+    """Keep the records up to `last_step` (what the resumed checkpoint holds); returns the last kept `elapsed_s`."""
     if not path.is_file():
-        return
+        return 0.0
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
     path.write_text("".join(line + "\n" for line in kept))
+    return max((json.loads(line).get("elapsed_s", 0.0) for line in kept), default=0.0)
 
 
 class RunLogger:
@@ -35,9 +37,10 @@ class RunLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.samples_path = self.run_dir / "samples.jsonl"
+        elapsed_before = 0.0  # a resumed run's elapsed_s goes on from its checkpoint's
         for path in (self.metrics_path, self.samples_path):
             if start_step > 0:
-                _truncate_jsonl(path, start_step)
+                elapsed_before = max(elapsed_before, _truncate_jsonl(path, start_step))
             elif path.exists():
                 path.unlink()
         self._metrics = self.metrics_path.open("a")
@@ -60,7 +63,9 @@ class RunLogger:
             )
             self._task = self._progress.add_task("train", total=total_steps, completed=start_step, loss="-", lr="-", tps="-")
             self._progress.start()
-        self._t0 = time.time()
+        self._t0 = time.time() - elapsed_before
+        if start_step > 0:
+            self.print(f"resumed from step {start_step} (metrics.jsonl and elapsed_s continue from there)")
 
     def print(self, text: str) -> None:
         self.console.print(text, highlight=False, soft_wrap=True)

@@ -311,6 +311,6 @@ def fit(model: torch.nn.Module, objective: Objective, train_set: Sequence[dict],
             if logger is None:
                 log.close()
     if stopped == "interrupted":
-        log.print(f"interrupted ({interrupt.requested}): saved {last_saved}; continue with --resume")
+        log.print(f"interrupted ({interrupt.requested}): saved {last_saved}")  # the caller prints how to resume
     reason = {"interrupted": interrupt.requested or "", "collapsed": collapsed}.get(stopped, "")
     return FitResult(state, stopped, last_saved, ckpt.best_checkpoint(root), precision, time.time() - t0, reason)

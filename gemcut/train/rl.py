@@ -372,5 +372,5 @@ def fit_rl(policy: torch.nn.Module, tokenizer, prompts: Sequence[dict], reward_f
             if logger is None:
                 log.close()
     if stopped == "interrupted":
-        log.print(f"interrupted ({interrupt.requested}): saved {last_saved}; continue with --resume")
+        log.print(f"interrupted ({interrupt.requested}): saved {last_saved}")  # the caller prints how to resume
     return RLResult(state, stopped, last_saved, history, time.time() - t0, interrupt.requested or "")

@@ -20,6 +20,7 @@ import hashlib
 import json
 import platform
 import re
+import shlex
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -155,8 +156,18 @@ def train(config: RunConfig, *, resume: bool | str = False) -> Path:
     return train_run(config, resume=resume).run_dir
 
 
-def train_run(config: RunConfig, *, resume: bool | str = False) -> TrainOutcome:
-    """`train`, returning how the run ended as well as where."""
+def resume_command(command: list[str] | None, run_name: str) -> str:
+    """The command that continues this run: `command` (the `gemcut train CONFIG k=v ...` that started it) with
+    the run's name pinned and --resume; without it, the command's shape with CONFIG to fill in."""
+    if command is None:
+        return f"gemcut train CONFIG output.name={run_name} --resume (CONFIG: the run file it started from)"
+    kept = [arg for arg in command if not arg.startswith("output.name=")]
+    return shlex.join([*kept, f"output.name={run_name}", "--resume"])
+
+
+def train_run(config: RunConfig, *, resume: bool | str = False, command: list[str] | None = None) -> TrainOutcome:
+    """`train`, returning how the run ended as well as where. `command` is how the run was started (for the
+    resume hint an interruption prints)."""
     from accelerate.utils import set_seed
 
     from gemcut.data.prepare import prepare
@@ -181,7 +192,7 @@ def train_run(config: RunConfig, *, resume: bool | str = False) -> TrainOutcome:
     if not resume and latest_checkpoint(run_dir / "checkpoints") is not None:
         raise TrainingError(f"{run_dir} already holds checkpoints; continue it with --resume, or choose another output.name")
     run_dir.mkdir(parents=True, exist_ok=True)
-    say = partial(Console(stderr=True).print, highlight=False, soft_wrap=True)
+    say = partial(Console(stderr=True).print, highlight=False, soft_wrap=True, markup=False)  # paths and commands hold [ ]
     say(f"run folder: {run_dir}")
 
     # Resuming, the data is prepared outside the run folder and the checkpoint checked before anything is written.
@@ -271,7 +282,7 @@ def train_run(config: RunConfig, *, resume: bool | str = False) -> TrainOutcome:
     stopped, reason = result.stopped, result.reason
     if stopped == "interrupted":
         say(f"stopped by {reason} after step {result.state.step}; saved {result.last_checkpoint}; "
-            f"continue with: gemcut train ... output.name={run_dir.name} --resume")
+            f"continue with: {resume_command(command, run_dir.name)}")
         return TrainOutcome(run_dir, stopped, reason)
 
     final, final_from = None, None
