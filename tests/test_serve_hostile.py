@@ -20,9 +20,11 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 import torch
+from jinja2 import TemplateError
 from serve_runs import API_KEY, classifier, plain_model, running
 from typer.testing import CliRunner
 
+from gemcut.errors import GemcutError
 from gemcut.serve.app import create_app
 from gemcut.serve.settings import ServeSettings
 
@@ -295,6 +297,30 @@ def test_a_validation_error_names_the_nested_parameter(server):
     r = httpx.post(server["url"] + "/v1/chat/completions", headers=AUTH,
                    json={"model": "tiny-chat", "messages": MSG + [{"role": "wizard", "content": "x"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[1].role"
+
+
+def test_more_messages_than_context_tokens_are_refused_before_rendering(server, monkeypatch):
+    served = server["app"].state.engine.models["tiny-chat"]
+    monkeypatch.setattr(served, "template", _Refusing(GemcutError("rendered")))  # rendering would give another 400
+    r = httpx.post(server["url"] + "/v1/chat/completions", headers=AUTH, json={"model": "tiny-chat", "messages": MSG * 257})
+    assert (r.status_code, r.json()) == (400, _error("257 messages cannot fit this model's maximum context length of 256 tokens; "
+                                                     "send fewer", "messages", "context_length_exceeded"))
+
+
+def test_a_template_that_refuses_the_messages_is_a_400(server, monkeypatch):
+    served = server["app"].state.engine.models["tiny-chat"]
+    monkeypatch.setattr(served, "template", _Refusing(TemplateError("Conversation roles must alternate user/assistant")))
+    r = httpx.post(server["url"] + "/v1/chat/completions", headers=AUTH, json={"model": "tiny-chat", "messages": MSG * 2})
+    assert (r.status_code, r.json()) == (400, _error("the model's chat template refuses these messages: Conversation roles must "
+                                                     "alternate user/assistant", "messages", "invalid_messages"))
+
+
+class _Refusing:
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def prompt_ids(self, messages):
+        raise self.error
 
 
 # ---------------------------------------------------------------------------- faults of ours: 500 without internals
