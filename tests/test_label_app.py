@@ -56,3 +56,14 @@ def test_keys_identify_labelers(store, tmp_path):
 
     with pytest.raises(GemcutError, match="keys.txt:1"):
         read_keys(keys_file)
+
+
+def test_ids_beyond_sql_integers_are_refused_by_name(store):
+    client = TestClient(create_app(store), base_url="http://127.0.0.1", raise_server_exceptions=False)
+    alice = {"X-Labeler": "alice"}
+    for path, body, field in (("/label/api/rank", {"prompt_id": 2**70, "order": [1]}, "prompt_id"),
+                              ("/label/api/rank", {"prompt_id": 1, "order": [2**70]}, "order"),
+                              ("/label/api/skip", {"prompt_id": 2**70}, "prompt_id")):
+        r = client.post(path, json=body, headers=alice)
+        assert r.status_code == 422, (path, r.text)
+        assert r.json()["detail"][0]["loc"][:2] == ["body", field]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hmac
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
@@ -38,13 +39,17 @@ _STATIC_FILES = {"label.js": "text/javascript", "label.css": "text/css"}
 router = APIRouter(prefix="/label", tags=["labeling"])
 
 
+# Row ids are SQL integers: a larger number is a 422 naming the field, not an overflow in the database.
+RowId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+
+
 class RankBody(BaseModel):
-    prompt_id: int
-    order: list[int] = Field(description="Every completion id of the prompt, best first.")
+    prompt_id: RowId
+    order: list[RowId] = Field(description="Every completion id of the prompt, best first.", max_length=1000)
 
 
 class MarkBody(BaseModel):
-    prompt_id: int
+    prompt_id: RowId
     note: str | None = Field(None, max_length=2000)
 
 
