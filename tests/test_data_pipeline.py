@@ -131,7 +131,7 @@ def test_tsv_parquet_text_and_markdown(tmp_path):
     (docs / "y.md").write_text("# Title\n\nbody\n", encoding="utf-8")
     prep = train_of(docs)
     assert prep.kind == "text"
-    assert sorted(r["text"] for r in prep.splits["train"]) == ["# Title\n\nbody", "line one\n\nline two"]
+    assert sorted(r["text"] for r in prep.splits["train"]) == ["# Title\n\nbody", "line one\n\n\nline   two"]  # inner spaces kept; 3 blank lines -> 2
 
 
 # ---------------------------------------------------------------- cleaning and dedup
@@ -139,7 +139,7 @@ def test_tsv_parquet_text_and_markdown(tmp_path):
 
 def test_cleaner_steps_are_counted():
     c = Cleaner(CleanConfig(min_chars=3))
-    out = c.clean({"text": "caf\u00c3\u00a9  <b>bold</b> &amp; more", "_source": "x:1"})
+    out = c.clean({"text": "caf\u00c3\u00a9  <b>bold</b> &amp; more", "label": "x", "_source": "x:1"})  # label text: spaces collapse
     assert out["text"] == "café bold & more"
     assert c.changed["fix_mojibake"] == 1 and c.changed["strip_html"] == 1 and c.changed["normalize_whitespace"] == 1
     assert c.clean({"text": "<br>", "_source": "x:2"}) is None
