@@ -33,10 +33,10 @@ RecordKind = Literal["auto", "text", "prompt_completion", "messages", "label", "
 
 
 class CleanConfig(Section):
-    strip_html: bool = Field(True, description="Remove HTML tags and unescape entities.")
+    strip_html: bool = Field(True, description="Remove HTML markup (tags of HTML elements, comments) and decode entities there; code and tags such as <T> are left alone.")
     fix_mojibake: bool = Field(True, description="Repair broken encodings (ftfy), counted in the report.")
     normalize_unicode: bool = Field(True, description="NFC-normalise text.")
-    normalize_whitespace: bool = Field(True, description="Collapse runs of spaces; strip ends.")
+    normalize_whitespace: bool = Field(True, description="Unify line ends, trim trailing whitespace, 3+ blank lines -> 2 (indentation kept); label text: collapse runs of spaces too.")
     dedup_exact: bool = Field(True, description="Drop exact duplicates (after normalisation).")
     dedup_near: bool = Field(False, description="Drop near duplicates (MinHash LSH).")
     near_threshold: float = Field(0.85, gt=0, le=1, description="Jaccard similarity above which two records are near duplicates.")
@@ -47,7 +47,7 @@ class CleanConfig(Section):
 class SplitConfig(Section):
     validation: float = Field(0.1, ge=0, lt=1, description="Fraction of records for validation.")
     test: float = Field(0.1, ge=0, lt=1, description="Fraction of records for test.")
-    seed: int = Field(0, description="Seed of the deterministic split.")
+    seed: int = Field(0, description="Seed of the deterministic split (a seeded hash of each record's file and position).")
     stratify: bool = Field(True, description="Stratify by label where records have one.")
 
     @model_validator(mode="after")
