@@ -114,7 +114,7 @@ class _Run:
                 try:
                     records, unused = self.normalizer.normalize(row)
                 except DataError as e:
-                    if e.reason == "mixed_kinds" and row.path not in self.files_with_records:
+                    if e.reason == "mixed_kinds" and self.first_file is not None and row.path not in self.files_with_records:
                         raise self._mixed_files(row) from None
                     if cfg.on_error == "fail" and not row.tolerated:
                         e.args = (f"{e.args[0]} (or {self.skip_hint} to skip bad records, counted in the report)",)

@@ -139,7 +139,7 @@ def render(report: dict, console: Console | None = None) -> None:
         console.print(line, style="yellow" if line.startswith("warning") else None, markup=False, highlight=False)
 
 
-FILES_SHOWN = 20
+FILES_SHOWN = 25
 
 
 def _render_by_file(by_file: dict[str, dict[str, int]], console: Console) -> None:
