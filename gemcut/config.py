@@ -198,6 +198,23 @@ class TrainConfig(Section):
     val_max_examples: int | None = Field(500, ge=1, description="Validation examples scored at each evaluation during training (the first N of the split, counted in the report); None scores all. `gemcut eval` always scores whole splits.")
     sample_prompts: int = Field(2, ge=0, description="SFT: validation prompts generated at each evaluation.")
     force: bool = Field(False, description="Start even when the estimate predicts the run will not fit in memory.")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=lambda: ["tensorboard"], description="Experiment trackers that get the config and the metrics: tensorboard (tb/), mlflow, wandb (pip install 'gemcut[tracking]'); none or [] for metrics.jsonl only.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value):
+        # `train.report_to=none` or `report_to: mlflow` on a command line or in YAML
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "")):
+            return []
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _listed_once(cls, value: list[str]) -> list[str]:
+        for i, name in enumerate(value):
+            if name in value[:i]:
+                raise ValueError(f'"{name}" is listed twice; list each tracker once')
+        return value
 
 
 class EvalConfig(Section):

@@ -51,7 +51,8 @@ WEIGHTS = "model.safetensors"
 BEST = "best"
 TMP_PREFIX = ".tmp-"
 # Settings that may change between a run and its resume without changing what is computed.
-RESUME_MAY_DIFFER = ("train.force", "train.num_threads", "train.log_every", "train.sample_prompts", "eval.", "output.")
+RESUME_MAY_DIFFER = ("train.force", "train.num_threads", "train.log_every", "train.sample_prompts", "train.report_to",
+                     "eval.", "output.")
 
 
 class CheckpointError(TrainingError):
