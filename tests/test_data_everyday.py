@@ -111,15 +111,20 @@ def _membership(prep) -> dict[str, str]:
 
 @pytest.mark.parametrize("kind", ["prompt_completion", "text"])
 def test_cleaning_settings_do_not_move_records_between_splits(tmp_path, kind):
-    rows = [{"prompt": f"question   {hashlib.md5(str(i).encode()).hexdigest()} <b>x</b>", "completion": f"answer  {i}  "} for i in range(200)]
+    rows = [{"prompt": f"question   {hashlib.md5(str(i).encode()).hexdigest()} <b>x</b>", "completion": f"answer  {i}"} for i in range(200)]
+    rows += [{**r, "completion": r["completion"] + "  "} for r in rows[:10]]  # duplicates once trailing spaces are trimmed
     p = jsonl(tmp_path / "d.jsonl", rows)
     a = _membership(prepare(DataConfig(train=[str(p)], kind=kind)))
     b = _membership(prepare(DataConfig(train=[str(p)], kind=kind, clean={"strip_html": False, "normalize_whitespace": False})))
-    assert a == b and set(a.values()) == {"train", "validation", "test"}
-    moved = tmp_path / "elsewhere"
-    moved.mkdir()
-    (moved / "d.jsonl").write_bytes(p.read_bytes())
-    c = _membership(prepare(DataConfig(train=[str(moved / "d.jsonl")], kind=kind)))
+    assert len(a) == 200 and len(b) > 200 and set(a.values()) == {"train", "validation", "test"}
+    moved = sum(a[k] != b[k] for k in a.keys() & b.keys())  # (b's leakage check drops train copies of evaluation records)
+    # Streamed, a record's split is its id's alone; in memory, the 10 records only the second run keeps may
+    # shift the per-split cut by as many ids (plus one for rounding), and nothing else moves.
+    assert moved == 0 if kind == "text" else moved <= 11
+    moved_dir = tmp_path / "elsewhere"
+    moved_dir.mkdir()
+    (moved_dir / "d.jsonl").write_bytes(p.read_bytes())
+    c = _membership(prepare(DataConfig(train=[str(moved_dir / "d.jsonl")], kind=kind)))
     assert {k.rsplit(":", 1)[1]: v for k, v in a.items()} == {k.rsplit(":", 1)[1]: v for k, v in c.items()}  # the id is relative
 
 
