@@ -160,6 +160,24 @@ def test_a_small_folder_keeps_every_file_in_train_and_reports_per_file(tmp_path)
     assert single.counts() == {"train": 1, "validation": 0, "test": 0}
 
 
+@pytest.mark.parametrize("suffix", [".md", ".jsonl"])
+def test_a_large_folder_of_one_record_files_still_gets_evaluation_files(tmp_path, suffix):
+    from gemcut.data.split import SMALL_RUN_FILES
+
+    d = tmp_path / "docs"
+    d.mkdir()
+    for i in range(2 * SMALL_RUN_FILES):
+        body = f"# note {i}\n\n{hashlib.md5(str(i).encode()).hexdigest()}\n"
+        if suffix == ".md":
+            (d / f"n{i:02d}.md").write_text(body, encoding="utf-8")  # text: the streaming path
+        else:
+            jsonl(d / f"n{i:02d}.jsonl", [{"prompt": f"note {i}?", "completion": body}])  # in memory
+    prep = prepare(DataConfig(train=[str(d)], split={"validation": 0.2, "test": 0.2}))
+    counts = prep.counts()
+    assert sum(counts.values()) == 2 * SMALL_RUN_FILES and counts["validation"] > 0 and counts["test"] > 0
+    assert prep.report["files_kept_in_train"] == 0
+
+
 def test_check_shows_records_per_file(tmp_path, monkeypatch):
     jsonl(tmp_path / "one.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(30)])
     jsonl(tmp_path / "two.jsonl", [{"prompt": f"r{i}", "completion": f"b{i}"} for i in range(10)])

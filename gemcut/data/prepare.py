@@ -27,9 +27,9 @@ from gemcut.data.assets import default_columns, is_alias, resolve_source
 from gemcut.data.clean import Cleaner
 from gemcut.data.dedup import Deduplicator, LeakageCheck, text_key
 from gemcut.data.normalize import Normalizer, infer_kind
-from gemcut.data.readers import SourceStats, read_source
+from gemcut.data.readers import SourceStats, expand, read_source
 from gemcut.data.records import record_text, sort_labels
-from gemcut.data.split import SPLITS, bucket, describe, position, split_records
+from gemcut.data.split import SMALL_RUN_FILES, SPLITS, bucket, describe, position, split_records
 from gemcut.errors import DataError
 
 EVAL_SPLITS = ("validation", "test")
@@ -340,6 +340,7 @@ def _prepare_streaming(run: _Run, train_iter: Iterator[dict], out_dir: Path | No
             leak.add_eval(s, r, r["text"])
     scratch = out_dir / "train.unchecked.jsonl"
     n_train, files_kept = 0, 0
+    small_run = sum(len(expand(resolve_source(name), cfg.format)) for name in cfg.train) < SMALL_RUN_FILES
     first_split: dict[int, str] | None = None if cfg.clean.dedup_exact else {}  # exact duplicates share a split
     current: str | None = None  # the file being read, its evaluation records held until it has a training record
     held: list[tuple[str, dict]] = []
@@ -352,7 +353,9 @@ def _prepare_streaming(run: _Run, train_iter: Iterator[dict], out_dir: Path | No
 
         def end_of_file() -> None:
             nonlocal n_train, files_kept
-            if held and not has_train:  # no file goes whole to validation/test: its highest-hash record trains
+            # No file goes whole to validation/test (a one-record file may, in a run of many files): its
+            # highest-hash record trains.
+            if held and not has_train and (len(held) > 1 or small_run):
                 i = max(range(len(held)), key=lambda j: (position(held[j][1]["_id"], cfg.split.seed), held[j][1]["_id"]))
                 r = held.pop(i)[1]
                 f.write(_line(r))

@@ -21,8 +21,10 @@ Streaming (`bucket`): a `text` corpus is never held, so each record's split is i
 the ratios hold in expectation (the report gives the real counts).
 
 Either way, no source file goes whole to validation/test (`keep_a_record_per_file`): when all of a file's
-records drew an evaluation split, the one with the highest hash goes to train instead. A file that holds one
-record (a .txt or .md document) therefore always trains; name evaluation files in `data.validation`/`data.test`.
+records drew an evaluation split, the one with the highest hash goes to train instead. A file of one record
+(a .txt or .md document) is a record like any other in a run of `SMALL_RUN_FILES` files or more, so a folder
+of many documents still gets validation and test documents; in a smaller run each file is a large share of
+the data and trains.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from collections import defaultdict
 from gemcut.config import SplitConfig
 
 SPLITS = ("train", "validation", "test")
+SMALL_RUN_FILES = 20  # below this many source files, even a one-record file is never given whole to evaluation
 
 
 def _take(n: int, frac: float) -> int:
@@ -88,9 +91,9 @@ def keep_a_record_per_file(where: dict[str, str], records: list[dict], seed: int
     for r in records:
         if "_file" in r:
             files[r["_file"]].append(record_id(r))
-    kept = 0
+    kept, small = 0, len(files) < SMALL_RUN_FILES
     for ids in files.values():
-        if all(where[k] != "train" for k in ids):
+        if (len(ids) > 1 or small) and all(where[k] != "train" for k in ids):
             where[max(ids, key=lambda k: (position(k, seed), k))] = "train"
             kept += 1
     return kept
