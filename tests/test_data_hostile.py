@@ -295,7 +295,7 @@ def test_generate_reads_prompts_with_the_pipelines_reader_and_checks(tmp_path):
     p.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "bogus", "content": "x"}]}) + "\n", encoding="utf-8")
     with pytest.raises(DataError) as info:
         read_prompts(p)
-    assert str(info.value) == f'{p}:1: messages[1].role "bogus" is not one of system, user, assistant'
+    assert str(info.value) == f'{p}:1: messages[1].role "bogus" is not one of system, user, assistant, tool'
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
             {"role": "assistant", "content": "hello", "weight": 0}, {"role": "user", "content": "again"},
             {"role": "assistant", "content": "to be sampled"}]

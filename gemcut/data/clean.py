@@ -314,7 +314,9 @@ class Cleaner:
         return out
 
     def _drop_reason(self, r: dict) -> str | None:
-        parts = [r[f] for f in TEXT_FIELDS if f in r and f != "system"] + [m["content"] for m in r.get("messages", [])]
+        # An assistant turn that only calls tools has no content by design (its calls are the target).
+        parts = [r[f] for f in TEXT_FIELDS if f in r and f != "system"] + [
+            m["content"] for m in r.get("messages", []) if m["content"] or not m.get("tool_calls")]
         if any(not p.strip() for p in parts):
             return "empty_after_cleaning"
         if any(not p.translate(_ZERO_WIDTH).strip() for p in parts):

@@ -5,15 +5,18 @@ print(Normalizer('auto').normalize(Row('x.jsonl', 1, {'instruction': 'Add', 'inp
 
 A bad record raises `DataError` naming file:line, the field, a short `reason` (counted in the report when
 `data.on_error=skip`) and the fix. Reasons: missing_field, extra_field, wrong_type, empty_text, unknown_role,
-roles_not_alternating, no_assistant_turn, label_not_declared, chosen_equals_rejected, ranking_ties,
-multi_turn_prompt, mixed_kinds (plus the readers' malformed_json, duplicate_key, too_deep, ...: docs/data.md).
+roles_not_alternating, tool_call_mismatch, no_assistant_turn, label_not_declared, chosen_equals_rejected,
+ranking_ties, mixed_kinds (plus the readers' malformed_json, duplicate_key, too_deep, ...: docs/data.md).
 
 With `kind: auto` the first record fixes the kind; a later record whose fields clearly make another kind
 is a `mixed_kinds` error, never silently flattened or misread. Labels are strings: an integer label 1 and a
 string "1" are one label, and each label's spellings are counted (`label_spellings`) for the report.
 
 User schemas accepted besides the normalised shapes: Alpaca (instruction/input/output -> prompt/completion),
-OpenAI DPO (input.messages/preferred_output/non_preferred_output -> prompt/chosen/rejected), a ranked list
+OpenAI chat fine-tuning records (`name`, assistant `tool_calls` with JSON-string arguments, `tool` messages
+with `tool_call_id`, a record-level `tools` list, content as a list of text parts -> joined, assistant
+`weight` 0/1), OpenAI DPO (input.messages/preferred_output/non_preferred_output -> prompt/chosen/rejected,
+or messages/chosen/rejected when the input is more than a system and a user message), a ranked list
 (prompt + completions, best first, or with `rank`/`score`) expanded into every better/worse pair, and a
 `columns:` mapping from gemcut field names to the user's. `kind: text` on conversation, pair or label data
 flattens each record into one document (see docs/data.md).
@@ -34,9 +37,10 @@ from gemcut.errors import DataError
 
 # Every field name some supported schema uses; anything else in a JSON record is an error (likely a typo).
 KNOWN_FIELDS = {
-    "text", "label", "prompt", "completion", "system", "messages", "chosen", "rejected", "completions",
+    "text", "label", "prompt", "completion", "system", "messages", "tools", "chosen", "rejected", "completions",
     "instruction", "input", "output", "preferred_output", "non_preferred_output",
 }
+MESSAGE_FIELDS = ("role", "content", "name", "weight", "tool_calls", "tool_call_id")
 # Bookkeeping fields that are never data: kept out of training silently by design, and documented so.
 PASSTHROUGH = {"id", "metadata"}
 ROLE_HINTS = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant"}
@@ -47,10 +51,10 @@ def infer_kind(value: Any) -> str | None:
     if not isinstance(value, dict):
         return None
     keys = set(value)
+    if keys & {"chosen", "rejected", "completions", "preferred_output", "non_preferred_output"}:
+        return "preference"  # before messages: a preference prompt may be a conversation
     if "messages" in keys:
         return "messages"
-    if keys & {"chosen", "rejected", "completions", "preferred_output", "non_preferred_output"}:
-        return "preference"
     if keys & {"completion", "output", "instruction"}:
         return "prompt_completion"
     if "label" in keys:
@@ -62,10 +66,11 @@ def infer_kind(value: Any) -> str | None:
 
 def flatten_to_text(record: dict) -> str:
     """One document from any record kind: turns and parts joined by newlines, roles and labels left out."""
-    if "messages" in record:
-        return "\n".join(m["content"] for m in record["messages"])
     if "chosen" in record:
-        return "\n".join(x for x in (record.get("system"), record["prompt"], record["chosen"]) if x)
+        prompt = [m["content"] for m in record["messages"]] if "messages" in record else [record.get("system"), record["prompt"]]
+        return "\n".join(x for x in (*prompt, record["chosen"]) if x)
+    if "messages" in record:
+        return "\n".join(m["content"] for m in record["messages"] if m["content"])
     if "completion" in record:
         return "\n".join(x for x in (record.get("system"), record["prompt"], record["completion"]) if x)
     return record["text"]
@@ -116,6 +121,9 @@ class Normalizer:
         natural = infer_kind(value) if kind == "text" else kind
         if natural is None:  # kind text but no field fits any kind: report the missing text
             natural = "text"
+        if "tools" in value and natural != "messages" and not row.tabular:
+            self._fail(row, "tools", "extra_field", 'field "tools" goes with messages records (a conversation whose assistant '
+                       f"turns call the tools); this is a {natural} record")
         builder = getattr(self, f"_build_{natural}")
         records, used = builder(value, row)
         if kind == "text" and natural != "text":
@@ -136,12 +144,14 @@ class Normalizer:
         if not isinstance(value, dict):
             self._fail(row, None, "wrong_type", f"a prompt must be a JSON object with named fields, got {type(value).__name__}")
         value = self._map_columns(value, row)
+        if "tools" in value:
+            self._fail(row, "tools", "extra_field", 'field "tools": gemcut generate samples without tools; remove "tools" from the prompt file')
         if "messages" in value:
             self._check_unknown(value, row, "messages")
             msgs = self._messages(value["messages"], row, "messages", need_assistant=False)
             while msgs and msgs[-1]["role"] == "assistant":
                 msgs.pop()
-            if not msgs or msgs[-1]["role"] != "user":
+            if not msgs or msgs[-1]["role"] not in ("user", "tool"):
                 self._fail(row, "messages", "missing_field", "messages has no user turn to answer; add one")
             shown = "\n\n".join(f"{m['role']}: {m['content']}" for m in msgs) if len(msgs) > 1 else msgs[0]["content"]
             return shown, msgs
@@ -267,10 +277,18 @@ class Normalizer:
     def _build_messages(self, value: dict, row: Row) -> tuple[list[dict], set[str]]:
         # Flattened into a text document, a conversation needs no assistant turn and no strict turn order.
         flat = self.kind == "text"
-        msgs = self._messages(value.get("messages"), row, "messages", need_assistant=not flat, check_order=not flat)
-        return [{"messages": msgs}], {"messages"}
+        tools = self._tools(value["tools"], row) if value.get("tools") is not None else None
+        names = [t["function"]["name"] for t in tools] if tools is not None else None
+        msgs = self._messages(value.get("messages"), row, "messages", need_assistant=not flat, check_order=not flat, tool_names=names)
+        rec: dict[str, Any] = {"messages": msgs}
+        if tools is not None:
+            rec["tools"] = tools
+        return [rec], {"messages", "tools"}
 
-    def _messages(self, msgs: Any, row: Row, field: str, *, need_assistant: bool = True, check_order: bool = True) -> list[dict]:
+    def _messages(self, msgs: Any, row: Row, field: str, *, need_assistant: bool = True, check_order: bool = True,
+                  tool_names: list[str] | None = None) -> list[dict]:
+        """Checked messages in the normalised shape: `content` a string (text parts joined, "" for an assistant
+        turn that only calls tools); `name`, `weight` (0/1), `tool_calls`, `tool_call_id` kept where given."""
         if msgs is None:
             self._get({}, field, row)
         if not isinstance(msgs, list):
@@ -283,9 +301,10 @@ class Normalizer:
             if not isinstance(m, dict):
                 self._fail(row, where, "wrong_type", f"{where} must be an object {{role, content}}, got {type(m).__name__} ({_short(m)})")
             for key in m:
-                if key not in ("role", "content", "weight"):
+                if key not in MESSAGE_FIELDS:
                     self._fail(row, f"{where}.{key}", "extra_field",
-                               f'{where} has unknown field "{key}"; a message has role, content and optional weight')
+                               f'{where} has unknown field "{key}"; a message has role, content and optional name, weight, '
+                               "tool_calls (assistant) and tool_call_id (tool)")
             role = m.get("role")
             if role is None:
                 self._fail(row, f"{where}.role", "missing_field", f'{where}: field "role" missing; use one of {", ".join(ROLES)}')
@@ -294,54 +313,218 @@ class Normalizer:
                 near = hint or next(iter(difflib.get_close_matches(str(role), ROLES, n=1, cutoff=0.5)), None)
                 dym = f' (did you mean "{near}"?)' if near else ""
                 self._fail(row, f"{where}.role", "unknown_role", f'{where}.role "{role}" is not one of {", ".join(ROLES)}{dym}')
-            if "content" not in m or m["content"] is None:
+            calls = m.get("tool_calls")
+            if calls is not None and role != "assistant":
+                self._fail(row, f"{where}.tool_calls", "wrong_type", f"{where}.tool_calls: only assistant messages make tool calls (role is {role})")
+            if calls is not None and m.get("content") in (None, ""):
+                content = ""  # a turn that only calls tools: the template renders its calls
+            elif m.get("content") is None:
                 self._fail(row, f"{where}.content", "missing_field", f'{where}: field "content" missing')
-            content = self._check_str(m["content"], f"{where}.content", row)
-            msg = {"role": role, "content": content}
+            else:
+                content = self._content(m["content"], f"{where}.content", row)
+            msg: dict[str, Any] = {"role": role, "content": content}
+            if m.get("name") is not None:
+                msg["name"] = self._check_str(m["name"], f"{where}.name", row)
             if "weight" in m:
                 w = m["weight"]
-                if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 1:
-                    self._fail(row, f"{where}.weight", "wrong_type", f"{where}.weight must be a number from 0 to 1 (0 = no loss), got {_short(w)}")
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or w not in (0, 1):
+                    self._fail(row, f"{where}.weight", "wrong_type", f"{where}.weight must be 0 or 1 (0 leaves the turn out of the loss), got {_short(w)}")
                 if role != "assistant":
                     self._fail(row, f"{where}.weight", "wrong_type", f"{where}.weight is only meaningful on assistant messages (role is {role})")
                 msg["weight"] = w
+            if calls is not None:
+                msg["tool_calls"] = self._tool_calls(calls, f"{where}.tool_calls", row, tool_names)
+            if m.get("tool_call_id") is not None:
+                if role != "tool":
+                    self._fail(row, f"{where}.tool_call_id", "wrong_type", f"{where}.tool_call_id is only for tool messages (role is {role})")
+                msg["tool_call_id"] = self._check_str(m["tool_call_id"], f"{where}.tool_call_id", row)
             out.append(msg)
-        # A system message may open the conversation; after it, user and assistant alternate from user.
-        body = out[1:] if out[0]["role"] == "system" else out
-        offset = len(out) - len(body)
-        for j, msg in enumerate(body if check_order else []):
-            expected = ("user", "assistant")[j % 2]
-            if msg["role"] != expected:
-                i = j + offset
-                after = f'after "{out[i - 1]["role"]}"' if i > 0 else "at the start"
-                fix = ("a system message may only come first" if msg["role"] == "system"
-                       else "user and assistant turns must alternate, starting with user; merge consecutive messages of one role")
-                self._fail(row, f"{field}[{i}].role", "roles_not_alternating", f'{field}[{i}] is "{msg["role"]}" {after}; {fix}')
+        if check_order:
+            self._check_order(out, row, field)
         if need_assistant and not any(m["role"] == "assistant" for m in out):
             self._fail(row, field, "no_assistant_turn", "conversation has no assistant turn, so there is nothing to learn; add the reply or remove the record")
+        return out
+
+    def _check_order(self, out: list[dict], row: Row, field: str) -> None:
+        """A system message may open the conversation; after it, user and assistant alternate from user, and an
+        assistant turn with tool_calls is followed by one tool result per call (tool_call_id) before anything else."""
+        last = None  # the role before, not counting an opening system message
+        calls_at, pending = None, []  # the assistant message whose calls are being answered; ids not answered yet
+        for i in range(1 if out[0]["role"] == "system" else 0, len(out)):
+            msg, role = out[i], out[i]["role"]
+            after = f'after "{out[i - 1]["role"]}"' if i > 0 else "at the start"
+            if role == "tool":
+                if calls_at is None:
+                    self._fail(row, f"{field}[{i}].role", "roles_not_alternating",
+                               f'{field}[{i}] is "tool" {after}; a tool message answers the tool_calls of the assistant message just before it')
+                ids = [c["id"] for c in out[calls_at]["tool_calls"]]
+                tid = msg.get("tool_call_id")
+                if tid is None:
+                    self._fail(row, f"{field}[{i}].tool_call_id", "missing_field",
+                               f"{field}[{i}].tool_call_id missing; a tool result names the call it answers (here {', '.join(pending or ids)})")
+                if tid not in ids:
+                    self._fail(row, f"{field}[{i}].tool_call_id", "tool_call_mismatch",
+                               f'{field}[{i}].tool_call_id "{tid}" answers no call of {field}[{calls_at}] ({", ".join(ids)})')
+                if tid not in pending:
+                    self._fail(row, f"{field}[{i}].tool_call_id", "tool_call_mismatch",
+                               f'{field}[{i}].tool_call_id "{tid}" answers its call a second time; give each call one result')
+                pending.remove(tid)
+                last = role
+                continue
+            if pending:
+                verb = "has" if len(pending) == 1 else "have"
+                self._fail(row, f"{field}[{i}].role", "tool_call_mismatch",
+                           f'{field}[{i}] is "{role}" but {", ".join(pending)} of {field}[{calls_at}] {verb} no result; '
+                           f'add a "tool" message with tool_call_id "{pending[0]}" first')
+            expected = "user" if last in (None, "assistant") else "assistant"
+            if role != expected:
+                fix = ("a system message may only come first" if role == "system"
+                       else "user and assistant turns must alternate, starting with user; merge consecutive messages of one role")
+                self._fail(row, f"{field}[{i}].role", "roles_not_alternating", f'{field}[{i}] is "{role}" {after}; {fix}')
+            calls_at, pending = (i, [c["id"] for c in msg["tool_calls"]]) if msg.get("tool_calls") else (None, [])
+            last = role
+
+    def _content(self, v: Any, where: str, row: Row) -> str:
+        """A message's content: a string, or OpenAI's list of text parts, joined as a template shows them."""
+        if isinstance(v, list):
+            if not v:
+                self._fail(row, where, "empty_text", f"{where} is an empty list of parts; give it at least one text part")
+            texts = []
+            for j, part in enumerate(v):
+                pw = f"{where}[{j}]"
+                if not isinstance(part, dict):
+                    self._fail(row, pw, "wrong_type", f'{pw} must be a text part {{"type": "text", "text": ...}}, got {type(part).__name__} ({_short(part)})')
+                if part.get("type") != "text":
+                    self._fail(row, pw, "wrong_type", f'{pw} is a "{part.get("type")}" part; only text parts ({{"type": "text", "text": ...}}) '
+                               "are supported, so write what it shows as text or remove the part")
+                texts.append(self._check_str(part.get("text"), f"{pw}.text", row, allow_empty=True))
+            v = "".join(texts)
+        return self._check_str(v, where, row)
+
+    def _tools(self, tools: Any, row: Row) -> list[dict]:
+        """The record's `tools`: OpenAI function schemas, passed as they are to the chat template's `tools`."""
+        if not isinstance(tools, list) or not tools:
+            self._fail(row, "tools", "wrong_type", 'field "tools" must be a list of {"type": "function", "function": {"name", "parameters"}} '
+                       f"schemas, got {type(tools).__name__} ({_short(tools)})")
+        names: set[str] = set()
+        for j, t in enumerate(tools):
+            tw = f"tools[{j}]"
+            if not isinstance(t, dict):
+                self._fail(row, tw, "wrong_type", f'{tw} must be an object {{"type": "function", "function": {{...}}}}, got {type(t).__name__} ({_short(t)})')
+            if t.get("type") != "function":
+                self._fail(row, f"{tw}.type", "wrong_type", f'{tw}.type must be "function", got {t.get("type")!r}')
+            fn = t.get("function")
+            if not isinstance(fn, dict):
+                self._fail(row, f"{tw}.function", "wrong_type", f'{tw}.function must be an object {{"name", "description", "parameters"}}, got {_short(fn)}')
+            if fn.get("name") is None:
+                self._fail(row, f"{tw}.function.name", "missing_field", f"{tw}.function.name missing; name the function the model may call")
+            name = self._check_str(fn["name"], f"{tw}.function.name", row)
+            if name in names:
+                self._fail(row, f"{tw}.function.name", "wrong_type", f'{tw}.function.name "{name}" is declared twice; keep one')
+            names.add(name)
+            params = fn.get("parameters")
+            if params is not None and not isinstance(params, dict):
+                self._fail(row, f"{tw}.function.parameters", "wrong_type",
+                           f"{tw}.function.parameters must be a JSON schema object, got {type(params).__name__} ({_short(params)})")
+        return tools
+
+    def _tool_calls(self, calls: Any, where: str, row: Row, tool_names: list[str] | None) -> list[dict]:
+        """An assistant message's `tool_calls` in OpenAI's shape; `arguments` stays the JSON string it was given."""
+        if not isinstance(calls, list) or not calls:
+            self._fail(row, where, "wrong_type", f'{where} must be a non-empty list of {{"id", "type": "function", "function": {{"name", "arguments"}}}} '
+                       f"calls, got {_short(calls)}")
+        out, ids = [], set()
+        example = 'write the arguments as a JSON object inside a string, e.g. "{\\"city\\": \\"paris\\"}"'
+        for j, c in enumerate(calls):
+            cw = f"{where}[{j}]"
+            if not isinstance(c, dict):
+                self._fail(row, cw, "wrong_type", f"{cw} must be an object {{id, type, function}}, got {type(c).__name__} ({_short(c)})")
+            for key in c:
+                if key not in ("id", "type", "function"):
+                    self._fail(row, f"{cw}.{key}", "extra_field", f'{cw} has unknown field "{key}"; a tool call has id, type and function')
+            if c.get("id") is None:
+                self._fail(row, f"{cw}.id", "missing_field", f"{cw}.id missing; give each call an id, which its tool result repeats as tool_call_id")
+            cid = self._check_str(c["id"], f"{cw}.id", row)
+            if cid in ids:
+                self._fail(row, f"{cw}.id", "tool_call_mismatch", f'{cw}.id "{cid}" is used by another call of this message; give each call its own id')
+            ids.add(cid)
+            if c.get("type") != "function":
+                self._fail(row, f"{cw}.type", "wrong_type", f'{cw}.type must be "function", got {c.get("type")!r}')
+            fn = c.get("function")
+            if not isinstance(fn, dict):
+                self._fail(row, f"{cw}.function", "wrong_type", f'{cw}.function must be an object {{"name", "arguments"}}, got {_short(fn)}')
+            for key in fn:
+                if key not in ("name", "arguments"):
+                    self._fail(row, f"{cw}.function.{key}", "extra_field", f'{cw}.function has unknown field "{key}"; a call has a name and arguments')
+            if fn.get("name") is None:
+                self._fail(row, f"{cw}.function.name", "missing_field", f"{cw}.function.name missing; name the function called")
+            name = self._check_str(fn["name"], f"{cw}.function.name", row)
+            if tool_names is not None and name not in tool_names:
+                near = difflib.get_close_matches(name, tool_names, n=1, cutoff=0.6)
+                dym = f'; did you mean "{near[0]}"?' if near else ""
+                self._fail(row, f"{cw}.function.name", "tool_call_mismatch",
+                           f'{cw}.function.name "{name}" is not one of the record\'s tools ({", ".join(tool_names)}){dym}')
+            aw = f"{cw}.function.arguments"
+            args = fn.get("arguments")
+            if args is None:
+                self._fail(row, aw, "missing_field", f"{aw} missing; {example}")
+            if not isinstance(args, str):
+                self._fail(row, aw, "wrong_type", f"{aw} must be a string holding a JSON object (OpenAI's format), got {type(args).__name__} "
+                           f"({_short(args)}); write it as json.dumps(arguments)")
+            try:
+                parsed = json.loads(args)
+            except json.JSONDecodeError as e:
+                self._fail(row, aw, "wrong_type", f"{aw} is not valid JSON ({e.msg} at column {e.colno}); {example}")
+            except (ValueError, RecursionError) as e:  # an over-long number, nesting beyond the parser
+                self._fail(row, aw, "wrong_type", f"{aw} cannot be read as JSON ({type(e).__name__}); {example}")
+            if not isinstance(parsed, dict):
+                self._fail(row, aw, "wrong_type", f"{aw} must encode a JSON object ({{...}}), got {type(parsed).__name__}")
+            out.append({"id": cid, "type": "function", "function": {"name": name, "arguments": args}})
         return out
 
     def _build_preference(self, value: dict, row: Row) -> tuple[list[dict], set[str]]:
         if value.keys() & {"input", "preferred_output", "non_preferred_output"}:
             return self._openai_dpo(value, row)
-        system = self._str(value, "system", row, required=False)
-        prompt = self._str(value, "prompt", row)
+        if "messages" in value:
+            both = next((f for f in ("prompt", "system") if f in value), None)
+            if both:
+                self._fail(row, both, "extra_field", 'a preference record has either "prompt" (with "system") or "messages", not both; keep one')
+            head, system = self._prompt_context(value["messages"], row, "messages")
+            used = {"messages"}
+        else:
+            system = self._str(value, "system", row, required=False)
+            head = {"prompt": self._str(value, "prompt", row)}
+            used = {"prompt", "system"}
         if "completions" in value:
             pairs = self._ranked(value["completions"], row)
-            used = {"prompt", "completions", "system"}
+            used |= {"completions"}
         else:
             pairs = [(self._str(value, "chosen", row), self._str(value, "rejected", row), "chosen", "rejected")]
-            used = {"prompt", "chosen", "rejected", "system"}
+            used |= {"chosen", "rejected"}
         records = []
         for chosen, rejected, cf, rf in pairs:
             if chosen.strip() == rejected.strip():
                 self._fail(row, rf, "chosen_equals_rejected",
                            f"{cf} and {rf} are the same text, so there is no preference to learn; fix one or remove the record")
-            rec = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+            rec = {**head, "chosen": chosen, "rejected": rejected}
             if system is not None:
                 rec["system"] = system
             records.append(rec)
         return records, used
+
+    def _prompt_context(self, msgs: Any, row: Row, field: str) -> tuple[dict, str | None]:
+        """A preference prompt given as messages -> ({"messages": [...]}, None); or ({"prompt": text}, system) when
+        it is an optional system message and one plain user message, which the template renders the same."""
+        msgs = self._messages(msgs, row, field, need_assistant=False)
+        if not any(m["role"] == "user" for m in msgs):
+            self._fail(row, "prompt", "missing_field", f"{field} has no user message: the preference has no prompt")
+        if msgs[-1]["role"] not in ("user", "tool"):
+            self._fail(row, f"{field}[{len(msgs) - 1}].role", "roles_not_alternating",
+                       f'{field} ends with an "{msgs[-1]["role"]}" turn; chosen and rejected answer the last user turn, so end the prompt with it')
+        roles = [m["role"] for m in msgs]
+        if roles in (["user"], ["system", "user"]) and all(set(m) == {"role", "content"} for m in msgs):
+            return {"prompt": msgs[-1]["content"]}, (msgs[0]["content"] if len(msgs) == 2 else None)
+        return {"messages": msgs}, None
 
     def _ranked(self, items: Any, row: Row) -> list[tuple[str, str, str, str]]:
         """Ranked completions -> every (better, worse) pair. Strings are best first; dicts carry `rank`
@@ -386,14 +569,12 @@ class Normalizer:
         inp = self._get(value, "input", row)
         if not isinstance(inp, dict) or "messages" not in inp:
             self._fail(row, "input", "wrong_type", 'field "input" must be an object {"messages": [...]} (OpenAI DPO format)')
-        msgs = self._messages(inp["messages"], row, "input.messages", need_assistant=False)
-        system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
-        turns = msgs[1:] if system is not None else msgs
-        if len(turns) == 0:
-            self._fail(row, "prompt", "missing_field", "input.messages has no user message: the preference has no prompt")
-        if len(turns) != 1:
-            self._fail(row, "input.messages", "multi_turn_prompt",
-                       f"input.messages has {len(turns)} turns; gemcut's preference records take a single-turn prompt (system + one user message)")
+        for key in inp:
+            if key == "tools":
+                self._fail(row, "input.tools", "extra_field", "input.tools: preference records do not take tools yet; remove them (input holds messages only)")
+            if key != "messages":
+                self._fail(row, f"input.{key}", "extra_field", f'input has unknown field "{key}"; it holds messages only')
+        head, system = self._prompt_context(inp["messages"], row, "input.messages")
         outs = []
         for field in ("preferred_output", "non_preferred_output"):
             v = self._get(value, field, row)
@@ -406,7 +587,7 @@ class Normalizer:
         if outs[0].strip() == outs[1].strip():
             self._fail(row, "non_preferred_output", "chosen_equals_rejected",
                        "preferred_output and non_preferred_output are the same text, so there is no preference to learn")
-        rec = {"prompt": turns[0]["content"], "chosen": outs[0], "rejected": outs[1]}
+        rec = {**head, "chosen": outs[0], "rejected": outs[1]}
         if system is not None:
             rec["system"] = system
         return [rec], {"input", "preferred_output", "non_preferred_output"}
@@ -415,7 +596,7 @@ class Normalizer:
 def _kind_fields(kind: str) -> list[str]:
     return {
         "text": ["text"], "label": ["text", "label"], "prompt_completion": ["prompt", "completion", "system"],
-        "messages": ["messages"], "preference": ["prompt", "chosen", "rejected", "system"],
+        "messages": ["messages", "tools"], "preference": ["prompt", "system", "messages", "chosen", "rejected", "completions"],
     }.get(kind, sorted(KNOWN_FIELDS))
 
 

@@ -7,14 +7,23 @@ models without one (`chatml`, `alpaca`, `plain`; config `data.template`). The sa
 examples, evaluation prompts and serving prompts, and is saved into the run (`chat_template.jinja` +
 `template.json`), so all three see identical text.
 
+Tools (OpenAI's chat format): a conversation's `tools` (function schemas) go to the template's `tools`
+argument, and assistant `tool_calls` reach it with their JSON-string `arguments` parsed into objects (what
+transformers' tool-use templates expect). A template that renders neither is found by rendering with and
+without them (the first time a conversation has them): when the tool content is missing from its text, the
+conversation is refused with an error naming the template, instead of training on a conversation the model
+never sees.
+
 How the loss weights are found, exactly: the whole conversation is rendered to one string by the template
 and tokenized once (so the ids equal `tokenizer.apply_chat_template(messages)`'s, with no merge differences
 at segment boundaries). The character span of each assistant message's content is located by prefix
 diffing: the render of the messages before it, with the generation prompt, is a prefix of the full render
 for prefix-stable templates (ChatML, Llama 3, ...), and the content starts right after it. Tokens that
 overlap an assistant span carry that message's `weight` (default 1), and so does the end-of-turn token that
-follows the content (`<|im_end|>`, EOS), because the model must learn to stop. Everything else — system and
-user text, role headers, separators — carries weight 0 (or 1 with `train_on="all"`).
+follows the content (`<|im_end|>`, EOS), because the model must learn to stop. An assistant turn with
+`tool_calls` has no verbatim content to find: its span runs from the generation prompt to the end of its own
+render (the calls as the template writes them, and its end-of-turn token). Everything else — system and user
+text, tool results, role headers, separators — carries weight 0 (or 1 with `train_on="all"`).
 """
 
 from __future__ import annotations
@@ -77,6 +86,15 @@ class ChatTemplate:
             if getattr(added, "special", False) and ("end" in text or "eot" in text or "</" in text):
                 eot.add(int(token_id))
         self._end_ids = eot
+        self._renders_tools: set[str] = set()  # "tools", "tool_calls": shown to render once, not probed again
+
+    @property
+    def label(self) -> str:
+        """How errors name this template: the model's own, or `data.template=NAME`."""
+        if self.name != "tokenizer":
+            return f"data.template={self.name}"
+        model = getattr(self.tokenizer, "name_or_path", "") or "this model"
+        return f"the chat template of {model!r}"
 
     # ------------------------------------------------------------ construction
 
@@ -131,25 +149,52 @@ class ChatTemplate:
             return [{"role": "system", "content": self.system_prompt}, *messages]
         return list(messages)
 
-    def render_text(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render_text(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
         """The template's text for `messages` (system prompt added), as the model sees it."""
-        return self._render(self.with_system(messages), add_generation_prompt)
+        return self._render(self.with_system(messages), add_generation_prompt, tools)
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def _render(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
         return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.source, tokenize=False, add_generation_prompt=add_generation_prompt
+            _for_template(messages), tools=tools or None, chat_template=self.source, tokenize=False,
+            add_generation_prompt=add_generation_prompt,
         )
 
-    def _try_render(self, messages: list[dict], add_generation_prompt: bool) -> str | None:
+    def _try_render(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> str | None:
         try:
-            return self._render(messages, add_generation_prompt)
+            return self._render(messages, add_generation_prompt, tools)
         except Exception:  # templates may reject partial conversations (empty, or role order checks)
             return None
 
-    def text_and_spans(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, list[Span]]:
+    def _check_renders_tools(self, messages: list[dict], tools: list[dict] | None, text: str, shift: int) -> None:
+        """Refuse tools or tool calls that the template drops: rendered without them, the text must differ, and
+        rendered with them, it must name each function. `shift` = system messages added before the record's."""
+        fix = ("so the model would never see them; use a model whose chat template renders tools and tool calls "
+               "(e.g. Qwen2.5-Instruct or Llama 3.1 Instruct), or remove tools and tool_calls from the data")
+        if tools and "tools" not in self._renders_tools:
+            names = [t.get("function", {}).get("name", "") for t in tools]
+            if self._try_render(messages, False, None) == text or not all(n in text for n in names):
+                raise DataError(f"{self.label} does not render tools (its text is the same with and without the record's "
+                                f"tools), {fix}", field="tools", reason="template_without_tools")
+            self._renders_tools.add("tools")
+        at = next((i for i, m in enumerate(messages) if m.get("tool_calls")), None)
+        if at is not None and "tool_calls" not in self._renders_tools:
+            bare = [{k: v for k, v in m.items() if k != "tool_calls"} for m in messages]
+            names = [c["function"]["name"] for m in messages for c in m.get("tool_calls") or ()]
+            if self._try_render(bare, False, tools) == text or not all(n in text for n in names):
+                where = f"messages[{at - shift}].tool_calls"
+                raise DataError(f"{self.label} does not render tool_calls ({where} is missing from its text), {fix}",
+                                field=where, reason="template_without_tools")
+            self._renders_tools.add("tool_calls")
+
+    def text_and_spans(self, messages: list[dict], add_generation_prompt: bool = False,
+                       tools: list[dict] | None = None) -> tuple[str, list[Span]]:
         """Rendered text and the character spans of assistant contents with their weights."""
+        given = len(messages)
         messages = self.with_system(messages)
-        text = self._render(messages, add_generation_prompt)
+        text = self._render(messages, add_generation_prompt, tools)
+        if tools or any(m.get("tool_calls") for m in messages):
+            self._check_renders_tools(messages, tools, text if not add_generation_prompt else
+                                      self._render(messages, False, tools), len(messages) - given)
         spans: list[Span] = []
         cursor = 0
         for i, message in enumerate(messages):
@@ -159,10 +204,22 @@ class ChatTemplate:
             weight = float(message.get("weight", 1.0) if message.get("weight") is not None else 1.0)
             start = cursor
             for gen in (True, False):
-                prefix = self._try_render(messages[:i], gen)
+                prefix = self._try_render(messages[:i], gen, tools)
                 if prefix is not None and text.startswith(prefix) and len(prefix) >= cursor:
                     start = len(prefix)
                     break
+            if message.get("tool_calls"):
+                # The calls are written by the template, not found verbatim: the span is the turn's own render.
+                own = self._try_render(messages[: i + 1], False, tools)
+                end = len(own.rstrip()) if own is not None and text.startswith(own) else -1
+                if end <= start:
+                    raise DataError(f"{self.label} does not render assistant message {i - (len(messages) - given)}'s tool calls "
+                                    "as a prefix of the whole conversation, so their loss mask cannot be located; use a model "
+                                    "whose chat template renders tool calls turn by turn (e.g. Qwen2.5-Instruct)",
+                                    field=f"messages[{i - (len(messages) - given)}].tool_calls")
+                spans.append((start, end, weight))
+                cursor = end
+                continue
             at = text.find(content, start) if content else start
             if at < 0 and content.strip():
                 content = content.strip()  # templates that trim message content
@@ -198,29 +255,41 @@ class ChatTemplate:
                 nxt = next(ends, None)
         return weights
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False,
-               train_on: str = "completion") -> tuple[list[int], list[float]]:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, train_on: str = "completion",
+               tools: list[dict] | None = None) -> tuple[list[int], list[float]]:
         """Token ids and per-token loss weights (0 for prompt tokens and scaffolding).
 
         `train_on="all"` gives weight 1 to every token except assistant content, which keeps its message weight.
+        `tools`: OpenAI function schemas for the template's `tools` argument.
         """
-        return self.render_many([messages], add_generation_prompt, train_on)[0]
+        return self.render_many([messages], add_generation_prompt, train_on, tools=[tools])[0]
 
     def render_many(self, conversations: list[list[dict]], add_generation_prompt: bool = False,
-                    train_on: str = "completion") -> list[tuple[list[int], list[float]]]:
-        """`render` for many conversations, with one batched tokenizer call (much faster on big sets)."""
+                    train_on: str = "completion", *, tools: list[list[dict] | None] | None = None,
+                    sources: list[str] | None = None) -> list[tuple[list[int], list[float]]]:
+        """`render` for many conversations, with one batched tokenizer call (much faster on big sets).
+
+        `tools` holds each conversation's tools (or None); `sources` ("file:line" each) name the record in errors.
+        """
         if not conversations:
             return []
-        rendered = [self.text_and_spans(m, add_generation_prompt) for m in conversations]
+        rendered = []
+        for k, m in enumerate(conversations):
+            try:
+                rendered.append(self.text_and_spans(m, add_generation_prompt, tools[k] if tools else None))
+            except DataError as e:
+                if sources is None or e.path is not None:
+                    raise
+                raise DataError(str(e), path=sources[k], field=e.field, reason=e.reason) from None
         enc = self.tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
         out = []
         for (_, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
             out.append((list(ids), self._weights(ids, [tuple(o) for o in offsets], spans, train_on)))
         return out
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
+    def prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Token ids of `messages` followed by the generation prompt: what a model continues from."""
-        return self.render(messages, add_generation_prompt=True)[0]
+        return self.render(messages, add_generation_prompt=True, tools=tools)[0]
 
     @property
     def stop_token_ids(self) -> list[int]:
@@ -229,3 +298,27 @@ class ChatTemplate:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "system_prompt": self.system_prompt, "source": self.source}
+
+
+def _for_template(messages: list[dict]) -> list[dict]:
+    """Messages as transformers' tool-use templates expect them: a tool call's JSON-string `arguments` (OpenAI's
+    format, kept in the data) parsed into an object; everything else as it is."""
+    if not any(m.get("tool_calls") for m in messages):
+        return messages
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            m = {**m, "tool_calls": [_call_with_object_arguments(c) for c in m["tool_calls"]]}
+        out.append(m)
+    return out
+
+
+def _call_with_object_arguments(call: dict) -> dict:
+    fn = call.get("function")
+    if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(fn["arguments"])
+    except ValueError:
+        return call  # left as written: the data checks name bad arguments, this only renders
+    return {**call, "function": {**fn, "arguments": arguments}}

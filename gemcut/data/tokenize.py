@@ -9,12 +9,15 @@
 | text (causal_lm)             | `input_ids`, `labels`, `position_ids`: documents + EOS, concatenated and cut  |
 |                              | into blocks of `max_length`; positions restart at 0 at each document start   |
 | prompt_completion, messages  | `input_ids`, `labels` (-100 where the loss weight is 0), optional            |
-| (causal_lm)                  | `loss_weight`; rendered with the chat template; `data.packing` packs rows    |
+| (causal_lm)                  | `loss_weight`; rendered with the chat template (a record's `tools` too);     |
+|                              | `data.packing` packs rows                                                    |
 | label (classify)             | `input_ids`, `label` (index into `label_names`)                              |
 | label (causal_lm)            | generative classifier: user turn = `data.instruction` with {labels}, {text}; |
 |                              | assistant turn = the label; then as messages                                 |
 | preference (dpo, reward)     | `chosen_input_ids`, `chosen_labels`, `rejected_input_ids`, `rejected_labels`: |
-|                              | prompt + response rendered with the template, -100 on the shared prompt      |
+|                              | prompt + response rendered with the template, -100 on the shared prompt; a  |
+|                              | `messages` prompt is rendered as it is, so its ids are `template.prompt_ids` |
+|                              | of those messages: what `gemcut generate` sampled from                       |
 
 `loss_weight` appears (on every example) only when some weight is neither 0 nor 1 (per-message `weight`).
 Overlong examples follow `data.overlong`: `truncate` keeps the first `max_length` tokens, `drop` drops the
@@ -28,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from gemcut.data.records import sort_labels
+from gemcut.data.records import ROLES, sort_labels
 from gemcut.errors import ConfigError, DataError
 
 IGNORE = -100
@@ -72,13 +75,25 @@ def _prompt_messages(prompt: Any, record: dict) -> list[dict]:
     return messages + [{"role": "user", "content": prompt}]
 
 
+def preference_prompt(record: dict) -> list[dict]:
+    """The prompt of a preference record as messages: its `messages` as they are, or `system` + `prompt`."""
+    if "messages" in record:
+        return _check_messages(record)
+    return _prompt_messages(record["prompt"], record)
+
+
+def _context(prompt: list[dict]) -> list[dict]:
+    """A preference prompt's earlier assistant turns are context, never trained: only chosen/rejected are."""
+    return [{**m, "weight": 0} if m.get("role") == "assistant" else m for m in prompt]
+
+
 def _check_messages(record: dict) -> list[dict]:
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
         raise DataError("field 'messages' must be a non-empty list of {role, content}", path=_source(record), field="messages")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
-            raise DataError(f"messages[{i}] must have role system/user/assistant and a string content; got {m!r:.120}",
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"messages[{i}] must have role {'/'.join(ROLES)} and a string content; got {m!r:.120}",
                             path=_source(record), field="messages")
     return messages
 
@@ -196,7 +211,9 @@ def _chat(records, kind, template, cfg, label_names, stats, drops, truncs) -> li
     examples = []
     for chunk in _chunks(records):
         convs = [conversation(r, kind, cfg, label_names) for r in chunk]
-        for record, (ids, weights) in zip(chunk, template.render_many(convs, train_on=cfg.train_on)):
+        rendered = template.render_many(convs, train_on=cfg.train_on, tools=[r.get("tools") for r in chunk],
+                                        sources=[_source(r) for r in chunk])
+        for record, (ids, weights) in zip(chunk, rendered):
             ids, weights, what = _fit(ids, weights, cfg.max_length, cfg.overlong)
             if what == "overlong":
                 drops.add("overlong", _source(record))
@@ -245,10 +262,10 @@ def _preference(records, template, cfg, stats, drops, truncs) -> list[dict]:
     for chunk in _chunks(records):
         convs = []
         for r in chunk:
-            prompt = _prompt_messages(r["prompt"], r)
+            prompt = _context(preference_prompt(r))
             convs.append(prompt + [{"role": "assistant", "content": str(r["chosen"])}])
             convs.append(prompt + [{"role": "assistant", "content": str(r["rejected"])}])
-        rendered = template.render_many(convs)
+        rendered = template.render_many(convs, sources=[_source(r) for r in chunk for _ in range(2)])
         for k, record in enumerate(chunk):
             pair = []
             reason = None
@@ -357,11 +374,12 @@ def full_lengths(records: Iterable[dict], kind: str, tokenizer, template, cfg, t
         elif kind == "preference":
             convs = []
             for r in chunk:
-                prompt = _prompt_messages(r["prompt"], r)
+                prompt = preference_prompt(r)
                 convs += [prompt + [{"role": "assistant", "content": str(r[s])}] for s in ("chosen", "rejected")]
-            rendered = template.render_many(convs)
+            rendered = template.render_many(convs, sources=[_source(r) for r in chunk for _ in range(2)])
             lengths += [max(len(rendered[2 * k][0]), len(rendered[2 * k + 1][0])) for k in range(len(chunk))]
         else:
             convs = [conversation(r, kind, cfg, label_names) for r in chunk]
-            lengths += [len(ids) for ids, _ in template.render_many(convs)]
+            lengths += [len(ids) for ids, _ in template.render_many(convs, tools=[r.get("tools") for r in chunk],
+                                                                     sources=[_source(r) for r in chunk])]
     return lengths
