@@ -11,8 +11,18 @@ feeds one token per step. `temperature == 0` is greedy (argmax, no randomness); 
 from the temperature-scaled, nucleus-truncated distribution with a `torch.Generator` seeded from `seed`, so
 the same seed, prompts and batch split give the same text.
 
+Before a token is picked, the last-position logits of each row go through, in this order: `logit_bias`
+(added), the OpenAI penalties (`apply_penalties`: `presence_penalty * [count > 0] + frequency_penalty * count`
+subtracted, counts of the tokens that row has generated so far), and a row's `constraint` (tokens it
+forbids get -inf; see `Constraint`). Every step is per row, so batched output still equals one-by-one
+output. With `logprobs=k`, each generated token comes with its log-probability and the k most likely
+tokens under the model's own distribution, `log_softmax` of the raw logits, before bias, penalties,
+constraint, temperature and top_p (what OpenAI reports), so the numbers do not depend on how one samples.
+
 A row finishes on an end-of-sequence id (`finish_reason="stop"`, the id is not part of the text), on a stop
-string (`"stop"`, the text is cut before the stop string), or after `max_new_tokens` (`"length"`).
+string (`"stop"`, the text is cut before the stop string), when its constraint admits no further token
+(`"stop"`), or after `max_new_tokens` (`"length"`). A row with a constraint may end on an end id only where
+the constraint says its output is complete.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -28,15 +39,40 @@ from gemcut.models.shared_prefix import MIN_SHARED_TOKENS, prefix_cache, shared_
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (raw logits' log_softmax) and the `top` (id,
+    logprob) pairs, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class GenerationResult:
     """One completion: the decoded text (without the end token or stop string), the generated token ids
     (the end-of-sequence id excluded; for a stop string, the tokens up to the one that completed it), and
-    why it ended: "stop" (eos id or stop string) or "length" (max_new_tokens reached)."""
+    why it ended: "stop" (eos id, stop string, or a finished constraint) or "length" (max_new_tokens reached).
+    `logprobs`, with `generate(..., logprobs=k)`, has one entry per token id."""
 
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "length"
     answer_nll: tuple[float, int] | None = None  # (summed NLL, targets) of a given answer; see `generate`'s `answers`
+    logprobs: list[TokenLogprob] | None = None
+
+
+class Constraint(Protocol):
+    """What a row's output may be (gemcut/serve/structured.py: JSON); one object per row, used once.
+
+    `allowed(vocab_size)` is a bool mask [vocab_size] of the tokens that may come next (end ids aside);
+    `complete()` says whether the output so far is whole, so an end id may come now; `done()` that no
+    token at all may follow; `advance(token_id)` records the token picked."""
+
+    def allowed(self, vocab_size: int) -> torch.Tensor: ...
+    def complete(self) -> bool: ...
+    def done(self) -> bool: ...
+    def advance(self, token_id: int) -> None: ...
 
 
 def _device(model) -> torch.device:
@@ -89,6 +125,86 @@ def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float, generat
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's penalties: `logits - presence * (counts > 0) - frequency * counts`, per row.
+
+    logits [B, V] float; counts [B, V]: how often each token has been generated in that row so far."""
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts.to(logits.dtype)
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+class _Picker:
+    """Per-row logits processing and the pick of one batch (the module docstring gives the order).
+
+    Called with each step's last-position logits [B, V]; returns the picked ids [B] and, with `logprobs`,
+    one `TokenLogprob` per row. Keeps the rows' token counts (penalties) and advances their constraints."""
+
+    def __init__(self, rows: int, *, temperature: float, top_p: float, generator, eos_ids: set[int], presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None,
+                 constraints: Sequence[Constraint | None] | None = None, logprobs: int | None = None):
+        self.rows, self.temperature, self.top_p, self.generator, self.eos_ids = rows, temperature, top_p, generator, eos_ids
+        self.presence, self.frequency, self.logit_bias = presence_penalty, frequency_penalty, dict(logit_bias or {})
+        self.constraints = list(constraints) if constraints is not None else [None] * rows
+        self.logprobs = logprobs
+        self.counts: torch.Tensor | None = None
+
+    def constraint_done(self, row: int) -> bool:
+        c = self.constraints[row]
+        return c is not None and c.done()
+
+    def _mask(self, vocab: int, device) -> torch.Tensor | None:
+        if not any(c is not None for c in self.constraints):
+            return None
+        mask = torch.ones((self.rows, vocab), dtype=torch.bool)
+        eos = [e for e in self.eos_ids if e < vocab]
+        for r, c in enumerate(self.constraints):
+            if c is None or c.done():
+                continue  # a finished row's pick is ignored: leave it free rather than with nothing to pick
+            row = c.allowed(vocab).clone()
+            row[eos] = c.complete()
+            if row.any():
+                mask[r] = row
+        return mask.to(device)
+
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[TokenLogprob] | None]:
+        raw = logits.float()
+        x = raw
+        if self.logit_bias:
+            bias = torch.zeros(raw.shape[-1], dtype=raw.dtype)
+            for token_id, value in self.logit_bias.items():
+                bias[token_id] += value
+            x = x + bias.to(raw.device)
+        if self.presence or self.frequency:
+            if self.counts is None:
+                self.counts = torch.zeros_like(raw)
+            x = apply_penalties(x, self.counts, self.presence, self.frequency)
+        mask = self._mask(raw.shape[-1], raw.device)
+        if mask is not None:
+            x = x.masked_fill(~mask, float("-inf"))
+        picked = _next_tokens(x, self.temperature, self.top_p, self.generator)
+        if self.counts is not None:
+            self.counts[torch.arange(self.rows, device=raw.device), picked] += 1
+        ids = picked.tolist()
+        for c, token_id in zip(self.constraints, ids):
+            if c is not None and not c.done() and token_id not in self.eos_ids:
+                c.advance(token_id)
+        return picked, self._logprobs(raw, picked, ids)
+
+    def _logprobs(self, raw: torch.Tensor, picked: torch.Tensor, ids: list[int]) -> list[TokenLogprob] | None:
+        if self.logprobs is None:
+            return None
+        logp = torch.log_softmax(raw, dim=-1)
+        chosen = logp.gather(-1, picked.unsqueeze(-1)).squeeze(-1).tolist()
+        if self.logprobs > 0:
+            values, order = logp.topk(min(self.logprobs, logp.shape[-1]), dim=-1)
+            tops = [list(zip(o, v)) for o, v in zip(order.tolist(), values.tolist())]
+        else:
+            tops = [[] for _ in ids]
+        return [TokenLogprob(t, lp, top) for t, lp, top in zip(ids, chosen, tops)]
+
+
 def _first_stop(text: str, stop: Sequence[str]) -> int:
     """Index of the earliest stop string in text, or -1."""
     hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
@@ -133,9 +249,10 @@ def _answer_nll(model, first_logits, past, mask, last_pos, answers, pad_id) -> l
     return [(float(sums[r]), int(targets[r].sum())) for r in range(rows)]
 
 
-def _token_steps(model, prompt_ids, *, temperature, top_p, generator, pad_id, answers=None,
-                 answer_nll: list | None = None) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, step after step, keeping a KV cache; the caller stops it.
+def _token_steps(model, prompt_ids, *, pick: _Picker, pad_id, answers=None,
+                 answer_nll: list | None = None) -> Iterator[tuple[torch.Tensor, list[TokenLogprob] | None]]:
+    """Yield the next token of every row (and its logprobs, when asked), step after step, keeping a KV
+    cache; the caller stops it.
 
     Rows are left-padded; positions count real tokens only, so a padded row sees the same positions as it
     would alone. Finished rows keep being fed (the caller ignores them) so the batch stays rectangular.
@@ -166,8 +283,8 @@ def _token_steps(model, prompt_ids, *, temperature, top_p, generator, pad_id, an
             raise RuntimeError(f"{type(model).__name__} returned no KV cache; gemcut.generation needs one")
         if answers is not None and answer_nll is not None and not answer_nll:  # once, after the prompt pass
             answer_nll.extend(_answer_nll(model, output.logits[:, -1, :], past, mask, step_pos[:, -1:], answers, pad_id))
-        nxt = _next_tokens(output.logits[:, -1, :], temperature, top_p, generator)
-        yield nxt
+        nxt, logprobs = pick(output.logits[:, -1, :])
+        yield nxt, logprobs
         step_ids, step_pos = nxt.unsqueeze(-1), step_pos[:, -1:] + 1
         mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], dim=-1)
 
@@ -177,46 +294,62 @@ def _pad_id(tokenizer, eos_ids) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos_ids) if eos_ids else 0)
 
 
-def _generate_batch(model, tokenizer, prompt_ids, *, max_new_tokens, temperature, top_p, generator, stop, eos_ids,
-                    answers=None):
+def _generate_batch(model, tokenizer, prompt_ids, *, max_new_tokens, pick: _Picker, stop, eos_ids, answers=None):
     n = len(prompt_ids)
     out: list[list[int]] = [[] for _ in range(n)]
+    lps: list[list[TokenLogprob]] = [[] for _ in range(n)]
     results: list[GenerationResult | None] = [None] * n
     answer_nll: list[tuple[float, int]] = []
-    steps = _token_steps(model, prompt_ids, temperature=temperature, top_p=top_p, generator=generator,
-                         pad_id=_pad_id(tokenizer, eos_ids), answers=answers, answer_nll=answer_nll)
+    steps = _token_steps(model, prompt_ids, pick=pick, pad_id=_pad_id(tokenizer, eos_ids), answers=answers, answer_nll=answer_nll)
+
+    def finish(i: int, reason: str, text: str | None = None) -> None:
+        text = tokenizer.decode(out[i], skip_special_tokens=True) if text is None else text
+        results[i] = GenerationResult(text, list(out[i]), reason, logprobs=list(lps[i]) if pick.logprobs is not None else None)
+
     for _ in range(max_new_tokens):
-        nxt = next(steps).tolist()
+        nxt, logprobs = next(steps)
+        nxt = nxt.tolist()
         for i in range(n):
             if results[i] is not None:
                 continue
             if nxt[i] in eos_ids:
-                results[i] = GenerationResult(tokenizer.decode(out[i], skip_special_tokens=True), list(out[i]), "stop")
+                finish(i, "stop")
                 continue
             out[i].append(nxt[i])
+            if logprobs is not None:
+                lps[i].append(logprobs[i])
             if stop:
                 text = tokenizer.decode(out[i], skip_special_tokens=True)
                 cut = _first_stop(text, stop)
                 if cut >= 0:
-                    results[i] = GenerationResult(text[:cut], list(out[i]), "stop")
+                    finish(i, "stop", text[:cut])
+                    continue
+            if pick.constraint_done(i):
+                finish(i, "stop")
         if all(r is not None for r in results):
             break
     steps.close()
     for i in range(n):
         if results[i] is None:
-            results[i] = GenerationResult(tokenizer.decode(out[i], skip_special_tokens=True), list(out[i]), "length")
+            finish(i, "length")
         if answer_nll:
             results[i].answer_nll = answer_nll[i]
     return results
 
 
-def _check(max_new_tokens: int, temperature: float, top_p: float) -> None:
+def _check(max_new_tokens: int, temperature: float, top_p: float, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+           logprobs: int | None = None) -> None:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not -2 <= value <= 2:
+            raise ValueError(f"{name} must be in [-2, 2], got {value}")
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}")
 
 
 def _generator(temperature: float, seed: int | None) -> torch.Generator | None:
@@ -235,7 +368,9 @@ def _eos_set(model, tokenizer, eos_ids) -> set[int]:
 
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, eos_ids=None,
-             batch_size: int | None = None, answers: list[tuple[list[int], list[bool]]] | None = None) -> list[GenerationResult]:
+             batch_size: int | None = None, answers: list[tuple[list[int], list[bool]]] | None = None,
+             presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None,
+             constraints: list[Constraint | None] | None = None, logprobs: int | None = None) -> list[GenerationResult]:
     """Complete each prompt (a list of token ids) with at most `max_new_tokens` tokens.
 
     Args:
@@ -251,13 +386,20 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
         answers: per prompt, (answer ids, which of them are targets): the answer's NLL given the prompt is
             computed on the prompt pass's cache (evaluation's reference loss without a second prompt pass)
             and returned as `answer_nll`; it does not change what is generated.
+        presence_penalty, frequency_penalty: OpenAI's penalties in [-2, 2] (`apply_penalties`), over each
+            row's own generated tokens.
+        logit_bias: token id -> value added to that token's logit at every step.
+        constraints: one `Constraint` (or None) per prompt: what its output may be.
+        logprobs: None, or k in [0, 20]: each token's logprob and the k most likely tokens (`TokenLogprob`).
     Returns: one `GenerationResult` per prompt, in order.
     """
-    _check(max_new_tokens, temperature, top_p)
+    _check(max_new_tokens, temperature, top_p, presence_penalty, frequency_penalty, logprobs)
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token; got an empty prompt")
     if answers is not None and (len(answers) != len(prompt_ids) or any(not a for a, _ in answers)):
         raise ValueError("answers needs one non-empty (ids, targets) pair per prompt")
+    if constraints is not None and len(constraints) != len(prompt_ids):
+        raise ValueError(f"constraints needs one entry (or None) per prompt: {len(constraints)} for {len(prompt_ids)} prompts")
     eos_set = _eos_set(model, tokenizer, eos_ids)
     generator = _generator(temperature, seed)
     was_training = model.training
@@ -266,8 +408,11 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
         size = batch_size or max(1, len(prompt_ids))
         results: list[GenerationResult] = []
         for start in range(0, len(prompt_ids), size):
-            results.extend(_generate_batch(model, tokenizer, prompt_ids[start:start + size], max_new_tokens=max_new_tokens,
-                                           temperature=temperature, top_p=top_p, generator=generator,
+            rows = prompt_ids[start:start + size]
+            pick = _Picker(len(rows), temperature=temperature, top_p=top_p, generator=generator, eos_ids=eos_set,
+                           presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias,
+                           constraints=None if constraints is None else constraints[start:start + size], logprobs=logprobs)
+            results.extend(_generate_batch(model, tokenizer, rows, max_new_tokens=max_new_tokens, pick=pick,
                                            stop=list(stop or []), eos_ids=eos_set,
                                            answers=None if answers is None else answers[start:start + size]))
         return results
@@ -279,11 +424,13 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
 @dataclass
 class StreamDelta:
     """A piece of a streamed completion: new text (may be empty), the id generated in this step (none on a
-    final eos delta), and `finish_reason` ("stop" or "length") on the last delta only."""
+    final eos delta) with its `logprobs` when asked, and `finish_reason` ("stop" or "length") on the last
+    delta only."""
 
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 def _held_back(text: str, stop: Sequence[str]) -> int:
@@ -301,38 +448,48 @@ def _held_back(text: str, stop: Sequence[str]) -> int:
 
 def stream_generate(model, tokenizer, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 0.0,
                     top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-                    eos_ids=None) -> Iterator[StreamDelta]:
+                    eos_ids=None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                    logit_bias: dict[int, float] | None = None, constraint: Constraint | None = None,
+                    logprobs: int | None = None) -> Iterator[StreamDelta]:
     """Yield one `StreamDelta` per generated token for one prompt (serving's `stream: true`, `gemcut chat`).
 
-    Same arguments, decoding steps and seeding as `generate` for a single prompt, so the concatenated texts
-    equal `generate(...)[0].text`. Text that might be the start of a stop string, or half of a multi-byte
-    character, is held back until it is known to be final, so a stop string never reaches the client.
+    Same arguments, decoding steps and seeding as `generate` for a single prompt (`constraint` is that
+    prompt's one), so the concatenated texts equal `generate(...)[0].text`. Text that might be the start of
+    a stop string, or half of a multi-byte character, is held back until it is known to be final, so a stop
+    string never reaches the client.
     """
-    _check(max_new_tokens, temperature, top_p)
+    _check(max_new_tokens, temperature, top_p, presence_penalty, frequency_penalty, logprobs)
     if not prompt_ids:
         raise ValueError("the prompt needs at least one token; got an empty prompt")
     eos_set = _eos_set(model, tokenizer, eos_ids)
     stop = [s for s in (stop or []) if s]
     was_training = model.training
     model.eval()
-    steps = _token_steps(model, [list(prompt_ids)], temperature=temperature, top_p=top_p,
-                         generator=_generator(temperature, seed), pad_id=_pad_id(tokenizer, eos_set))
+    pick = _Picker(1, temperature=temperature, top_p=top_p, generator=_generator(temperature, seed), eos_ids=eos_set,
+                   presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias,
+                   constraints=[constraint], logprobs=logprobs)
+    steps = _token_steps(model, [list(prompt_ids)], pick=pick, pad_id=_pad_id(tokenizer, eos_set))
     out: list[int] = []
     sent = 0  # characters of the decoded text already yielded
     try:
         for _ in range(max_new_tokens):
-            tok = int(next(steps)[0])
+            nxt, lps = next(steps)
+            tok = int(nxt[0])
             if tok in eos_set:
                 yield StreamDelta(tokenizer.decode(out, skip_special_tokens=True)[sent:], [], "stop")
                 return
             out.append(tok)
+            lp = lps[:1] if lps is not None else None
             text = tokenizer.decode(out, skip_special_tokens=True)
             cut = _first_stop(text, stop) if stop else -1
             if cut >= 0:
-                yield StreamDelta(text[sent:cut] if cut > sent else "", [tok], "stop")
+                yield StreamDelta(text[sent:cut] if cut > sent else "", [tok], "stop", lp)
+                return
+            if pick.constraint_done(0):
+                yield StreamDelta(text[sent:], [tok], "stop", lp)
                 return
             ready = len(text) - _held_back(text, stop)
-            yield StreamDelta(text[sent:ready] if ready > sent else "", [tok])
+            yield StreamDelta(text[sent:ready] if ready > sent else "", [tok], logprobs=lp)
             sent = max(sent, ready)
         yield StreamDelta(tokenizer.decode(out, skip_special_tokens=True)[sent:], [], "length")
     finally:

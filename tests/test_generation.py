@@ -127,3 +127,53 @@ def test_stream_equals_generate(model, tok):
     deltas = list(stream_generate(model, tok, prompt, max_new_tokens=20, temperature=1.0, seed=5, eos_ids=[], stop=[stop]))
     assert "".join(d.text for d in deltas) == cut.text and deltas[-1].finish_reason == "stop"
     assert all(stop not in d.text for d in deltas)
+
+
+def test_apply_penalties_is_openais_formula():
+    from gemcut.generation import apply_penalties
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 7, generator=g)
+    counts = torch.tensor([[0, 1, 3, 0, 0, 2, 0], [5, 0, 0, 0, 1, 0, 0]], dtype=torch.float32)
+    out = apply_penalties(logits, counts, presence=0.5, frequency=-1.25)
+    for r in range(2):
+        for v in range(7):
+            c = counts[r, v].item()
+            assert out[r, v].item() == pytest.approx(logits[r, v].item() - 0.5 * (c > 0) - (-1.25) * c, abs=1e-6)
+
+
+def test_penalties_bias_and_logprobs_keep_batched_equal_to_unbatched(model, tok):
+    prompts = ids(tok, PROMPTS)
+    kwargs = dict(max_new_tokens=10, eos_ids=[], presence_penalty=0.7, frequency_penalty=1.3, logit_bias={5: 2.0, 40: -3.0}, logprobs=3)
+    batched = generate(model, tok, prompts, **kwargs)
+    plain = generate(model, tok, prompts, max_new_tokens=10, eos_ids=[])
+    assert [r.token_ids for r in batched] != [r.token_ids for r in plain]  # the penalties change the output
+    for p, b in zip(prompts, batched):
+        alone = generate(model, tok, [p], **kwargs)[0]
+        assert b.token_ids == alone.token_ids
+        assert [lp.logprob for lp in b.logprobs] == pytest.approx([lp.logprob for lp in alone.logprobs], abs=1e-5)
+
+
+def test_logprobs_are_the_raw_log_softmax(model, tok):
+    prompt = ids(tok, ["hello world"])[0]
+    r = generate(model, tok, [prompt], max_new_tokens=6, eos_ids=[], logprobs=4, frequency_penalty=2.0)[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + r.token_ids])).logits[0, len(prompt) - 1:-1].float()
+    ref = torch.log_softmax(logits, dim=-1)
+    for step, lp in enumerate(r.logprobs):
+        assert lp.token_id == r.token_ids[step]
+        assert lp.logprob == pytest.approx(ref[step, lp.token_id].item(), abs=1e-5)
+        values, order = ref[step].topk(4)
+        assert [t for t, _ in lp.top] == order.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(values.tolist(), abs=1e-5)
+
+
+def test_stream_equals_generate_with_penalties_and_logprobs(model, tok):
+    from gemcut.generation import stream_generate
+
+    prompt = ids(tok, ["hello world"])[0]
+    kwargs = dict(max_new_tokens=12, eos_ids=[], temperature=0.9, seed=4, presence_penalty=1.0, frequency_penalty=0.5, logprobs=2)
+    whole = generate(model, tok, [prompt], **kwargs)[0]
+    deltas = list(stream_generate(model, tok, prompt, **kwargs))
+    assert [t for d in deltas for t in d.token_ids] == whole.token_ids
+    assert [lp.token_id for d in deltas for lp in (d.logprobs or [])] == whole.token_ids

@@ -24,7 +24,7 @@ from gemcut.serve.app import create_app
 from gemcut.serve.settings import ServeSettings
 
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
-ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/classify", "/v1/feedback"]
+ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/classify", "/v1/feedback", "/v1/embeddings"]
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 SURROGATES = ["\ud800", "\udbff", "\udc00", "\udfff"]
@@ -46,7 +46,9 @@ JSON = st.recursive(SCALAR, lambda inner: st.lists(inner, max_size=4) | st.dicti
 
 # Every key a request model knows, so mutations hit real fields, not only ignored ones.
 KEYS = ["model", "messages", "prompt", "input", "temperature", "top_p", "max_tokens", "max_completion_tokens", "n", "seed", "stop",
-        "stream", "echo", "response_id", "rating", "comment", "choice_index", "user", "logit_bias"]
+        "stream", "echo", "response_id", "rating", "comment", "choice_index", "user", "logit_bias", "presence_penalty",
+        "frequency_penalty", "logprobs", "top_logprobs", "response_format", "stream_options", "tools", "store", "metadata",
+        "service_tier", "encoding_format", "dimensions"]
 # Budgets stay small (or invalid, or huge: a 400) so that a valid request never generates for long.
 BUDGET = st.one_of(st.integers(-2, 6), st.sampled_from([2**63, 10**30, 0.5, "4", None, True]), TEXT)
 
@@ -56,22 +58,44 @@ def _message():
     return st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "developer"]), "content": content})
 
 
+SCHEMA = st.sampled_from([
+    {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "y"]}}, "required": ["a"]},
+    {"type": "array", "items": {"type": "boolean"}, "maxItems": 2}, {"type": "string", "maxLength": 3}, {"type": "null"},
+    {"type": "object", "properties": {"a": {"type": "string", "pattern": "a+"}}}, {"anyOf": [{"type": "string"}]}, {"type": "nope"},
+    {"type": "integer", "minimum": 5, "maximum": 1}, {"type": "object", "required": "a"},
+])
+RESPONSE_FORMAT = st.one_of(
+    st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "xml"}, {"type": "json_schema"}, {"type": "json_schema", "json_schema": {}}]),
+    st.builds(lambda schema, strict: {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": strict}},
+              st.one_of(SCHEMA, JSON), st.booleans()),
+)
 SAMPLING = {"temperature": st.one_of(st.just(0), st.floats(0, 2)), "top_p": st.floats(0.01, 1), "max_tokens": st.integers(1, 6),
             "n": st.integers(1, 2), "seed": st.integers(-(2**63), 2**63 - 1), "stop": st.lists(st.sampled_from(["a", "o", "\n"]), max_size=2),
-            "stream": st.booleans()}
+            "stream": st.booleans(), "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
+            "logit_bias": st.dictionaries(st.one_of(st.integers(-2, 400).map(str), TEXT), st.floats(-100, 100), max_size=3),
+            "response_format": RESPONSE_FORMAT, "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
+            "user": TEXT, "store": st.booleans(), "metadata": st.dictionaries(TEXT, TEXT, max_size=2),
+            "tools": st.lists(st.just({"type": "function", "function": {"name": "f"}}), max_size=1)}
 
 
 def _valid(route: str, response_id: str):
     if route == "/v1/chat/completions":
         return st.fixed_dictionaries({"model": st.just("tiny-chat"), "messages": st.lists(_message(), min_size=1, max_size=3)},
-                                     optional=SAMPLING)
+                                     optional={**SAMPLING, "logprobs": st.booleans(), "top_logprobs": st.integers(0, 21)})
     if route == "/v1/completions":
         return st.fixed_dictionaries({"model": st.just("tiny-chat"), "prompt": st.text(min_size=1, max_size=40)},
-                                     optional={**SAMPLING, "echo": st.booleans()})
+                                     optional={**SAMPLING, "echo": st.booleans(), "logprobs": st.integers(0, 21)})
     if route == "/v1/classify":
         return st.fixed_dictionaries({"model": st.just("tiny-clf"),
                                       "input": st.one_of(st.text(min_size=1, max_size=30), st.lists(st.text(min_size=1, max_size=30),
                                                                                                    min_size=1, max_size=3))})
+    if route == "/v1/embeddings":
+        text = st.text(min_size=1, max_size=30)
+        return st.fixed_dictionaries({"model": st.sampled_from(["tiny-clf", "tiny-chat"]),
+                                      "input": st.one_of(text, st.lists(text, min_size=1, max_size=3), st.lists(st.integers(-1, 400), max_size=5),
+                                                         st.lists(st.lists(st.integers(0, 383), min_size=1, max_size=4), max_size=2))},
+                                     optional={"encoding_format": st.sampled_from(["float", "base64", "int8"]),
+                                               "dimensions": st.sampled_from([32, 16, 0])})
     return st.fixed_dictionaries({"response_id": st.just(response_id), "rating": st.sampled_from(["up", "down", 1, -1])},
                                  optional={"comment": st.text(max_size=30), "choice_index": st.integers(0, 3)})
 

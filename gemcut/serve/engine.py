@@ -4,7 +4,8 @@
     fut = engine.submit(GenJob(engine.get("my-run"), [prompt_ids], max_new_tokens=32))   # 429 when full
 
 Registry: each `--model` is a run folder (loaded with `gemcut.models.load.load_run`), an exported folder
-(plain transformers, or gemcut's int8 format), or a model name resolved by `gemcut.models.resolve`. LoRA
+(plain transformers, or gemcut's int8 format), or a model name resolved by `gemcut.models.resolve`. A
+folder of a plain encoder (`BertModel`, `...ForMaskedLM`) is served for /v1/embeddings only (task "embed"). LoRA
 runs on the same base share one loaded base model: the first becomes a peft model, later ones are added
 with `load_adapter` and picked per batch with `set_adapter`; the base itself is served through
 `disable_adapter()` on the same weights.
@@ -47,7 +48,7 @@ class ServedModel:
     """One name in /v1/models and everything needed to answer for it."""
 
     name: str
-    task: str  # "causal_lm" or "classify"
+    task: str  # "causal_lm", "classify" or "embed" (a plain encoder: embeddings only)
     model: Any  # nn.Module; for adapters, the shared peft model
     tokenizer: Any
     template: Any | None  # has prompt_ids(messages) -> list[int]; None: chat is refused
@@ -56,6 +57,8 @@ class ServedModel:
     labels: list[str] | None = None
     source: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
+    pooling: str | None = None  # embeddings: "cls" or "mean" (gemcut/models/pooling.py); None: no embeddings
+    vocabulary: Any = None  # gemcut.serve.structured.Vocabulary, built on first use
 
     def eos_ids(self) -> set[int]:
         """Ids that end a completion: the model's and tokenizer's eos plus the template's end-of-turn tokens."""
@@ -102,6 +105,11 @@ class GenJob(Job):
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # top-k per token; None: no logprobs
+    grammar: str | None = None  # response_format's llguidance grammar (gemcut/serve/structured.py); one matcher per choice
     # Streaming: deltas go to this asyncio queue on `loop`; (index, StreamDelta) items, then _DONE.
     stream: asyncio.Queue | None = None
     loop: asyncio.AbstractEventLoop | None = None
@@ -113,7 +121,35 @@ class GenJob(Job):
         if self.stream is not None or (self.seed is not None and self.temperature > 0):
             return None  # runs alone: streamed token by token, or seeded and so reproducible on its own
         # Greedy rows do not depend on their batch neighbours, so the seed does not matter there.
-        return ("gen", self.served.name, self.max_new_tokens, self.temperature, self.top_p, tuple(self.stop))
+        return ("gen", self.served.name, self.max_new_tokens, self.temperature, self.top_p, tuple(self.stop), self.presence_penalty,
+                self.frequency_penalty, tuple(sorted(self.logit_bias.items())), self.logprobs, self.grammar)
+
+    def options(self) -> dict:
+        """The keyword arguments of `generate` / `stream_generate` this job sets beyond the budget and seed."""
+        return dict(temperature=self.temperature, top_p=self.top_p, stop=self.stop or None, eos_ids=self.served.eos_ids(),
+                    presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                    logit_bias=self.logit_bias or None, logprobs=self.logprobs)
+
+    def constraint(self):
+        """A fresh constraint for one choice (None without response_format)."""
+        if self.grammar is None:
+            return None
+        from gemcut.serve.structured import Vocabulary
+
+        return Vocabulary.of(self.served).constraint(self.grammar)
+
+
+@dataclass
+class EmbedJob(Job):
+    """Embed each of `inputs` (token ids, within the context)."""
+
+    inputs: list[list[int]] = field(default_factory=list)
+
+    def size(self) -> int:
+        return len(self.inputs)
+
+    def batch_key(self):
+        return ("embed", self.served.name)
 
 
 @dataclass
@@ -133,6 +169,13 @@ def _context_length(model, tokenizer) -> int:
     tmax = getattr(tokenizer, "model_max_length", None)
     candidates = [int(x) for x in (n, tmax) if isinstance(x, int) and 0 < x < 10_000_000]
     return min(candidates) if candidates else 2048
+
+
+def _pooling(model) -> str | None:
+    """How a served classifier pools (its embeddings are that vector); None: one gemcut does not pool."""
+    from gemcut.models.pooling import classifier_pooling
+
+    return classifier_pooling(model)
 
 
 def _pick_device(name: str) -> torch.device:
@@ -218,12 +261,28 @@ class Engine:
         cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust)
         archs = cfg.architectures or []
         classify = any(a.endswith("ForSequenceClassification") for a in archs)
+        if not classify and archs and all(a.endswith(("Model", "ForMaskedLM")) and not a.endswith("LMHeadModel") for a in archs):
+            return self._load_encoder(path, name, source)
         cls = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
         # safetensors only: a pickled checkpoint could run code when loaded
         model = cls.from_pretrained(path, dtype=torch.float32 if self.device.type == "cpu" else "auto", use_safetensors=True,
                                     trust_remote_code=trust)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
         return self._plain(model, tokenizer, name, source, self._labels_file(path))
+
+    def _load_encoder(self, path: Path | str, name: str, source: str) -> ServedModel:
+        """A plain encoder folder, for /v1/embeddings: pooled as its checkpoint says (sentence-transformers'
+        modules.json, or a recorded classifier_pooling), else by the mean of its tokens."""
+        from transformers import AutoModel, AutoTokenizer
+
+        from gemcut.models.pooling import checkpoint_pooling
+
+        trust = self.settings.trust_remote_code
+        model = AutoModel.from_pretrained(path, dtype=torch.float32 if self.device.type == "cpu" else "auto", use_safetensors=True,
+                                          trust_remote_code=trust).to(self.device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+        return ServedModel(name, "embed", model, tokenizer, None, _context_length(model, tokenizer), source=source,
+                           pooling=checkpoint_pooling(model, path) or "mean")
 
     def _plain(self, model, tokenizer, name: str, source: str, labels: list[str] | None) -> ServedModel:
         model = model.to(self.device).eval()
@@ -246,7 +305,7 @@ class Engine:
             except GemcutError:
                 log.warning("%s: the tokenizer has no chat template; /v1/chat/completions is refused, /v1/completions works", name)
         return ServedModel(name, "classify" if classify else "causal_lm", model, tokenizer, template,
-                           _context_length(model, tokenizer), labels=labels, source=source)
+                           _context_length(model, tokenizer), labels=labels, source=source, pooling=_pooling(model) if classify else None)
 
     def _load_run(self, run_dir: Path, name: str | None) -> ServedModel:
         from peft import PeftModel
@@ -284,7 +343,8 @@ class Engine:
             if isinstance(model, PeftModel):  # e.g. a LoRA classifier: its own adapter, not shared
                 adapter = model.active_adapter
         return ServedModel(name, task, model, tokenizer, template if task == "causal_lm" else None,
-                           _context_length(model, tokenizer), adapter=adapter, labels=labels, source=str(run_dir))
+                           _context_length(model, tokenizer), adapter=adapter, labels=labels, source=str(run_dir),
+                           pooling=_pooling(model) if task == "classify" else None)
 
     # ------------------------------------------------------------------ queue
 
@@ -385,6 +445,8 @@ class Engine:
         with torch.inference_mode(), first.served.activate():
             if isinstance(first, ClassifyJob):
                 self._classify(batch)
+            elif isinstance(first, EmbedJob):
+                self._embed(batch)
             elif first.stream is not None:
                 self._stream(first)
             else:
@@ -396,8 +458,9 @@ class Engine:
         j = batch[0]
         prompts = [p for job in batch for p in job.prompts]
         t0 = time.perf_counter()
-        results = generate(j.served.model, j.served.tokenizer, prompts, max_new_tokens=j.max_new_tokens,
-                           temperature=j.temperature, top_p=j.top_p, seed=j.seed, stop=j.stop or None, eos_ids=j.served.eos_ids())
+        constraints = [job.constraint() for job in batch for _ in job.prompts] if j.grammar is not None else None
+        results = generate(j.served.model, j.served.tokenizer, prompts, max_new_tokens=j.max_new_tokens, seed=j.seed,
+                           constraints=constraints, **j.options())
         dt = time.perf_counter() - t0
         tokens = sum(len(r.token_ids) for r in results)
         self._count_tokens(j.served.name, tokens, dt, len(prompts))
@@ -416,8 +479,7 @@ class Engine:
             seed = None if job.seed is None else job.seed + index
             finish = "length"
             for delta in stream_generate(job.served.model, job.served.tokenizer, prompt, max_new_tokens=job.max_new_tokens,
-                                         temperature=job.temperature, top_p=job.top_p, seed=seed, stop=job.stop or None,
-                                         eos_ids=job.served.eos_ids()):
+                                         seed=seed, constraint=job.constraint(), **job.options()):
                 tokens += len(delta.token_ids)
                 job.loop.call_soon_threadsafe(job.stream.put_nowait, (index, delta))
                 if delta.finish_reason:
@@ -441,6 +503,35 @@ class Engine:
         i = 0
         for job in batch:
             job.future.set_result(probs[i:i + job.size()])
+            i += job.size()
+
+    def _embed(self, batch: list[EmbedJob]) -> None:
+        """L2-normalised pooled last hidden states (the served model's pooling), one list of floats per input."""
+        served = batch[0].served
+        inputs = [ids for job in batch for ids in job.inputs]
+        width = max(map(len, inputs))
+        pad = served.tokenizer.pad_token_id if served.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(inputs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(inputs), width), dtype=torch.long)
+        for i, row in enumerate(inputs):  # right padding, as encoders are trained
+            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, :len(row)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        if served.task == "classify":
+            # The classifier's encoder with gemcut's pooling installed (gemcut/models/pooling.py) hands over the
+            # pooled vector where the head reads the first token, for cls and mean alike.
+            inner = served.model.get_base_model() if hasattr(served.model, "get_base_model") else served.model
+            pooled = getattr(inner, inner.base_model_prefix)(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+        else:
+            from gemcut.models.padding_free import masked_mean
+
+            hidden = served.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            pooled = hidden[:, 0] if served.pooling == "cls" else masked_mean(hidden, mask.bool())
+        vectors = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu()
+        self.metrics.batch_size.observe(len(inputs))
+        i = 0
+        for job in batch:
+            job.future.set_result(vectors[i:i + job.size()])
             i += job.size()
 
     def _count_tokens(self, name: str, tokens: int, seconds: float, batch: int) -> None:

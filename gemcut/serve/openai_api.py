@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: GET /v1/models, POST /v1/chat/completions, /v1/completions, /v1/classify.
+"""OpenAI-compatible routes: GET /v1/models, POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/classify.
 
     client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY)
     client.chat.completions.create(model="my-run", messages=[{"role": "user", "content": "hi"}], stream=True)
@@ -9,11 +9,16 @@ torch raise later: seeds are 64-bit, temperatures under MIN_TEMPERATURE are gree
 with the run's own chat template (the one used in training) and checked against the context length
 before they reach the queue; rendering, tokenising and logging run in worker threads, never on the event
 loop. Each answered request is logged (gemcut/serve/store.py) and counted (gemcut/serve/metrics.py).
+
+OpenAI parameters the server does not honour (tools, audio, ...: UNSUPPORTED) are a 400
+`unsupported_parameter` naming the parameter, never silently dropped; a null value counts as absent.
+Fields OpenAI does not define are ignored, as clients add their own (docs/serving.md has the table).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 import uuid
@@ -22,13 +27,15 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from gemcut.errors import GemcutError
-from gemcut.serve.engine import _DONE, ClassifyJob, GenJob, ServedModel
+from gemcut.generation import MAX_TOP_LOGPROBS, TokenLogprob
+from gemcut.serve.engine import _DONE, ClassifyJob, EmbedJob, GenJob, ServedModel
 from gemcut.serve.errors import APIError, invalid
 from gemcut.serve.limits import UnicodeChecked
+from gemcut.serve.structured import Vocabulary, json_grammar, token_text
 
 router = APIRouter(prefix="/v1")
 
@@ -39,8 +46,43 @@ INT64 = 2**63
 
 
 class _Body(BaseModel):
-    # Unknown fields (user, logit_bias, ...) are accepted and ignored, as clients send them by default.
+    # Fields OpenAI does not define are accepted and ignored (clients add their own); OpenAI's own fields that
+    # are not honoured are refused by name (UNSUPPORTED).
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+# OpenAI parameter -> why it is refused (and the fix, where there is one). `None` is always accepted.
+UNSUPPORTED = {
+    "tools": "tool calling is not supported; describe the tools in the messages, or use response_format json_schema for structured output",
+    "tool_choice": "tool calling is not supported",
+    "parallel_tool_calls": "tool calling is not supported",
+    "functions": "function calling is not supported; use response_format json_schema for structured output",
+    "function_call": "function calling is not supported",
+    "audio": "audio output is not supported",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported",
+    "reasoning_effort": "served models are not reasoning models",
+    "verbosity": "verbosity is not supported",
+}
+# Accepted when harmless, refused otherwise: parameter -> values that change nothing here.
+HARMLESS = {"store": (False,), "service_tier": ("auto", "default"), "modalities": (["text"],)}
+
+
+def _refuse_unsupported(data: Any, unsupported: dict[str, str]) -> None:
+    if not isinstance(data, dict):
+        return
+    for name, reason in unsupported.items():
+        if data.get(name) is not None:
+            raise APIError(400, f"{name}: {reason}", param=name, code="unsupported_parameter")
+    for name, fine in HARMLESS.items():
+        value = data.get(name)
+        if value is not None and value not in fine:
+            raise APIError(400, f"{name}={json.dumps(value)[:60]} is not supported; omit it or send {json.dumps(fine[0])}",
+                           param=name, code="unsupported_parameter")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = Field(False, description="A last chunk (empty choices) carries the usage.")
 
 
 class ChatMessage(_Body):
@@ -70,6 +112,21 @@ class _Sampling(UnicodeChecked, _Body):
     seed: int | None = Field(None, ge=-INT64, le=INT64 - 1, description="A 64-bit integer; the same seed gives the same sample.")
     stop: str | list[str] | None = Field(None, validate_default=True, description="Up to 4 strings that end a completion.")
     stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="Subtracted once from the logit of every token already generated.")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Subtracted from a token's logit per time it was generated.")
+    logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in [-100, 100] added to its logit.")
+    response_format: dict[str, Any] | None = Field(None, description="text, json_object or json_schema (constrained decoding).")
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, v):
+        for key, value in (v or {}).items():
+            if not -100 <= value <= 100:
+                raise ValueError(f"bias of token {key} is {value}; biases are in [-100, 100]")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -91,14 +148,53 @@ class _Sampling(UnicodeChecked, _Body):
     def budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def top_logprobs_k(self) -> int | None:
+        """How many alternatives per token to report; None: no logprobs."""
+        raise NotImplementedError
+
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = Field(False, description="Report each generated token's logprob (the model's own distribution).")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="With logprobs: the k most likely tokens at each step.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data: Any) -> Any:
+        _refuse_unsupported(data, UNSUPPORTED)
+        return data
+
+    def top_logprobs_k(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise invalid("top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] = Field(description="One prompt string (a list is accepted with one element).")
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Report each token's logprob and the k most likely tokens.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data: Any) -> Any:
+        _refuse_unsupported(data, {**UNSUPPORTED, "suffix": "suffix (insertion) is not supported",
+                                   "best_of": "best_of is not supported; use n and pick on the client"})
+        return data
+
+    def top_logprobs_k(self) -> int | None:
+        if self.logprobs is not None and self.echo:
+            raise invalid("logprobs with echo (the prompt's logprobs) is not supported; drop echo", param="logprobs",
+                          code="unsupported_parameter")
+        return self.logprobs
+
+
+class EmbeddingRequest(UnicodeChecked, _Body):
+    model: str
+    input: str | list[str] | list[int] | list[list[int]] = Field(description="A text, texts, token ids, or lists of token ids.")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, description="Must equal the model's hidden size (vectors are not truncated).")
+    user: str | None = None
 
 
 class ClassifyRequest(UnicodeChecked, _Body):
@@ -119,8 +215,12 @@ def _new_id(prefix: str) -> str:
 
 def _check_sampling(body: _Sampling, served: ServedModel, prompt_len: int, settings) -> int:
     """Validate n and the token budget against the context; returns max_new_tokens."""
+    if served.task == "classify":
+        raise invalid(f"{served.name!r} is a classifier; use POST /v1/classify (or /v1/embeddings)", param="model", code="wrong_endpoint")
     if served.task != "causal_lm":
-        raise invalid(f"{served.name!r} is a classifier; use POST /v1/classify", param="model", code="wrong_endpoint")
+        raise invalid(f"{served.name!r} is an encoder; use POST /v1/embeddings", param="model", code="wrong_endpoint")
+    if body.stream_options is not None and not body.stream:
+        raise invalid("stream_options is only allowed with stream: true", param="stream_options", code="invalid_value")
     if body.n > settings.max_n:
         raise invalid(f"n={body.n} is more than this server allows ({settings.max_n})", param="n", code="invalid_value")
     ctx = served.context_length
@@ -130,6 +230,21 @@ def _check_sampling(body: _Sampling, served: ServedModel, prompt_len: int, setti
                             f"{prompt_len + (budget or 0)} tokens ({prompt_len} in the prompt, {budget or 0} in the completion). "
                             "Please reduce the length of the messages or completion.", param="messages", code="context_length_exceeded")
     return budget if budget is not None else min(settings.default_max_tokens, ctx - prompt_len)
+
+
+def _logit_bias(body: _Sampling, served: ServedModel) -> dict[int, float]:
+    """logit_bias with integer token ids, each checked against the vocabulary."""
+    size = Vocabulary.of(served).vocab_size if body.logit_bias else 0
+    out: dict[int, float] = {}
+    for key, value in (body.logit_bias or {}).items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            token_id = -1
+        if not 0 <= token_id < size:
+            raise invalid(f"logit_bias: {key!r} is not a token id of this model (0 to {size - 1})", param="logit_bias", code="invalid_value")
+        out[token_id] = value
+    return out
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -230,13 +345,20 @@ async def _respond(request: Request, body: _Sampling, served: ServedModel, promp
     response_id = _new_id("chatcmpl" if chat else "cmpl")
     created = int(time.time())
     job = GenJob(served, prompts=[prompt_ids] * body.n, max_new_tokens=max_new, temperature=body.temperature,
-                 top_p=body.top_p, seed=body.seed, stop=body.stop)
+                 top_p=body.top_p, seed=body.seed, stop=body.stop, presence_penalty=body.presence_penalty,
+                 frequency_penalty=body.frequency_penalty, logprobs=body.top_logprobs_k())
+    # Building the vocabulary (first use) and compiling a schema are CPU work: not on the event loop.
+    job.logit_bias = await run_in_threadpool(_logit_bias, body, served)
+    job.grammar = await run_in_threadpool(json_grammar, body.response_format)
+    if job.grammar is not None or job.logprobs is not None:
+        await run_in_threadpool(Vocabulary.of, served)
     log_args = dict(response_id=response_id, endpoint=endpoint, served_name=served.name, started=started, prompt_chars=prompt_chars,
                     prompt_tokens=len(prompt_ids), n=body.n, stream=body.stream, prompt_obj=prompt_obj)
     if body.stream:
         job.loop, job.stream = asyncio.get_running_loop(), asyncio.Queue()
         engine.submit(job)  # raises 429 before any byte is sent
-        return StreamingResponse(_sse(request, job, response_id, created, chat, log_args), media_type="text/event-stream",
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(_sse(request, job, response_id, created, chat, log_args, usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     results = await _await(engine.submit(job))
     completion_tokens = sum(len(r.token_ids) for r in results)
@@ -245,33 +367,73 @@ async def _respond(request: Request, body: _Sampling, served: ServedModel, promp
                             **log_args)
     usage = _usage(len(prompt_ids), completion_tokens)
     if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason, "logprobs": None}
-                   for i, r in enumerate(results)]
+        choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason,
+                    "logprobs": _chat_logprobs(served, r.logprobs)} for i, r in enumerate(results)]
         return {"id": response_id, "object": "chat.completion", "created": created, "model": served.name,
                 "choices": choices, "usage": usage, "system_fingerprint": None}
     prefix = prompt_obj if getattr(body, "echo", False) else ""
-    choices = [{"index": i, "text": prefix + r.text, "finish_reason": r.finish_reason, "logprobs": None} for i, r in enumerate(results)]
+    choices = [{"index": i, "text": prefix + r.text, "finish_reason": r.finish_reason,
+                "logprobs": _completion_logprobs(served, r.logprobs, len(prompt_obj))} for i, r in enumerate(results)]
     return {"id": response_id, "object": "text_completion", "created": created, "model": served.name, "choices": choices, "usage": usage}
+
+
+def _token_entry(vocab: Vocabulary, token_id: int, logprob: float) -> dict:
+    raw = vocab.token_bytes(token_id)
+    return {"token": token_text(raw), "logprob": logprob, "bytes": list(raw)}
+
+
+def _chat_logprobs(served: ServedModel, logprobs: list[TokenLogprob] | None) -> dict | None:
+    """OpenAI's ChoiceLogprobs: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}], "refusal": None}."""
+    if logprobs is None:
+        return None
+    vocab = Vocabulary.of(served)
+    content = [_token_entry(vocab, lp.token_id, lp.logprob) | {"top_logprobs": [_token_entry(vocab, t, v) for t, v in lp.top]}
+               for lp in logprobs]
+    return {"content": content, "refusal": None}
+
+
+def _completion_logprobs(served: ServedModel, logprobs: list[TokenLogprob] | None, offset: int) -> dict | None:
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs (token -> logprob), text_offset
+    (each token's start, counted from the prompt's start, the prompt included)."""
+    if logprobs is None:
+        return None
+    vocab = Vocabulary.of(served)
+    tokens = [token_text(vocab.token_bytes(lp.token_id)) for lp in logprobs]
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs], "text_offset": offsets,
+            "top_logprobs": [{token_text(vocab.token_bytes(t)): v for t, v in lp.top} for lp in logprobs]}
 
 
 def _sse_event(obj) -> bytes:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
 
-async def _sse(request: Request, job: GenJob, response_id: str, created: int, chat: bool, log_args: dict):
-    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+async def _sse(request: Request, job: GenJob, response_id: str, created: int, chat: bool, log_args: dict, include_usage: bool = False):
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`; with `include_usage`, every
+    chunk has `usage: null` and a last one before [DONE] has empty choices and the usage."""
     obj = "chat.completion.chunk" if chat else "text_completion"
     name = job.served.name
     texts: dict[int, list[str]] = {}
+    offsets: dict[int, int] = {}  # completions' text_offset: where the next token starts
     tokens = 0
 
-    def chunk(index: int, text: str | None, finish: str | None, first: bool = False) -> dict:
+    def chunk(index: int, text: str | None, finish: str | None, first: bool = False, logprobs=None) -> dict:
         if chat:
             delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
-            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+            lp = None if logprobs is None else {"content": _chat_logprobs(job.served, logprobs)["content"], "refusal": None}
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}
         else:
-            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
-        return {"id": response_id, "object": obj, "created": created, "model": name, "choices": [choice]}
+            lp = None
+            if logprobs is not None:
+                lp = _completion_logprobs(job.served, logprobs, offsets.get(index, log_args["prompt_chars"]))
+                if lp["tokens"]:
+                    offsets[index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": lp}
+        out = {"id": response_id, "object": obj, "created": created, "model": name, "choices": [choice]}
+        return out | ({"usage": None} if include_usage else {})
 
     status, error_type = 200, None
     try:
@@ -291,8 +453,11 @@ async def _sse(request: Request, job: GenJob, response_id: str, created: int, ch
                 started_choices.add(index)
                 yield _sse_event(chunk(index, None, None, first=True))
             texts.setdefault(index, []).append(delta.text)
-            if delta.text or delta.finish_reason:
-                yield _sse_event(chunk(index, delta.text, delta.finish_reason))
+            if delta.text or delta.finish_reason or delta.logprobs:
+                yield _sse_event(chunk(index, delta.text, delta.finish_reason, logprobs=delta.logprobs))
+        if include_usage and status == 200:
+            yield _sse_event({"id": response_id, "object": obj, "created": created, "model": name, "choices": [],
+                              "usage": _usage(log_args["prompt_tokens"], tokens)})
         yield b"data: [DONE]\n\n"
     finally:
         # Runs on normal end and when the client disconnects: stop the worker and log what was sent.
@@ -309,7 +474,7 @@ async def classify(body: ClassifyRequest, request: Request) -> dict:
     engine = _engine(request)
     served = engine.get(body.model)
     if served.task != "classify":
-        raise invalid(f"{served.name!r} is a generative model; /v1/classify needs a classifier run", param="model", code="wrong_endpoint")
+        raise invalid(f"{served.name!r} is not a classifier; /v1/classify needs a classifier run", param="model", code="wrong_endpoint")
     texts = [body.input] if isinstance(body.input, str) else list(body.input)
     if not texts or any(not isinstance(t, str) or not t for t in texts):
         raise invalid("input must be a non-empty string or a list of non-empty strings", param="input")
@@ -329,3 +494,63 @@ async def classify(body: ClassifyRequest, request: Request) -> dict:
                             queue_ms=(job.started - job.enqueued) * 1000, stream=False, prompt_obj=texts,
                             response_text=json.dumps([d["label"] for d in data]))
     return {"id": response_id, "object": "list", "model": served.name, "data": data, "usage": _usage(n_tokens, 0)}
+
+
+def _embedding_inputs(served: ServedModel, given) -> list[list[int]]:
+    """Token ids of each input (texts are tokenised; id lists are checked against the vocabulary and the context)."""
+    bad = invalid("input must be a non-empty string, a list of non-empty strings, a list of token ids, or a list of such lists",
+                  param="input")
+    if isinstance(given, str):
+        given = [given]
+    if not given:
+        raise bad
+    if all(isinstance(x, int) for x in given):
+        given = [given]
+    vocab = len(served.tokenizer)
+    out = []
+    for x in given:
+        if isinstance(x, str) and x:
+            ids = list(served.tokenizer(x, truncation=False)["input_ids"])
+        elif isinstance(x, list) and x and all(isinstance(t, int) for t in x):
+            if not all(0 <= t < vocab for t in x):
+                raise invalid(f"input holds token ids outside this model's vocabulary (0 to {vocab - 1})", param="input")
+            ids = list(x)
+        else:
+            raise bad
+        if not ids or len(ids) > served.context_length:
+            raise APIError(400, f"an input of {len(ids)} tokens does not fit this model's context of {served.context_length} tokens",
+                           param="input", code="context_length_exceeded")
+        out.append(ids)
+    return out
+
+
+@router.post("/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
+    """The run's pooled last hidden state of each input, L2-normalised (encoder runs and classifiers only)."""
+    started = time.perf_counter()
+    served = _engine(request).get(body.model)
+    if served.pooling is None:
+        raise invalid(f"{served.name!r} is not an encoder run; embeddings need an encoder (a BERT-like classifier or encoder folder)",
+                      param="model", code="wrong_endpoint")
+    settings = request.app.state.settings
+    inputs = await run_in_threadpool(_embedding_inputs, served, body.input)
+    if len(inputs) > settings.max_batch * 8:
+        raise invalid(f"at most {settings.max_batch * 8} inputs per request", param="input")
+    width = served.model.config.hidden_size
+    if body.dimensions is not None and body.dimensions != width:
+        raise invalid(f"dimensions={body.dimensions}: this model's embeddings have {width} dimensions and are not truncated; "
+                      "omit dimensions or send it", param="dimensions", code="invalid_value")
+    job = EmbedJob(served, inputs=inputs)
+    vectors = await _await(_engine(request).submit(job))
+    if body.encoding_format == "base64":  # little-endian float32, as OpenAI sends it
+        data = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode("ascii") for v in vectors]
+    else:
+        data = vectors.tolist()
+    n_tokens = sum(map(len, inputs))
+    response_id = _new_id("emb")
+    await run_in_threadpool(_record, request, response_id=response_id, endpoint="embeddings", served_name=served.name, started=started,
+                            prompt_chars=sum(len(x) for x in ([body.input] if isinstance(body.input, str) else body.input) if isinstance(x, str)),
+                            prompt_tokens=n_tokens, completion_tokens=0, n=len(inputs), queue_ms=(job.started - job.enqueued) * 1000,
+                            stream=False, prompt_obj=body.input, response_text=None)
+    return {"object": "list", "model": served.name, "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
