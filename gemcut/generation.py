@@ -149,6 +149,7 @@ class _Picker:
         self.constraints = list(constraints) if constraints is not None else [None] * rows
         self.logprobs = logprobs
         self.counts: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
 
     def constraint_done(self, row: int) -> bool:
         c = self.constraints[row]
@@ -172,10 +173,12 @@ class _Picker:
         raw = logits.float()
         x = raw
         if self.logit_bias:
-            bias = torch.zeros(raw.shape[-1], dtype=raw.dtype)
-            for token_id, value in self.logit_bias.items():
-                bias[token_id] += value
-            x = x + bias.to(raw.device)
+            if self.bias is None:
+                self.bias = torch.zeros(raw.shape[-1], dtype=raw.dtype)
+                for token_id, value in self.logit_bias.items():
+                    self.bias[token_id] += value
+                self.bias = self.bias.to(raw.device)
+            x = x + self.bias
         if self.presence or self.frequency:
             if self.counts is None:
                 self.counts = torch.zeros_like(raw)

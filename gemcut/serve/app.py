@@ -4,7 +4,7 @@
     app = create_app(ServeSettings(models=["runs/my-run"], api_keys=["k"]))   # in Python / tests
 
 Routes: GET /health (public), GET /metrics, GET /v1/models, POST /v1/chat/completions,
-POST /v1/completions, POST /v1/classify, POST /v1/feedback, and the ranking page under /label when
+POST /v1/completions, POST /v1/embeddings, POST /v1/classify, POST /v1/feedback, and the ranking page under /label when
 gemcut.label is installed. Every route but /health needs `Authorization: Bearer <key>`.
 Models load when the app is created (so a bad --model fails before the port opens); the worker thread
 starts and stops with the app's lifespan. Bodies over `max_body_bytes` get 413 before they are read

@@ -43,8 +43,13 @@ def _refuse(message: str) -> APIError:
     return APIError(400, message, param=SCHEMA_PARAM, code="unsupported_schema")
 
 
-def check_schema(schema: Any, where: str = "schema") -> None:
+MAX_DEPTH = 32
+
+
+def check_schema(schema: Any, where: str = "schema", depth: int = 0) -> None:
     """Raise a 400 naming the first keyword (and where it is) outside the supported subset."""
+    if depth > MAX_DEPTH:
+        raise _refuse(f"{where}: schemas nested deeper than {MAX_DEPTH} levels are not supported")
     if not isinstance(schema, dict):
         raise _refuse(f"{where} must be a JSON Schema object, got {type(schema).__name__}")
     for key, value in schema.items():
@@ -59,13 +64,13 @@ def check_schema(schema: Any, where: str = "schema") -> None:
             if not isinstance(value, dict):
                 raise _refuse(f"{where}.properties must be an object of schemas")
             for name, sub in value.items():
-                check_schema(sub, f"{where}.properties.{name}")
+                check_schema(sub, f"{where}.properties.{name}", depth + 1)
         elif key == "required" and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise _refuse(f"{where}.required must be a list of property names")
         elif key == "additionalProperties" and not isinstance(value, bool):
-            check_schema(value, f"{where}.additionalProperties")
+            check_schema(value, f"{where}.additionalProperties", depth + 1)
         elif key == "items":
-            check_schema(value, f"{where}.items")
+            check_schema(value, f"{where}.items", depth + 1)
         elif key == "enum" and not (isinstance(value, list) and value):
             raise _refuse(f"{where}.enum must be a non-empty list")
 
@@ -92,7 +97,10 @@ def json_grammar(response_format: Any) -> str | None:
                            code="invalid_value")
         schema = spec["schema"]
         check_schema(schema)
-    grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=COMPILE_OPTIONS)
+    try:
+        grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema, allow_nan=False), overrides=COMPILE_OPTIONS)
+    except ValueError as e:  # NaN or Infinity in the schema (Python's JSON reads them), or what llguidance refuses to read
+        raise _refuse(f"the schema cannot be read: {e}") from None
     error = LLMatcher.validate_grammar(grammar)
     if error:
         raise _refuse(f"the schema cannot be compiled: {error}")
