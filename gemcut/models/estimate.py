@@ -1,4 +1,4 @@
-"""Before launch: will the run fit in memory, and how long will it take?
+"""Before launch: will the run fit in memory, and how long will `gemcut train` take?
 
     gemcut estimate examples/sft_chatterbot.yaml [key=value ...]
 
@@ -6,22 +6,44 @@ Memory, per part:
 - weights: every parameter at its dtype (tied weights once);
 - gradients: one per trainable parameter, at its dtype;
 - optimizer: AdamW keeps two fp32 states (exp_avg, exp_avg_sq) per trainable parameter: 8 bytes each;
-- activations: what autograd saves for the backward pass of one micro-batch. Measured exactly by the probe
-  (torch.autograd.graph.saved_tensors_hooks sums the storages saved during a real forward of the real
-  model at the configured batch and length, parameters excluded); without a probe, an approximation of
-  ~(10*hidden + 4*intermediate) values per token per block that trains or sits above a trained block,
-  plus the fp32 logits;
+- activations: what autograd saves for the backward pass of the largest micro-batch the run will see. The
+  probe measures it on a real micro-batch (torch.autograd.graph.saved_tensors_hooks sums the storages saved
+  during a real forward of the real model, parameters excluded) and scales it by tokens to the largest one;
+  without a probe, an approximation of ~(10*hidden + 4*intermediate) values per token per block that trains
+  or sits above a trained block, plus the fp32 logits;
 - runtime: the resident memory of this process before the model was loaded (Python, torch, tokenizer).
 `fits` compares weights + gradients + optimizer + activations with the memory available before loading
 (psutil; GPU free memory when training on CUDA).
 
-Time: the probe runs a few forward+backward passes of the real objective on a real batch (bf16 autocast
-when the run would use it) and one AdamW step; the first pass is warm-up and not timed. Seconds per
-optimizer step = grad_accum x (forward+backward) + optimizer step, scaled by the number of steps.
+Time: the wall time of `gemcut train` on this machine as it is now (a loaded machine gives a longer
+estimate, and a longer run), in parts:
+- prepare, load: measured, by running the same data preparation and loading the same model, with the
+  changes the run makes to it (fast dropout, frozen linear weights stored in bf16 under bf16 autocast);
+- tokenize: a seeded sample of at most SAMPLE_RECORDS training records (all of them when fewer) is tokenized
+  and timed, and the time per record is multiplied by the records the run tokenizes;
+- steps: `fit` takes its micro-batches in `epoch_order` (seeded; length-grouped unless the model runs
+  padding-free), so `plan_steps` lists every step's micro-batches from the token lengths: the real ones
+  when every record was tokenized, else lengths drawn from the sample. A micro-batch costs in proportion to
+  the token positions the model computes (`batch_tokens`: rows x longest row when padded, the real tokens
+  when padding-free). The probe times the micro-batch of median cost: one forward+backward on a quarter of
+  its rows to warm up (not timed), then `probe_steps` timed passes of the whole micro-batch; each step
+  costs its micro-batches scaled from that time, plus one timed AdamW step. Timing a random batch at its
+  longest row instead, as this module once did, charged SFT steps for padding that length grouping removes
+  (about 2x on chatterbot);
+- validation: every `eval_every` steps and at the end, the validation batches (sorted by length, as
+  `evaluate` does) forward only, scaled from one timed forward of the probe micro-batch;
+- samples: SFT runs generate `sample_prompts` greedy completions at each evaluation, each at most
+  min(eval.max_new_tokens, 48) tokens: that many one-token forwards (timed once), an upper bound.
+Not counted: Python start-up and imports (a few seconds), checkpoint writes (a LoRA adapter's are small),
+early stopping (which only shortens a run). PPO/GRPO are timed as the causal-LM loss, without their
+generation. The probe runs the model `2 + probe_steps` times, plus one one-token forward, whatever the data
+size (`Estimate.probe_passes`); so the estimate takes the data preparation, the model load, the tokenized
+sample and those passes.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
@@ -30,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 from gemcut.errors import TrainingError
 
 GB = 1024**3
+SAMPLE_RECORDS = 1024  # training records tokenized to learn the token lengths (all of them when there are fewer)
 ADAM_BYTES = 8  # two fp32 states per trainable parameter
 
 
@@ -56,6 +79,9 @@ class Estimate:
     precision: str = "fp32"
     summary: str = ""
     notes: list[str] = field(default_factory=list)
+    time_parts: dict[str, float] | None = None  # seconds of the run by part (see the module docstring)
+    probe_passes: dict[str, int] | None = None  # how many times the probe ran the model, by kind of pass
+    estimate_seconds: float | None = None  # wall time of `estimate` itself
 
     @property
     def required_bytes(self) -> int:
@@ -83,9 +109,13 @@ class Estimate:
         ]
         if self.seconds_per_step is not None:
             line = f"time         {self.seconds_per_step:.2f} s/step"
-            if self.steps is not None and self.total_seconds is not None:
-                line += f" x {self.steps} steps = {_duration(self.total_seconds)}"
+            if self.steps is not None and self.time_parts:
+                line += f" x {self.steps} steps; the run about {_duration(self.total_seconds)} ("
+                line += ", ".join(f"{k} {_duration(v)}" for k, v in self.time_parts.items()) + ")"
             out.append(line)
+        if self.estimate_seconds is not None:
+            out.append(f"estimated in {self.estimate_seconds:.0f} s ("
+                       + ", ".join(f"{n} {k}" for k, n in (self.probe_passes or {}).items()) + " passes)")
         out += [f"note: {n}" for n in self.notes]
         return out
 
@@ -95,7 +125,7 @@ class Estimate:
         if self.seconds_per_step is not None:
             text += f"; {self.seconds_per_step:.2f} s/step"
             if self.total_seconds is not None:
-                text += f" x {self.steps} steps = {_duration(self.total_seconds)}"
+                text += f" x {self.steps} steps, the run about {_duration(self.total_seconds)}"
         return text
 
     def to_dict(self) -> dict:
@@ -103,6 +133,8 @@ class Estimate:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
@@ -182,64 +214,195 @@ def measure_saved_bytes(fn, params) -> tuple[object, int]:
     return out, sum(seen.values())
 
 
-def _examples_for(cfg, task: str, tokenizer):
-    """Tokenized training examples of the run's data (None when the config names no data)."""
-    if not cfg.data.train:
-        return None, None
+def plan_steps(lengths: list[int], *, batch_size: int, grad_accum: int, steps: int, seed: int,
+               grouped: bool) -> list[list[list[int]]]:
+    """The micro-batches (example indices) of each of `steps` optimizer steps, in the order `fit` takes them
+    on one process: `epoch_order` per epoch, `batch_size * grad_accum` examples a step, a new epoch when the
+    data runs out."""
+    from gemcut.train.loop import epoch_order
+
+    per_step, plan, epoch, index, order = batch_size * grad_accum, [], 0, 0, None
+    for _ in range(steps):
+        if order is None:
+            order = epoch_order(lengths, seed=seed, epoch=epoch, batch_size=batch_size, group_by_length=grouped)
+        take = order[index:index + per_step]
+        plan.append([take[s:s + batch_size] for s in range(0, len(take), batch_size)])
+        index += len(take)
+        if index >= len(lengths):
+            epoch, index, order = epoch + 1, 0, None
+    return plan
+
+
+def batch_tokens(lengths: list[int], padded: bool) -> int:
+    """Token positions a micro-batch of examples with these lengths computes: rows x longest when padded."""
+    return len(lengths) * max(lengths) if padded else sum(lengths)
+
+
+def total_steps(cfg, n_examples: int | None) -> int | None:
+    """`fit`'s step count: train.max_steps, else epochs x ceil(examples / examples per step); None when unknown."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    if n_examples is None:
+        return None
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    return max(1, math.ceil(cfg.train.epochs * math.ceil(n_examples / per_step)))
+
+
+def evaluations(steps: int, eval_every: int | None) -> int:
+    """How many validations `fit` runs in `steps` steps: every `eval_every` steps and at the last step."""
+    return (steps // eval_every if eval_every else 0) + (0 if eval_every and steps % eval_every == 0 else 1)
+
+
+@dataclass
+class _Data:
+    """What the estimate knows of the run's data: the tokenized sample and how many records it stands for."""
+
+    kind: str | None
+    labels: list[str] | None
+    train: list[dict] | None  # tokenized training examples of the sample (all, when sampled is False)
+    validation: list[dict]  # tokenized validation examples scored during training (or a sample of them)
+    n_train: int | None  # training examples the run will have
+    n_validation: int  # validation examples scored at each evaluation
+    sampled: bool
+    prepare_seconds: float = 0.0
+    tokenize_seconds: float = 0.0  # the whole run's tokenization, scaled from the sample
+
+
+def _sample(records, n: int, seed: int) -> list[dict]:
+    records = list(records)
+    return records if len(records) <= n else random.Random(seed).sample(records, n)
+
+
+def _data(cfg, task_of, tokenizer_for) -> _Data:
+    """Prepare the run's data, tokenize a sample of it and scale the counts (see the module docstring).
+
+    `task_of(kind)` resolves the task; `tokenizer_for(kind, labels)` loads the model and returns its tokenizer."""
     from gemcut.data.prepare import prepare
     from gemcut.data.templates import ChatTemplate
-    from gemcut.data.tokenize import tokenize_records
+    from gemcut.data.tokenize import resolve_label_names, tokenize_records
 
+    t0 = time.perf_counter()
     prepared = prepare(cfg.data)
+    prepare_seconds = time.perf_counter() - t0
+    kind, counts = prepared.kind, prepared.counts()
+    task = task_of(kind)
+    train_records = (list(itertools.islice(prepared.iter_records("train"), SAMPLE_RECORDS)) if kind == "text"
+                     else prepared.splits["train"])
+    labels = None
+    if kind == "label":  # as the run names them: the declared set, or the sorted labels of the whole training split
+        labels = list(prepared.labels or resolve_label_names(list(train_records), cfg.data.labels))
+    tokenizer = tokenizer_for(kind, labels)
     template = None
-    if prepared.kind in ("prompt_completion", "messages", "preference") or (prepared.kind == "label" and task == "causal_lm"):
+    if prepared.kind in ("prompt_completion", "messages", "preference") or (kind == "label" and task == "causal_lm"):
         template = ChatTemplate.from_tokenizer(tokenizer, cfg.data.template, cfg.data.system_prompt)
-    examples, _ = tokenize_records(prepared.iter_records("train") if prepared.kind == "text" else prepared.splits["train"],
-                                   prepared.kind, tokenizer, template, cfg.data, task, prepared.labels)
-    return prepared, examples
+    n_train_records = counts.get("train", len(train_records))
+    sample = _sample(train_records, SAMPLE_RECORDS, cfg.train.seed)
+    val_records = list(prepared.splits.get("validation") or [])[:cfg.train.val_max_examples or None]
+    val_sample = _sample(val_records, SAMPLE_RECORDS // 4, cfg.train.seed)
+    t0 = time.perf_counter()
+    train, _ = tokenize_records(sample, kind, tokenizer, template, cfg.data, task, labels)
+    validation = tokenize_records(val_sample, kind, tokenizer, template, cfg.data, task, labels)[0] if val_sample else []
+    per_record = (time.perf_counter() - t0) / max(1, len(sample) + len(val_sample))
+    sampled = len(sample) < n_train_records
+    return _Data(kind=kind, labels=labels, train=train, validation=validation,
+                 n_train=round(len(train) * n_train_records / max(1, len(sample))), sampled=sampled,
+                 n_validation=round(len(validation) * len(val_records) / max(1, len(val_sample))),
+                 prepare_seconds=prepare_seconds, tokenize_seconds=per_record * (n_train_records + len(val_records)))
 
 
-def estimate(cfg, *, probe: bool = True, probe_steps: int = 3) -> Estimate:
+def prepare_for_training(model, cfg, precision: str):
+    """The changes `gemcut train` makes to the loaded model that change its speed or memory."""
+    from gemcut.train.loop import store_frozen_linears_in_bf16
+
+    if cfg.train.fast_dropout:
+        from gemcut.models.fast_dropout import use_fast_dropout
+
+        use_fast_dropout(model)
+    if cfg.train.activation_checkpointing and getattr(model, "supports_gradient_checkpointing", True):
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if precision == "bf16":
+        store_frozen_linears_in_bf16(model)
+    return model
+
+
+def estimate(cfg, *, probe: bool = True, probe_steps: int = 2) -> Estimate:
     """Memory and time estimate of the run described by `cfg` (RunConfig); see the module docstring."""
     import torch
 
     from gemcut.models.adapters import apply_adapter
-    from gemcut.models.load import load_base, load_tokenizer
-    from gemcut.models.resolve import resolve_model
+    from gemcut.models.load import load_base
+    from gemcut.train.loop import resolve_precision
 
+    t_start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    if device == "cpu":
+        from gemcut.train.allocator import keep_freed_memory
+
+        keep_freed_memory()  # as `gemcut train` does: the step times are measured with the same allocator
     runtime = _rss()
     available = available_memory(device)
     notes: list[str] = []
+    precision = resolve_precision(cfg.train.precision, torch.device(device))
+    loaded: dict = {}
 
-    tokenizer = load_tokenizer(resolve_model(cfg.model.name, cfg.model.revision), trust_remote_code=cfg.model.trust_remote_code)
-    kind = cfg.data.kind if cfg.data.kind != "auto" else None
-    prepared, examples = None, None
-    try:
-        task_guess = resolve_task(cfg, kind)
-        prepared, examples = _examples_for(cfg, task_guess, tokenizer)
-    except ImportError:
-        notes.append("the data layer is not available: the probe uses random tokens at max_length")
-    kind = prepared.kind if prepared is not None else kind
-    task = resolve_task(cfg, kind)
-    labels = list(prepared.labels) if prepared is not None and prepared.labels else None
+    def task_of(kind):
+        return resolve_task(cfg, kind)
 
-    torch.manual_seed(cfg.train.seed)
-    model, _ = load_base(cfg.model, task, num_labels=None if labels else (2 if task == "classify" else None), label_names=labels)
-    model = apply_adapter(model, cfg.adapter, task).to(device)
-    return estimate_model(cfg, model, task, examples=examples, tokenizer=tokenizer, probe=probe, probe_steps=probe_steps,
-                          runtime_bytes=runtime, available_bytes=available, notes=notes)
+    def load(kind, labels):
+        task = task_of(kind)
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.train.seed)
+        model, tokenizer = load_base(cfg.model, task, num_labels=None if labels else (2 if task == "classify" else None),
+                                     label_names=labels if task == "classify" else None)
+        model = prepare_for_training(apply_adapter(model, cfg.adapter, task), cfg, precision).to(device)
+        loaded.update(model=model, tokenizer=tokenizer, task=task, seconds=time.perf_counter() - t0)
+        return tokenizer
+
+    data = None
+    if cfg.data.train:
+        data = _data(cfg, task_of, load)
+    else:
+        notes.append("no data given: the probe uses random tokens at max_length")
+        load(cfg.data.kind if cfg.data.kind != "auto" else None, None)
+    if data is not None and not data.train:
+        notes.append("no training example left after tokenization: the probe uses random tokens at max_length")
+    est = estimate_model(cfg, loaded["model"], loaded["task"], examples=data.train if data else None,
+                         tokenizer=loaded["tokenizer"],
+                         probe=probe, probe_steps=probe_steps, runtime_bytes=runtime, available_bytes=available,
+                         notes=notes, data=data, load_seconds=loaded["seconds"])
+    est.estimate_seconds = time.perf_counter() - t_start
+    return est
 
 
-def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, probe: bool = False, probe_steps: int = 3,
-                   runtime_bytes: int | None = None, available_bytes: int | None = None, notes: list[str] | None = None) -> Estimate:
+def _time(fn, device: str) -> float:
+    import torch
+
+    t0 = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, probe: bool = False, probe_steps: int = 2,
+                   runtime_bytes: int | None = None, available_bytes: int | None = None, notes: list[str] | None = None,
+                   data: _Data | None = None, load_seconds: float = 0.0) -> Estimate:
     """The estimate for a model already loaded with its adapter (what `gemcut train` checks before fitting).
 
     Without `probe` nothing runs through the model and no batch is built: the activation size is the shape
-    approximation at the longest example (or max_length), so it costs nothing and works for every objective."""
+    approximation at the longest example (or max_length), so it costs nothing and works for every objective.
+    With it, `examples` (all the run's training examples, or the sample in `data`) give the step plan."""
     import torch
 
-    from gemcut.models.adapters import count_parameters, find_blocks, trainable_summary
+    from gemcut.models.adapters import count_parameters, find_blocks
+    from gemcut.models.padding_free import runs_padding_free
+    from gemcut.train.loop import example_length, group_by_length, resolve_precision
 
     device = next(model.parameters()).device.type
     notes = list(notes or [])
@@ -254,85 +417,132 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
             grad_bytes += p.numel() * p.element_size() if p.requires_grad else 0
     optimizer_bytes = trainable * ADAM_BYTES
 
-    from gemcut.train.loop import resolve_precision
-
     precision = resolve_precision(cfg.train.precision, torch.device(device))
     B, L = cfg.train.batch_size, cfg.data.max_length
-    if examples:
-        longest = max(sum(len(v) for k, v in ex.items() if k.endswith("input_ids")) for ex in examples)
-        batch_shape = (B, min(L, longest))
-    else:
-        batch_shape = (B, L)
-    batch = None
-    if probe:
-        from gemcut.data.collate import collate_causal, collate_classify
-
-        if examples:
-            rng = random.Random(cfg.train.seed)
-            sample = rng.sample(examples, min(B, len(examples)))
-        else:
-            g = torch.Generator().manual_seed(cfg.train.seed)
-            ids = torch.randint(0, len(tokenizer), (B, L), generator=g).tolist()
-            sample = [{"input_ids": r, "labels": r} if task == "causal_lm" else {"input_ids": r, "label": 0} for r in ids]
-        collate = collate_causal if task == "causal_lm" else collate_classify
-        batch = {k: v.to(device) for k, v in collate(sample, tokenizer.pad_token_id).items()}
-        batch_shape = tuple(batch["input_ids"].shape)
-
+    n_examples = data.n_train if data is not None else (len(examples) if examples is not None else None)
+    steps = total_steps(cfg, n_examples)
+    if steps is None:
+        notes.append("no data given and no train.max_steps: the total time is unknown")
     trained_from = None
     if cfg.adapter.method == "freeze":
         try:
             trained_from = len(find_blocks(model)[1]) - cfg.adapter.train_last_n_layers
         except Exception:
             trained_from = None
-    activations, source, seconds_per_step = 0, "approximate", None
-    if probe:
-        from gemcut.objectives import build_objective
-
-        objective = build_objective(task)
-        params = [p for p in model.parameters()]
-        model.train()
-        autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
-        times = []
-        for i in range(max(2, probe_steps)):
-            t0 = time.perf_counter()
-            with autocast:
-                out, saved = measure_saved_bytes(lambda: objective(model, batch), params)
-            out.loss_sum.backward()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if i > 0:
-                times.append(time.perf_counter() - t0)
-            activations = max(activations, saved)
-        source = "measured"
-        opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-12)
-        t0 = time.perf_counter()
-        opt.step()
-        opt_seconds = time.perf_counter() - t0
-        model.zero_grad(set_to_none=True)
-        seconds_per_step = cfg.train.grad_accum * sum(times) / len(times) + opt_seconds
-        del opt
-    else:
+    lengths = [example_length(ex) for ex in examples] if examples else None
+    if not probe:
+        batch_shape = (B, min(L, max(lengths))) if lengths else (B, L)
         bytes_per_value = 2 if precision == "bf16" else 4
         activations = approximate_activations(model.get_base_model() if hasattr(model, "get_base_model") else model,
                                               batch_shape[0], L, bytes_per_value, trained_from)
-    steps = None
-    if cfg.train.max_steps:
-        steps = cfg.train.max_steps
-    elif examples is not None:
-        steps = math.ceil(cfg.train.epochs * len(examples) / (cfg.train.batch_size * cfg.train.grad_accum))
+        return _finish(cfg, model, task, device, total, trainable, weights_bytes, grad_bytes, optimizer_bytes, activations,
+                       "approximate", runtime, available, batch_shape, steps, precision, notes)
+
+    from gemcut.data.collate import collate_causal, collate_classify
+    from gemcut.objectives import build_objective
+
+    padded = not runs_padding_free(model)
+    collate = collate_causal if task == "causal_lm" else collate_classify
+    if lengths:
+        # The plan's examples: all of them, or (sampled data) as many drawn from the sample as the run will have.
+        drawn = (random.Random(cfg.train.seed).choices(range(len(examples)), k=max(1, data.n_train))
+                 if data is not None and data.sampled else range(len(examples)))
+        plan_lengths = [lengths[j] for j in drawn]
+        plan = plan_steps(plan_lengths, batch_size=B, grad_accum=cfg.train.grad_accum, steps=steps or 1,
+                          seed=cfg.train.seed, grouped=group_by_length(cfg.train.group_by_length, model))
+        costs = [[batch_tokens([plan_lengths[i] for i in mb], padded) for mb in step] for step in plan]
+        micro = [(c, mb) for step, step_costs in zip(plan, costs) for c, mb in zip(step_costs, step)]
+        probe_cost, probe_ids = sorted(micro, key=lambda m: m[0])[len(micro) // 2]
+        largest_cost, largest_ids = max(micro, key=lambda m: m[0])
+        rows = [examples[drawn[i]] for i in probe_ids]
+        batch_shape = (len(largest_ids), max(plan_lengths[i] for i in largest_ids))
+        step_costs = [sum(c) for c in costs]
     else:
-        notes.append("no data given and no train.max_steps: the total time is unknown")
+        g = torch.Generator().manual_seed(cfg.train.seed)
+        ids = torch.randint(0, len(tokenizer), (B, L), generator=g).tolist()
+        rows = [{"input_ids": r, "labels": r} if task == "causal_lm" else {"input_ids": r, "label": 0} for r in ids]
+        batch_shape = (B, L)
+        probe_cost = largest_cost = batch_tokens([L] * B, padded)
+        step_costs = [probe_cost * cfg.train.grad_accum]
+    to_device = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
+    batch = to_device(collate(rows, tokenizer.pad_token_id))
+    warm = to_device(collate(rows[:max(1, len(rows) // 4)], tokenizer.pad_token_id))
+
+    objective = build_objective(task)
+    params = list(model.parameters())
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
+    saved = 0
+
+    def train_pass(b):
+        nonlocal saved
+        with autocast:
+            out, saved = measure_saved_bytes(lambda: objective(model, b), params)
+        out.loss_sum.backward()
+
+    model.train()
+    train_pass(warm)  # warm-up: first-call allocations and kernel selection, not timed
+    times = [_time(lambda: train_pass(batch), device) for _ in range(max(1, probe_steps))]
+    activations = saved * largest_cost / probe_cost
+    from gemcut.train.optimizer import adamw
+
+    opt = adamw([{"params": [p for p in params if p.requires_grad]}], lr=1e-12, weight_decay=0.0)
+    opt.step()  # the first step allocates the states
+    opt_seconds = _time(opt.step, device)
+    model.zero_grad(set_to_none=True)
+    del opt
+    per_token = sum(times) / len(times) / probe_cost
+    passes = {"warm-up": 1, "train": len(times)}
+    parts: dict[str, float] = {}
+    # Each step: its micro-batches scaled from the probe's time per token, and the optimizer step.
+    seconds_per_step = sum(step_costs) / len(step_costs) * per_token + opt_seconds
+    if steps is not None:
+        parts["steps"] = steps * seconds_per_step  # the plan has every step when the count is known
+    val = data.validation if data is not None else []
+    if steps is not None and val:
+        model.eval()
+        with torch.no_grad(), autocast:
+            forward_seconds = _time(lambda: objective(model, batch), device)
+        passes["validation forward"] = 1
+        val_lengths = sorted(example_length(ex) for ex in val)
+        val_cost = sum(batch_tokens(val_lengths[s:s + B], padded) for s in range(0, len(val_lengths), B))
+        val_cost *= data.n_validation / len(val)
+        n_evals = evaluations(steps, cfg.train.eval_every)
+        parts["validation"] = n_evals * val_cost * forward_seconds / probe_cost
+        if task == "causal_lm" and data.kind in ("messages", "prompt_completion") and cfg.train.sample_prompts:
+            from gemcut.train.run import SAMPLE_MAX_NEW_TOKENS
+
+            n_prompts = min(cfg.train.sample_prompts, data.n_validation)
+            one = batch["input_ids"][:n_prompts, :1]
+            with torch.no_grad(), autocast:
+                token_seconds = _time(lambda: model(input_ids=one, use_cache=False), device)
+            passes["one-token forward"] = 1
+            parts["samples"] = n_evals * min(cfg.eval.max_new_tokens, SAMPLE_MAX_NEW_TOKENS) * token_seconds
+        model.train()
+    if data is not None:
+        parts = {"prepare": data.prepare_seconds, "tokenize": data.tokenize_seconds, "load": load_seconds, **parts}
+    est = _finish(cfg, model, task, device, total, trainable, weights_bytes, grad_bytes, optimizer_bytes, activations,
+                  "measured" if largest_cost == probe_cost else "measured, scaled to the largest micro-batch", runtime,
+                  available, batch_shape, steps, precision, notes)
+    est.seconds_per_step = seconds_per_step
+    est.probe_passes = passes
+    if steps is not None:
+        est.time_parts = parts
+        est.total_seconds = sum(parts.values())
+    return est
+
+
+def _finish(cfg, model, task, device, total, trainable, weights_bytes, grad_bytes, optimizer_bytes, activations, source,
+            runtime, available, batch_shape, steps, precision, notes) -> Estimate:
+    from gemcut.models.adapters import trainable_summary
+
     fits = weights_bytes + grad_bytes + optimizer_bytes + activations <= available
-    est = Estimate(
+    return Estimate(
         model=cfg.model.name, method=cfg.adapter.method, task=task, device=device, total_params=total,
         trainable_params=trainable, weights_bytes=weights_bytes, gradients_bytes=grad_bytes,
         optimizer_bytes=optimizer_bytes, activations_bytes=int(activations), activations_source=source,
-        runtime_bytes=runtime, available_bytes=available, fits=fits, batch_shape=batch_shape, steps=steps,
-        seconds_per_step=seconds_per_step,
-        total_seconds=seconds_per_step * steps if seconds_per_step is not None and steps is not None else None,
+        runtime_bytes=runtime, available_bytes=available, fits=fits, batch_shape=tuple(batch_shape), steps=steps,
         precision=precision, summary=trainable_summary(model, cfg.adapter), notes=notes,
     )
-    return est
 
 
 def ensure_fits(est: Estimate, force: bool) -> None:
