@@ -90,8 +90,9 @@ def to_example(record: dict, *, labels: list[str] | None = None, data_cfg: DataC
             return Example(source, kind, conv[:last], str(record["label"]), label=str(record["label"]), text=str(record["text"]))
         return Example(source, kind, conv[:last], conv[last]["content"])
     if kind == "preference":
-        prompt = record["prompt"]
-        messages = [dict(m) for m in prompt] if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+        from gemcut.data.tokenize import preference_prompt
+
+        messages = [dict(m) for m in preference_prompt(record)]  # its messages, or system + prompt, as DPO renders it
         return Example(source, kind, messages, str(record["chosen"]), rejected=str(record["rejected"]))
     return Example(source, kind, None, str(record["text"]), text=str(record["text"]))
 

@@ -7,7 +7,8 @@ Routes (all under /label):
   GET  /               the page (gemcut/label/static/index.html; plain HTML + JS, no build step)
   GET  /static/{file}  its script and style
   GET  /api/config     {"keys_required": bool}
-  GET  /api/next       the prompt leased to this labeler now, or {"done": true}
+  GET  /api/next       the prompt leased to this labeler now (its text, and its messages when it is a chat),
+                       or {"done": true}
   POST /api/rank       {"prompt_id", "order": [completion ids, best first]}
   POST /api/skip       {"prompt_id"}
   POST /api/flag       {"prompt_id", "note"}
@@ -140,7 +141,7 @@ def next_task(request: Request) -> dict:
     task = _call(_store(request).next_task, labeler)
     if task is None:
         return {"done": True, "labeler": labeler}
-    return {"done": False, "labeler": labeler, "prompt_id": task.prompt_id, "prompt": task.prompt,
+    return {"done": False, "labeler": labeler, "prompt_id": task.prompt_id, "prompt": task.prompt, "messages": task.messages,
             "completions": [{"id": cid, "text": text} for cid, text in task.completions],
             "expires_at": task.expires_at.isoformat(timespec="seconds") + "Z"}
 

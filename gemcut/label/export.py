@@ -5,15 +5,19 @@
 A ranking c1 > c2 > ... > cK of one prompt gives every ordered pair (ci, cj) with i < j, so K(K-1)/2
 records, each with the labeler and the time of the ranking. gemcut format, one JSON object a line:
 
-    {"prompt": ..., "chosen": ..., "rejected": ..., "_labeler": ..., "_ranked_at": "2024-05-01T12:00:00Z",
+    {"messages": [...], "chosen": ..., "rejected": ..., "_labeler": ..., "_ranked_at": "2024-05-01T12:00:00Z",
      "_prompt_id": 3, "_ranking_id": 7, "_chosen_rank": 1, "_rejected_rank": 3}
+
+`messages` is the prompt's chat exactly as `gemcut generate` sampled from it (system, earlier turns, the last
+user turn); a prompt queued as plain text (a `{"text"}` prompt, or a database from before messages were
+kept) is written as `"prompt": "..."` instead.
 
 (the `_` prefix marks provenance that the data pipeline carries along but does not train on, so the file
 is a training file as it is: `data.train: [prefs.jsonl]`).
 
 OpenAI's preference fine-tuning format (https://platform.openai.com/docs/guides/direct-preference-optimization):
 
-    {"input": {"messages": [{"role": "user", "content": ...}]},
+    {"input": {"messages": [...the whole prompt chat...]},
      "preferred_output": [{"role": "assistant", "content": ...}],
      "non_preferred_output": [{"role": "assistant", "content": ...}]}
 
@@ -38,16 +42,22 @@ Format = Literal["gemcut", "openai"]
 def ranking_pairs(row: RankingRow) -> Iterator[dict]:
     """All ordered pairs (i < j) of one ranking as gemcut `preference` records."""
     when = row.created_at.isoformat(timespec="seconds") + "Z"
+    prompt = {"messages": row.messages} if row.messages else {"prompt": row.prompt}
     for (i, chosen), (j, rejected) in itertools.combinations(enumerate(row.ranked, start=1), 2):
-        yield {"prompt": row.prompt, "chosen": chosen, "rejected": rejected, "_labeler": row.labeler,
+        yield {**prompt, "chosen": chosen, "rejected": rejected, "_labeler": row.labeler,
                "_ranked_at": when, "_prompt_id": row.prompt_id, "_ranking_id": row.ranking_id,
                "_chosen_rank": i, "_rejected_rank": j}
 
 
 def to_openai(record: dict) -> dict:
     """A gemcut `preference` record in OpenAI's DPO format; labeler and time ride along in `metadata`."""
+    if "messages" in record:
+        messages = record["messages"]
+    else:
+        messages = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+        messages.append({"role": "user", "content": record["prompt"]})
     out = {
-        "input": {"messages": [{"role": "user", "content": record["prompt"]}]},
+        "input": {"messages": messages},
         "preferred_output": [{"role": "assistant", "content": record["chosen"]}],
         "non_preferred_output": [{"role": "assistant", "content": record["rejected"]}],
     }

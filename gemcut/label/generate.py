@@ -9,7 +9,8 @@ template), `{"messages": [...]}` (a conversation; the next assistant turn is sam
 .json, .csv, .tsv or .parquet file is read in its format, any other name as JSONL. Sampling goes through
 `gemcut.generation.generate`, seeded, so the same command fills the same queue. Identical completions of
 one prompt are kept once (two equal texts cannot be ranked against each other); a prompt left with fewer
-than two distinct completions is not queued; both are counted.
+than two distinct completions is not queued; both are counted. A chat prompt is queued with its messages
+(exactly those `prompt_ids` rendered), so that the export, and DPO on it, use the prompt that was sampled.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
 
 
 def prompt_ids(item: PromptItem, tokenizer, template) -> list[int]:
+    """The token ids a prompt's completions are sampled after: its messages rendered with the chat template and
+    the generation prompt (what DPO training renders for the exported pairs), or its raw text."""
     if item.messages is None:
         return tokenizer(item.shown)["input_ids"]
     if template is not None:
@@ -83,7 +86,7 @@ def queue_completions(store: LabelStore, model, tokenizer, template, items: list
             counts["prompts_skipped"] += 1
             counts["skipped"].append(f"{item.source}: fewer than 2 distinct non-empty completions")
             continue
-        store.add_prompt(item.shown, unique, source=item.source, model=model_name, params=params)
+        store.add_prompt(item.shown, unique, messages=item.messages, source=item.source, model=model_name, params=params)
         counts["queued"] += 1
         counts["completions"] += len(unique)
     return counts

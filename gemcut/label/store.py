@@ -10,6 +10,10 @@ partial unique index on (prompt_id) WHERE state = 'open' makes a second open lea
 between processes. A lease that runs past `expires_at` is closed as `expired` and the prompt goes back
 into the queue. A prompt leaves the queue once it has `rankings_per_prompt` rankings, or when it is
 flagged; a skip only removes it from the queue of the labeler who skipped it.
+
+A prompt keeps its `messages` (the chat `gemcut generate` sampled from, as a JSON column) beside the text
+shown for it; a database made before that column gets it added on open, and its prompts keep their text
+(messages NULL).
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ import datetime as dt
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, create_engine, event, func, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, create_engine, event, func, inspect, select, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 from gemcut.dbfiles import make_private
@@ -53,6 +57,7 @@ class Prompt(Base):
     __tablename__ = "label_prompts"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     text: Mapped[str] = mapped_column(Text)
+    messages: Mapped[list | None] = mapped_column(JSON, default=None)  # the chat sampled from; None: `text` as it is
     source: Mapped[str | None] = mapped_column(String(512), default=None)  # "prompts.jsonl:12"
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_utcnow)
     completions: Mapped[list[Completion]] = relationship(back_populates="prompt", order_by="Completion.position")
@@ -111,12 +116,14 @@ class Mark(Base):
 
 @dataclass(frozen=True)
 class Task:
-    """What the ranking page shows: a prompt, its completions (id, text) and the lease deadline."""
+    """What the ranking page shows: a prompt (text, and its messages when it was a chat), its completions
+    (id, text) and the lease deadline."""
 
     prompt_id: int
     prompt: str
     completions: list[tuple[int, str]]
     expires_at: dt.datetime
+    messages: list[dict] | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,7 @@ class RankingRow:
     labeler: str
     created_at: dt.datetime
     ranked: list[str]  # completion texts, best first
+    messages: list[dict] | None = None  # the prompt's messages, when it was a chat
 
 
 class LabelStore:
@@ -155,17 +163,30 @@ class LabelStore:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         Base.metadata.create_all(self.engine)
+        self._add_missing_columns()
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def _add_missing_columns(self) -> None:
+        """Migrate a database made before `label_prompts.messages`: add the column; old rows keep their text."""
+        if "messages" in {c["name"] for c in inspect(self.engine).get_columns("label_prompts")}:
+            return
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(text("ALTER TABLE label_prompts ADD COLUMN messages JSON"))
+        except DBAPIError:  # another process added it first
+            if "messages" not in {c["name"] for c in inspect(self.engine).get_columns("label_prompts")}:
+                raise
 
     # ------------------------------------------------------------------ filling
 
-    def add_prompt(self, prompt: str, completions: list[str], *, source: str | None = None,
-                   model: str | None = None, params: dict | None = None) -> int:
-        """Queue one prompt with its sampled completions; returns the prompt id."""
+    def add_prompt(self, prompt: str, completions: list[str], *, messages: list[dict] | None = None,
+                   source: str | None = None, model: str | None = None, params: dict | None = None) -> int:
+        """Queue one prompt with its sampled completions; returns the prompt id. `messages`: the chat the
+        completions answer (what the export writes as the prompt); `prompt` is then the text shown for it."""
         if len(completions) < 2:
             raise LabelError(f"{source or 'prompt'}: a ranking needs at least 2 completions, got {len(completions)}")
         with self._session.begin() as s:
-            p = Prompt(text=prompt, source=source, created_at=self.clock())
+            p = Prompt(text=prompt, messages=messages, source=source, created_at=self.clock())
             p.completions = [Completion(position=i, text=c, model=model, params=params) for i, c in enumerate(completions)]
             s.add(p)
             s.flush()
@@ -220,7 +241,7 @@ class LabelStore:
         # Shown in a per-prompt shuffled order so the sampling order (and its position bias) is hidden,
         # but stable across reloads.
         comps = sorted(p.completions, key=lambda c: (hash((p.id, c.id)) & 0xFFFF, c.id))
-        return Task(p.id, p.text, [(c.id, c.text) for c in comps], a.expires_at)
+        return Task(p.id, p.text, [(c.id, c.text) for c in comps], a.expires_at, p.messages)
 
     def _lease(self, s: Session, labeler: str, prompt_id: int, now: dt.datetime) -> Assignment:
         self._expire(s, now)
@@ -288,7 +309,7 @@ class LabelStore:
             for r in s.scalars(select(Ranking).order_by(Ranking.id)):
                 p = s.get(Prompt, r.prompt_id)
                 by_id = {c.id: c.text for c in p.completions}
-                yield RankingRow(r.id, p.id, p.text, r.labeler, r.created_at, [by_id[i] for i in r.order])
+                yield RankingRow(r.id, p.id, p.text, r.labeler, r.created_at, [by_id[i] for i in r.order], p.messages)
 
     def open_leases(self) -> list[tuple[int, str]]:
         """(prompt_id, labeler) for every lease currently held."""

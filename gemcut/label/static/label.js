@@ -43,9 +43,32 @@ function card(c, tag) {
   return li;
 }
 
+// A chat prompt as role-labelled blocks (role, then the text); a plain prompt as its text. Everything from the
+// server goes in through textContent, never innerHTML: prompts are user data.
+function showPrompt(t) {
+  const box = $("prompt");
+  box.replaceChildren();
+  box.classList.toggle("chat", Boolean(t.messages));
+  if (!t.messages) { box.textContent = t.prompt; return; }
+  for (const m of t.messages) {
+    const block = document.createElement("div");
+    block.className = "message";
+    block.dataset.role = m.role;
+    const role = document.createElement("div");
+    role.className = "role";
+    role.textContent = m.name ? `${m.role} (${m.name})` : m.role;
+    const content = document.createElement("div");
+    content.className = "content";
+    const calls = (m.tool_calls || []).map((c) => `→ ${c.function.name}(${c.function.arguments})`);
+    content.textContent = [m.content, ...calls].filter(Boolean).join("\n");
+    block.append(role, content);
+    box.appendChild(block);
+  }
+}
+
 function render() {
   const t = state.task;
-  $("prompt").textContent = t.prompt;
+  showPrompt(t);
   const ranked = $("ranked"), pool = $("pool");
   ranked.replaceChildren();
   pool.replaceChildren();
