@@ -328,3 +328,19 @@ def test_embedding_errors(server):
         with pytest.raises(openai.BadRequestError) as e:
             client.embeddings.create(model="tiny-enc", input=bad)
         assert e.value.param == "input", bad
+
+
+def test_schema_that_cannot_be_read_is_a_400():
+    from gemcut.serve.errors import APIError
+    from gemcut.serve.structured import json_grammar
+
+    nested: dict = {"type": "array"}
+    deep = nested
+    for _ in range(40):
+        deep["items"] = {"type": "array"}
+        deep = deep["items"]
+    for schema in ({"type": "number", "minimum": float("nan")}, nested, {"type": "integer", "minimum": 5, "maximum": 1}):
+        with pytest.raises(APIError) as e:
+            json_grammar({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+        assert e.value.status == 400 and e.value.param == "response_format.json_schema.schema", schema
+    assert json_grammar({"type": "text"}) is None and json_grammar(None) is None
