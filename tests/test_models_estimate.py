@@ -46,7 +46,7 @@ def test_estimate_parts_and_probe(llama_dir):
     assert est.batch_shape == (2, 32) and est.steps == 10
     # No data: nothing to prepare, tokenize or validate; the run's time is its steps.
     assert set(est.time_parts) == {"steps"} and est.total_seconds == pytest.approx(10 * est.seconds_per_step)
-    assert est.probe_passes == {"warm-up": 1, "train": 2}
+    assert est.probe_passes == {"warm-up": 1, "train": 3}  # a tiny model's passes all fit in PROBE_SECONDS
     assert est.fits and "fits" in str(est) and est.summary.startswith("LoRA r=4")
     # Longer sequences save more activations; the measurement sees it.
     longer = estimate(_cfg(llama_dir, data={"max_length": 96}))
@@ -104,7 +104,8 @@ def test_evaluations_and_steps_count_like_fit():
 
 def test_a_sample_stands_for_the_data_and_the_probe_runs_a_fixed_number_of_passes(llama_dir, tmp_path, monkeypatch):
     """The estimate's own time is bounded by design: it tokenizes at most SAMPLE_RECORDS training records
-    (scaling the counts to the whole split) and runs the model a fixed number of times, whatever the data size."""
+    (scaling the counts to the whole split) and runs the model at most probe_steps + 3 times, whatever the
+    data size; timed passes after the first only within PROBE_SECONDS."""
     import gemcut.data.tokenize as tokenize_module
 
     monkeypatch.setattr(estimate_module, "SAMPLE_RECORDS", 40)
@@ -124,12 +125,15 @@ def test_a_sample_stands_for_the_data_and_the_probe_runs_a_fixed_number_of_passe
     from gemcut.data.prepare import prepare
 
     n_train = len(prepare(cfg.data).splits["train"])
-    assert n_train > 200 and tokenized == [40, 10]  # training sample, then a quarter of it for validation
+    assert n_train > 200 and tokenized[:2] == [40, 10]  # training sample, then a quarter of it for validation
     assert est.steps == math.ceil(n_train / 4)  # every record is one example (none is longer than max_length)
     assert est.probe_passes == {"warm-up": 1, "train": 3, "validation forward": 1, "one-token forward": 1}
     assert set(est.time_parts) == {"prepare", "tokenize", "load", "steps", "validation", "samples"}
     assert est.total_seconds == pytest.approx(sum(est.time_parts.values()))
     assert est.time_parts["steps"] == pytest.approx(est.steps * est.seconds_per_step)
+    # With no time budget left after the first timed pass, there is no second one.
+    monkeypatch.setattr(estimate_module, "PROBE_SECONDS", 0.0)
+    assert estimate(cfg, probe_steps=3).probe_passes["train"] == 1
 
 
 def test_predicted_step_time_is_near_a_real_runs(tmp_path):

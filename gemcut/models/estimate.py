@@ -26,7 +26,8 @@ estimate, and a longer run), in parts:
   when every record was tokenized, else lengths drawn from the sample. A micro-batch costs in proportion to
   the token positions the model computes (`batch_tokens`: rows x longest row when padded, the real tokens
   when padding-free). The probe times the micro-batch of median cost: one forward+backward on a quarter of
-  its rows to warm up (not timed), then `probe_steps` timed passes of the whole micro-batch; each step
+  its rows to warm up (not timed), then one timed pass of the whole micro-batch, and more, up to
+  `probe_steps` in all, while they are expected to end within PROBE_SECONDS of timing; each step
   costs its micro-batches scaled from that time, plus one timed AdamW step. Timing a random batch at its
   longest row instead, as this module once did, charged SFT steps for padding that length grouping removes
   (about 2x on chatterbot);
@@ -36,9 +37,10 @@ estimate, and a longer run), in parts:
   min(eval.max_new_tokens, 48) tokens: that many one-token forwards (timed once), an upper bound.
 Not counted: Python start-up and imports (a few seconds), checkpoint writes (a LoRA adapter's are small),
 early stopping (which only shortens a run). PPO/GRPO are timed as the causal-LM loss, without their
-generation. The probe runs the model `2 + probe_steps` times, plus one one-token forward, whatever the data
-size (`Estimate.probe_passes`); so the estimate takes the data preparation, the model load, the tokenized
-sample and those passes.
+generation. Whatever the data size, the probe runs the model at most `probe_steps` + 3 times (warm-up, timed
+passes, one validation forward, one one-token forward; counted in `Estimate.probe_passes`), timed passes
+after the first only within PROBE_SECONDS; so the estimate takes the data preparation, the model load, the
+tokenized sample, and about two passes or PROBE_SECONDS more.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from gemcut.errors import TrainingError
 
 GB = 1024**3
 SAMPLE_RECORDS = 1024  # training records tokenized to learn the token lengths (all of them when there are fewer)
+PROBE_SECONDS = 4.0  # timed passes after the first only while they are expected to end within this budget
 ADAM_BYTES = 8  # two fp32 states per trainable parameter
 
 
@@ -329,7 +332,7 @@ def prepare_for_training(model, cfg, precision: str):
     return model
 
 
-def estimate(cfg, *, probe: bool = True, probe_steps: int = 2) -> Estimate:
+def estimate(cfg, *, probe: bool = True, probe_steps: int = 3) -> Estimate:
     """Memory and time estimate of the run described by `cfg` (RunConfig); see the module docstring."""
     import torch
 
@@ -390,7 +393,7 @@ def _time(fn, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, probe: bool = False, probe_steps: int = 2,
+def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, probe: bool = False, probe_steps: int = 3,
                    runtime_bytes: int | None = None, available_bytes: int | None = None, notes: list[str] | None = None,
                    data: _Data | None = None, load_seconds: float = 0.0) -> Estimate:
     """The estimate for a model already loaded with its adapter (what `gemcut train` checks before fitting).
@@ -481,7 +484,10 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
 
     model.train()
     train_pass(warm)  # warm-up: first-call allocations and kernel selection, not timed
-    times = [_time(lambda: train_pass(batch), device) for _ in range(max(1, probe_steps))]
+    times = [_time(lambda: train_pass(batch), device)]
+    # More passes average out noise, but only while they fit in PROBE_SECONDS: a slow model is timed once.
+    while len(times) < probe_steps and sum(times) * (1 + 1 / len(times)) <= PROBE_SECONDS:
+        times.append(_time(lambda: train_pass(batch), device))
     activations = saved * largest_cost / probe_cost
     from gemcut.train.optimizer import adamw
 
