@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -350,7 +351,8 @@ def estimate(cfg, *, probe: bool = True, probe_steps: int = 3) -> Estimate:
         keep_freed_memory()  # as `gemcut train` does: the step times are measured with the same allocator
     runtime = _rss()
     available = available_memory(device)
-    notes: list[str] = []
+    busy = _busy_note(torch.get_num_threads()) if device == "cpu" else None  # read before this process adds to the load
+    notes: list[str] = [busy] if busy else []
     precision = resolve_precision(cfg.train.precision, torch.device(device))
     loaded: dict = {}
 
@@ -381,6 +383,19 @@ def estimate(cfg, *, probe: bool = True, probe_steps: int = 3) -> Estimate:
                          notes=notes, data=data, load_seconds=loaded["seconds"])
     est.estimate_seconds = time.perf_counter() - t_start
     return est
+
+
+def _busy_note(threads: int) -> str | None:
+    """A warning when other processes want the cores this run's threads need: then every parallel section
+    waits for threads the scheduler has paused, and step times swing several-fold from one step to the next."""
+    try:
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    except OSError:
+        return None
+    if load <= cores - threads + 0.5:
+        return None
+    return (f"the machine is busy (load average {load:.1f} on {cores} cores): times measured now are longer than on "
+            f"a quiet machine and vary from step to step{'; train.num_threads=1 suffers less' if threads > 1 else ''}")
 
 
 def _time(fn, device: str) -> float:
