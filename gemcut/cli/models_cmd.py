@@ -37,7 +37,7 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
 @app.command("estimate")
 def estimate_cmd(config: str = typer.Argument(..., help="YAML run file."),
                  overrides: list[str] = typer.Argument(None, help="key.sub=value overrides"),
-                 probe: bool = typer.Option(True, "--probe/--no-probe", help="Run a few real forward+backward passes: measured activations and time (at most 6 passes)."),
+                 probe: bool = typer.Option(True, "--probe/--no-probe", help="Run a few real forward+backward passes: measured activations and time (at most 7 passes)."),
                  as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text.")) -> None:
     """Parameters, memory (weights, gradients, optimizer, activations) and the time of `gemcut train` (prepare,
     tokenize, load, steps, validation, samples) on this machine as it is now, before launching it."""

@@ -26,19 +26,21 @@ estimate, and a longer run), in parts:
   when every record was tokenized, else lengths drawn from the sample. A micro-batch costs in proportion to
   the token positions the model computes (`batch_tokens`: rows x longest row when padded, the real tokens
   when padding-free). The probe times the micro-batch of median cost: one forward+backward on a quarter of
-  its rows to warm up (not timed), then one timed pass of the whole micro-batch, and more, up to
+  its rows (two at least) to warm up (not timed), then one timed pass of the whole micro-batch, and more, up to
   `probe_steps` in all, while they are expected to end within PROBE_SECONDS of timing; each step
   costs its micro-batches scaled from that time, plus one timed AdamW step. Timing a random batch at its
   longest row instead, as this module once did, charged SFT steps for padding that length grouping removes
   (about 2x on chatterbot);
 - validation: every `eval_every` steps and at the end, the validation batches (sorted by length, as
-  `evaluate` does) forward only, scaled from one timed forward of the probe micro-batch;
+  `evaluate` does) forward only, scaled from one timed forward of the probe micro-batch (after one
+  untimed forward of the warm-up rows);
 - samples: SFT runs generate `sample_prompts` greedy completions at each evaluation, each at most
   min(eval.max_new_tokens, 48) tokens: that many one-token forwards (timed once), an upper bound.
 Not counted: Python start-up and imports (a few seconds), checkpoint writes (a LoRA adapter's are small),
 early stopping (which only shortens a run). PPO/GRPO are timed as the causal-LM loss, without their
-generation. Whatever the data size, the probe runs the model at most `probe_steps` + 3 times (warm-up, timed
-passes, one validation forward, one one-token forward; counted in `Estimate.probe_passes`), timed passes
+generation. Whatever the data size, the probe runs the model at most `probe_steps` + 4 times (two warm-ups
+on a quarter of the rows, timed passes, one validation forward, one one-token forward; counted in
+`Estimate.probe_passes`), timed passes
 after the first only within PROBE_SECONDS; so the estimate takes the data preparation, the model load, the
 tokenized sample, and about two passes or PROBE_SECONDS more.
 """
@@ -484,7 +486,8 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
         step_costs = [probe_cost * cfg.train.grad_accum]
     to_device = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
     batch = to_device(collate(rows, tokenizer.pad_token_id))
-    warm = to_device(collate(rows[:max(1, len(rows) // 4)], tokenizer.pad_token_id))
+    # Two rows at least, so that the warm-up takes the code paths of a batch (a shared prompt prefix needs two).
+    warm = to_device(collate(rows[:max(2, len(rows) // 4)], tokenizer.pad_token_id))
 
     objective = build_objective(task)
     params = list(model.parameters())
@@ -522,7 +525,9 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
     if steps is not None and val:
         model.eval()
         with torch.no_grad(), autocast:
+            objective(model, warm)  # warm-up of the no-grad, eval-mode path
             forward_seconds = _time(lambda: objective(model, batch), device)
+        passes["warm-up"] += 1
         passes["validation forward"] = 1
         val_lengths = sorted(example_length(ex) for ex in val)
         val_cost = sum(batch_tokens(val_lengths[s:s + B], padded) for s in range(0, len(val_lengths), B))
