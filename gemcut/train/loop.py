@@ -206,7 +206,7 @@ def fit(model: torch.nn.Module, objective: Objective, train_set: Sequence[dict],
     root, config_dict = Path(run_dir) / "checkpoints", config.model_dump(mode="json")
     state, last_saved = ckpt.start_or_resume(root, resume=resume, data_hash=data_hash, config=config_dict,
                                              model=acc.unwrap_model(model), optimizer=optimizer, scheduler=scheduler)
-    log = logger or RunLogger(run_dir, total_steps=total, start_step=state.step)
+    log = logger or RunLogger(run_dir, total_steps=total, start_step=state.step, config=config_dict)
     lengths = [example_length(ex) for ex in train_set]
     grouped = group_by_length(cfg.group_by_length, model)
     es, orders, pending = cfg.early_stopping, {}, []

@@ -259,7 +259,7 @@ def fit_rl(policy: torch.nn.Module, tokenizer, prompts: Sequence[dict], reward_f
     root, config_dict = Path(run_dir) / "checkpoints", config.model_dump(mode="json")
     state, last_saved = ckpt.start_or_resume(root, resume=resume, data_hash=data_hash, config=config_dict,
                                              model=trainable, optimizer=optimizer, scheduler=scheduler)
-    log = logger or RunLogger(run_dir, total_steps=total, start_step=state.step)
+    log = logger or RunLogger(run_dir, total_steps=total, start_step=state.step, config=config_dict)
     precision = resolve_precision(cfg.precision, dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     history: list[dict] = []
