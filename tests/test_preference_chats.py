@@ -228,3 +228,26 @@ def test_the_page_shows_messages_as_role_blocks_escaped(tmp_path):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_a_completion_cut_inside_a_character_is_queued_without_the_half_character(tmp_path, monkeypatch):
+    # max_new_tokens can stop between the bytes of one character (byte-level BPE: an emoji is several
+    # tokens); the decoded text then ends in U+FFFD, which must not reach the labeler or DPO.
+    import gemcut.label.generate as label_generate
+    from gemcut.generation import GenerationResult
+
+    def fake_generate(model, tokenizer, rows, **kw):
+        return [GenerationResult("computers \U0001f537\ufffd", [1], "length"), GenerationResult("fine.\ufffd", [2], "stop"),
+                GenerationResult("\ufffd", [3], "length")]
+
+    monkeypatch.setattr(label_generate, "generate", fake_generate)
+    store = LabelStore(f"sqlite:///{tmp_path / 'q.db'}")
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "tell me about computers."}) + "\n", encoding="utf-8")
+    items = read_prompts(path)
+    counts = queue_completions(store, None, tiny_tokenizer(), None, items, n=3, temperature=1.0, top_p=1.0, seed=0,
+                               max_new_tokens=4, model_name="fake")
+    assert counts["queued"] == 1 and counts["duplicates_dropped"] == 1  # the lone half character is empty
+    task = store.next_task("alice")
+    # Cut by the length limit: the half character goes; ended by the model: its text is kept as it is.
+    assert sorted(text for _, text in task.completions) == ["computers \U0001f537", "fine.\ufffd"]

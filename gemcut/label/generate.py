@@ -79,7 +79,7 @@ def queue_completions(store: LabelStore, model, tokenizer, template, items: list
     params = {"temperature": temperature, "top_p": top_p, "seed": seed, "max_new_tokens": max_new_tokens}
     counts = {"prompts": len(items), "queued": 0, "completions": 0, "duplicates_dropped": 0, "prompts_skipped": 0, "skipped": []}
     for k, item in enumerate(items):
-        texts = [r.text.strip() for r in results[k * n:(k + 1) * n]]
+        texts = [_completion_text(r) for r in results[k * n:(k + 1) * n]]
         unique = [t for i, t in enumerate(texts) if t and t not in texts[:i]]
         counts["duplicates_dropped"] += len(texts) - len(unique)
         if len(unique) < 2:
@@ -90,6 +90,16 @@ def queue_completions(store: LabelStore, model, tokenizer, template, items: list
         counts["queued"] += 1
         counts["completions"] += len(unique)
     return counts
+
+
+def _completion_text(result) -> str:
+    """The text queued for one completion. One cut by max_new_tokens in the middle of a multi-byte character
+    (an emoji's first bytes) decodes to a trailing U+FFFD; that half character is dropped, so it never
+    becomes a reply a labeler ranks or DPO trains on."""
+    text = result.text
+    if result.finish_reason == "length":
+        text = text.rstrip("\ufffd")
+    return text.strip()
 
 
 def load_generator(run_or_model: str, trust_remote_code: bool = False):
