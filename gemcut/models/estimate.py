@@ -316,7 +316,7 @@ def _data(cfg, task_of, tokenizer_for) -> _Data:
                  prepare_seconds=prepare_seconds, tokenize_seconds=per_record * (n_train_records + len(val_records)))
 
 
-def prepare_for_training(model, cfg, precision: str):
+def _prepare_for_training(model, cfg, precision: str):
     """The changes `gemcut train` makes to the loaded model that change its speed or memory."""
     from gemcut.train.loop import store_frozen_linears_in_bf16
 
@@ -367,7 +367,7 @@ def estimate(cfg, *, probe: bool = True, probe_steps: int = 3) -> Estimate:
         torch.manual_seed(cfg.train.seed)
         model, tokenizer = load_base(cfg.model, task, num_labels=None if labels else (2 if task == "classify" else None),
                                      label_names=labels if task == "classify" else None)
-        model = prepare_for_training(apply_adapter(model, cfg.adapter, task), cfg, precision).to(device)
+        model = _prepare_for_training(apply_adapter(model, cfg.adapter, task), cfg, precision).to(device)
         loaded.update(model=model, tokenizer=tokenizer, task=task, seconds=time.perf_counter() - t0)
         return tokenizer
 
