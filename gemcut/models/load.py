@@ -155,8 +155,8 @@ def _report_loading(model, loading: dict, task: str, name: str) -> None:
     others = [k for k in fresh if k not in head]
     unused = sorted(loading.get("unexpected_keys", ()))
     if head:
-        log.info("%s: new %s head (%d outputs), initialised from the seed", name, head[0].rsplit(".", 1)[0],
-                 model.config.num_labels)
+        n = model.config.num_labels
+        log.info("%s: new %s head (%d output%s), initialised from the seed", name, head[0].rsplit(".", 1)[0], n, "" if n == 1 else "s")
     if others:
         log.warning("%s: %d weights missing from the checkpoint and initialised at random: %s", name, len(others),
                     ", ".join(others[:5]))

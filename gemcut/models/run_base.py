@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -29,6 +30,8 @@ RUN_META = "gemcut_run.json"
 MERGED = "merged"
 STAMP = "gemcut_merged_from.json"  # written last inside merged/: marks a finished merge of this adapter
 CAUSAL_TASKS = ("causal_lm", "dpo", "grpo", "ppo")
+
+log = logging.getLogger(__name__)
 
 
 def is_run_folder(path: Path) -> bool:
@@ -65,6 +68,7 @@ def run_weights(run_dir: Path) -> Path:
             return merged
     except (OSError, ValueError):
         pass  # absent or left by an older final/: merge again
+    log.info("%s: merging its LoRA adapter into its base once, into %s (the next run starts from these weights)", run_dir, merged)
     _merge(final, meta, merged, stamp)
     return merged
 
