@@ -394,7 +394,9 @@ def _busy_note(threads: int) -> str | None:
         load, cores = os.getloadavg()[0], os.cpu_count() or 1
     except OSError:
         return None
-    if load <= cores - threads + 0.5:
+    # The 1-minute average trails: a command that just ended still counts, so a whole core's worth of other
+    # work must be waiting before the machine is called busy.
+    if load <= cores - threads + 1.0:
         return None
     return (f"the machine is busy (load average {load:.1f} on {cores} cores): times measured now are longer than on "
             f"a quiet machine and vary from step to step{'; train.num_threads=1 suffers less' if threads > 1 else ''}")
