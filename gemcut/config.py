@@ -20,6 +20,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gemcut.errors import ConfigError
+from gemcut.tasks import TASKS, Task
 
 
 class Section(BaseModel):
@@ -167,8 +168,8 @@ class ObjectiveConfig(Section):
 
 
 class EarlyStoppingConfig(Section):
-    metric: str = Field("val_loss", description="Validation metric watched (val_loss, val_accuracy, ...).")
-    mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
+    metric: str = Field("auto", description="Validation metric watched (val_loss, val_accuracy, val_macro_f1, val_reward_mean, ...); auto: the task's own (val_loss; val_reward_mean for grpo and ppo; gemcut/tasks.py).")
+    mode: Literal["auto", "min", "max"] = Field("auto", description="Whether lower or higher is better; auto: min for a loss, max for anything else.")
     patience: int | None = Field(None, ge=1, description="Evaluations without improvement before stopping; None disables.")
 
 
@@ -178,6 +179,7 @@ class TrainConfig(Section):
     batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     activation_checkpointing: bool = Field(False, description="Recompute each block's activations in the backward pass instead of keeping them: less memory, about a third more compute.")
+    fast: bool = Field(True, description="The exact speed-ups of gemcut/models/fast/ (padding-free and first-token encoders, cheaper dropout draws); false runs transformers' own forwards, with the same results (docs/models.md).")
     fast_dropout: bool = Field(True, description="Draw dropout masks from 16 random bits per element instead of torch's Bernoulli sampler: the same keep probability (p rounded to 2^-16), about a third of the time per dropout site on a CPU; false restores torch's nn.Dropout (gemcut/models/fast_dropout.py).")
     group_by_length: bool | Literal["auto"] = Field("auto", description="Batch examples of similar length together (less padding); the order stays a seeded shuffle. auto: on, except for a model that runs padding-free (gemcut/models/padding_free.py), which gets uniformly random batches at the same cost.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
@@ -259,11 +261,17 @@ class RunConfig(Section):
         es = self.train.early_stopping
         if es.metric.endswith("loss") and es.mode == "max":
             raise ValueError(f"train.early_stopping: metric {es.metric!r} is a loss but mode is 'max'; set train.early_stopping.mode=min")
-        if self.objective.kind in ("ppo", "grpo") and self.adapter.method != "lora":
+        if self.objective.kind != "auto" and TASKS[self.objective.kind].reference and self.adapter.method != "lora":
             raise ValueError(f"objective.kind={self.objective.kind} needs adapter.method=lora (the reference is the adapter-disabled model); got {self.adapter.method!r}")
-        if self.objective.kind == "dpo" and self.adapter.method != "lora":
-            raise ValueError("objective.kind=dpo needs adapter.method=lora (the reference is the adapter-disabled model)")
         return self
+
+    def watched_metric(self, task: Task) -> tuple[str, str]:
+        """(metric, mode) that early stopping and the best checkpoint watch: train.early_stopping's, with auto
+        resolved to the task's own metric, and an auto mode to min for a loss, max for anything else."""
+        es = self.train.early_stopping
+        metric = task.metric if es.metric == "auto" else es.metric
+        mode = es.mode if es.mode != "auto" else ("min" if metric.endswith("loss") else "max")
+        return metric, mode
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
