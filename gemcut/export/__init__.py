@@ -3,7 +3,7 @@
     gemcut export runs/my-run --merge --out exported/my-run
 """
 
-from gemcut.export.int8 import load_int8, save_int8
 from gemcut.export.merge import export_run
+from gemcut.models.int8 import load_int8, save_int8
 
 __all__ = ["export_run", "load_int8", "save_int8"]

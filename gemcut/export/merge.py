@@ -98,7 +98,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, merge: bo
             model = model.merge_and_unload()
         model = model.float().eval()
         if quantize == "int8":
-            from gemcut.export.int8 import save_int8
+            from gemcut.models.int8 import save_int8
 
             save_int8(model, out)
             info["format"] = "gemcut-int8"

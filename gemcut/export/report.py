@@ -70,8 +70,8 @@ def _speed(model, tokenizer, new_tokens: int) -> float:
 
 def compare_int8(float_model, int8_dir: str | Path, tokenizer, texts: list[str] | None = None, new_tokens: int = 32) -> dict:
     """Measure the float model against the int8 export in `int8_dir` (both on the CPU)."""
-    from gemcut.export.int8 import load_int8
     from gemcut.export.merge import weight_bytes
+    from gemcut.models.int8 import load_int8
 
     float_model = float_model.float().cpu().eval()
     q_model, _ = load_int8(int8_dir)

@@ -231,7 +231,7 @@ class Engine:
             return ServedModel(name or path.name or source, "causal_lm", shared, sibling.tokenizer, sibling.template,
                                sibling.context_length, adapter=None, source=source)
         if path.is_dir() and (path / "quantize_config.json").is_file():
-            from gemcut.export.int8 import load_int8
+            from gemcut.models.int8 import load_int8
 
             model, tokenizer = load_int8(path)
             return self._plain(model, tokenizer, name or path.name, str(path), self._labels_file(path))

@@ -2,6 +2,7 @@
 
     gemcut export runs/my-run --merge --quantize int8 --out exported/my-run-int8
     model, tokenizer = load_int8("exported/my-run-int8")        # what `gemcut serve --model DIR` uses
+    python -m pytest -q tests/test_export.py
 
 Why a format of our own: torch's dynamic quantization (int8 weights, activations quantized per batch at
 run time, fbgemm/onednn kernels) makes CPU inference faster and the weights 4x smaller, but a
