@@ -35,6 +35,7 @@ from typing import Protocol
 import torch
 
 from gemcut.models.kv_cache import cache_argument, returned_cache
+from gemcut.models.numerics import device_of, token_nll, unwrap_peft
 from gemcut.models.shared_prefix import MIN_SHARED_TOKENS, prefix_cache, shared_prompt_length, suffix_positions
 
 
@@ -73,13 +74,6 @@ class Constraint(Protocol):
     def complete(self) -> bool: ...
     def done(self) -> bool: ...
     def advance(self, token_id: int) -> None: ...
-
-
-def _device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def default_eos_ids(model, tokenizer) -> set[int]:
@@ -216,9 +210,8 @@ def _first_stop(text: str, stop: Sequence[str]) -> int:
 
 def accepts_logits_to_keep(model) -> bool:
     """Whether the (peft-unwrapped) model's forward can compute the vocabulary head on selected positions only."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+        return "logits_to_keep" in inspect.signature(unwrap_peft(model).forward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -229,8 +222,6 @@ def _answer_nll(model, first_logits, past, mask, last_pos, answers, pad_id) -> l
     `first_logits` [B, V] (the prompt's last position) predict each answer's first token; the answers
     (right-padded) run on the cache for the rest, and the cache is cut back to the prompts afterwards, so
     decoding continues from the prompts alone. The formula is `gemcut.eval.scoring.sequence_nll`'s."""
-    import torch.nn.functional as F
-
     device, rows, width = first_logits.device, len(answers), max(len(ids) for ids, _ in answers)
     ids = torch.full((rows, width), pad_id, dtype=torch.long, device=device)
     real = torch.zeros((rows, width), dtype=mask.dtype, device=device)
@@ -247,7 +238,7 @@ def _answer_nll(model, first_logits, past, mask, last_pos, answers, pad_id) -> l
                          position_ids=positions, use_cache=True, **{cache_argument(model): past}).logits
         past.crop(-(width - 1))
         logits = torch.cat([logits, rest], dim=1)
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids.reshape(-1), reduction="none").view(rows, width)
+    nll = token_nll(logits, ids)  # [rows, width]; padding is no target (multiplied by 0 below)
     sums = (nll.double() * targets).sum(dim=1).tolist()
     return [(float(sums[r]), int(targets[r].sum())) for r in range(rows)]
 
@@ -261,7 +252,7 @@ def _token_steps(model, prompt_ids, *, pick: _Picker, pad_id, answers=None,
     would alone. Finished rows keep being fed (the caller ignores them) so the batch stays rectangular.
     With `answers`, their NLLs are appended to `answer_nll` after the prompt pass, before the first token.
     """
-    device = _device(model)
+    device = device_of(model)
     # Only the last position's logits are needed: on the prompt that saves the head on every other position.
     extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     shared = shared_prompt_length(prompt_ids)

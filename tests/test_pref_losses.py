@@ -13,7 +13,8 @@ from tiny import tiny_bert_classifier, tiny_llama, tiny_tokenizer
 
 from gemcut.config import AdapterConfig
 from gemcut.models.adapters import apply_adapter
-from gemcut.objectives.dpo import DPO, dpo_loss, reference, sequence_logps
+from gemcut.models.numerics import sequence_logps
+from gemcut.objectives.dpo import DPO, dpo_loss, reference
 from gemcut.objectives.reward import PairwiseReward, pairwise_accuracy, pairwise_loss
 from gemcut.objectives.rewards import ClassifierReward, RewardModelReward, pair_encoder
 

@@ -8,10 +8,11 @@ from peft import LoraConfig, get_peft_model
 
 import gemcut.generation as generation
 import gemcut.objectives.causal_lm as causal_lm
+from gemcut.data.collate import IGNORE
 from gemcut.eval import scoring
 from gemcut.generation import generate
 from gemcut.models.shared_prefix import common_prefix_length, shared_prompt_length
-from gemcut.objectives.causal_lm import IGNORE, CausalLM
+from gemcut.objectives.causal_lm import CausalLM
 from tests.tiny import tiny_llama, tiny_tokenizer
 
 PREFIX = [2, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]  # 12 tokens every row starts with

@@ -7,10 +7,10 @@ import torch
 from tiny import tiny_llama, tiny_tokenizer
 
 from gemcut.config import DataConfig
-from gemcut.data.collate import collate_causal, collate_classify, collate_preference, pack_examples
+from gemcut.data.collate import IGNORE, collate_causal, collate_classify, collate_preference, pack_examples
 from gemcut.data.templates import ChatTemplate
 from gemcut.data.token_report import token_report
-from gemcut.data.tokenize import IGNORE, tokenize_records
+from gemcut.data.tokenize import tokenize_records
 from gemcut.errors import DataError
 
 PC = [

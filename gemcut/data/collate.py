@@ -25,7 +25,7 @@ from bisect import bisect_left, insort
 
 import torch
 
-IGNORE = -100
+IGNORE = -100  # the label of a position that is not a target (the default ignore_index of torch's cross_entropy)
 
 
 def _pad(rows: list[list], value, length: int) -> list[list]:

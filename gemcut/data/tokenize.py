@@ -31,10 +31,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from gemcut.data.collate import IGNORE
 from gemcut.data.records import ROLES, sort_labels
 from gemcut.errors import ConfigError, DataError
 
-IGNORE = -100
 CHUNK = 512  # records rendered and tokenized per batched tokenizer call
 SHOW_SOURCES = 10  # how many file:line examples each drop/truncation reason keeps for the report
 

@@ -18,36 +18,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
-from gemcut.generation import GenerationResult, generate
+from gemcut.generation import GenerationResult, accepts_logits_to_keep, generate
 from gemcut.models.kv_cache import cache_argument
-from gemcut.models.shared_prefix import MIN_SHARED_TOKENS, common_prefix_length, prefix_cache, suffix_positions
-
-
-def _device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def _right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
-def _shared_columns(input_ids: torch.Tensor, mask: torch.Tensor, predicting: torch.Tensor) -> int:
-    """Leading columns every row shares, cut before the first column whose hidden state predicts a target."""
-    shared = common_prefix_length(input_ids, mask)
-    first = torch.nonzero(predicting.any(dim=0))
-    if len(first):
-        shared = min(shared, int(first[0, 0]))
-    return shared if shared >= MIN_SHARED_TOKENS else 0
+from gemcut.models.numerics import classifier_logits, device_of, right_pad, token_nll
+from gemcut.models.shared_prefix import prefix_cache, prefix_to_share, suffix_positions
 
 
 def _batches(n: int, size: int):
@@ -63,22 +39,13 @@ def predict_classes(model, tokenizer, input_ids: Sequence[Sequence[int]], true_i
     The loss is returned as (NLL, 1) per example, the shape `sequence_nll` uses, so the mean over a split
     is the classifier's validation loss (unweighted cross-entropy, fp32 softmax as in training).
     """
-    import torch.nn.functional as F
-
     model.eval()
-    device = _device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    preds: list[int] = []
+    logits = classifier_logits(model, tokenizer, input_ids, batch_size=batch_size, progress=progress)
+    preds = [int(x) for x in logits.argmax(dim=-1).tolist()]
     nll: list[tuple[float, int]] = []
-    for rows in _batches(len(input_ids), batch_size):
-        ids, mask = _right_pad([input_ids[i] for i in rows], pad)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        preds.extend(int(x) for x in logits.argmax(dim=-1).tolist())
-        if true_index is not None:
-            target = torch.tensor([true_index[i] for i in rows], dtype=torch.long, device=logits.device)
-            nll.extend((float(x), 1) for x in F.cross_entropy(logits, target, reduction="none").tolist())
-        if progress:
-            progress(len(rows))
+    if true_index is not None:
+        target = torch.tensor(list(true_index), dtype=torch.long, device=logits.device)
+        nll = [(float(x), 1) for x in F.cross_entropy(logits, target, reduction="none").tolist()]
     return preds, nll
 
 
@@ -87,16 +54,8 @@ def reward_scores(model, tokenizer, input_ids: Sequence[Sequence[int]], *, batch
                   progress: Callable[[int], None] | None = None) -> list[float]:
     """The first logit of a sequence classifier for each tokenized text (a reward model has exactly one)."""
     model.eval()
-    device = _device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out: list[float] = []
-    for rows in _batches(len(input_ids), batch_size):
-        ids, mask = _right_pad([input_ids[i] for i in rows], pad)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        out.extend(float(x) for x in logits[:, 0].float().tolist())
-        if progress:
-            progress(len(rows))
-    return out
+    logits = classifier_logits(model, tokenizer, input_ids, batch_size=batch_size, progress=progress)
+    return [float(x) for x in logits[:, 0].tolist()]
 
 
 def generate_texts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
@@ -134,19 +93,15 @@ def sequence_nll(model, ids: Sequence[Sequence[int]], targets: Sequence[Sequence
     so padding never precedes a real token; the tests check that the result equals the objective run on
     each sequence alone. The first token is never a target; a sequence without targets gives (0.0, 0).
     """
-    import torch.nn.functional as F
-
-    from gemcut.generation import accepts_logits_to_keep
-
     model.eval()
-    device = _device(model)
+    device = device_of(model)
     head_on_targets = accepts_logits_to_keep(model)
     out: list[tuple[float, int]] = [(0.0, 0)] * len(ids)
     todo = [i for i in range(len(ids)) if len(ids[i]) >= 2 and any(targets[i][1:])]
     todo.sort(key=lambda i: len(ids[i]))  # similar lengths together: little padding
     for start in range(0, len(todo), batch_size):
         rows = todo[start:start + batch_size]
-        input_ids, mask = _right_pad([ids[i] for i in rows], 0)
+        input_ids, mask = right_pad([ids[i] for i in rows], 0)
         keep = torch.zeros_like(input_ids, dtype=torch.bool)
         for r, i in enumerate(rows):
             keep[r, : len(ids[i])] = torch.tensor(list(targets[i]), dtype=torch.bool)
@@ -155,7 +110,7 @@ def sequence_nll(model, ids: Sequence[Sequence[int]], targets: Sequence[Sequence
         if head_on_targets:
             # The vocabulary head runs only where a target is predicted (a prompt of 70 tokens, an answer of 3).
             predicting = torch.cat([shifted, torch.zeros_like(shifted[:, :1])], dim=1)
-            shared = _shared_columns(input_ids, mask, predicting)
+            shared = prefix_to_share(input_ids, mask, predicting)
             if shared:  # the prompt prefix all rows share runs once (gemcut/models/shared_prefix.py)
                 cache = prefix_cache(model, input_ids[:1, :shared], len(rows), logits_to_keep=1)
                 logits = model(input_ids=input_ids[:, shared:], attention_mask=mask, position_ids=suffix_positions(mask, shared),
@@ -165,9 +120,9 @@ def sequence_nll(model, ids: Sequence[Sequence[int]], targets: Sequence[Sequence
             logits = logits.reshape(-1, logits.shape[-1])
         else:
             logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1][shifted]
-        token_nll = F.cross_entropy(logits.float(), input_ids[:, 1:][shifted], reduction="none")
+        nll = token_nll(logits, input_ids[:, 1:][shifted])
         row_of = torch.nonzero(shifted)[:, 0]
-        sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, row_of, token_nll.double())
+        sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, row_of, nll.double())
         counts = shifted.sum(dim=1)
         for r, i in enumerate(rows):
             out[i] = (float(sums[r]), int(counts[r]))

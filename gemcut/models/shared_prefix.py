@@ -38,6 +38,19 @@ def common_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor |
     return min(length, input_ids.shape[1] - 1)
 
 
+def prefix_to_share(input_ids: torch.Tensor, attention_mask: torch.Tensor, predicting: torch.Tensor) -> int:
+    """Leading columns to run once for the whole batch, 0 when too few to pay for the extra forward call.
+
+    The common real prefix of the rows (`common_prefix_length`), cut before the first column whose hidden
+    state predicts a target: `predicting` [B, T'] (T' <= T) marks those columns, and a column run in the
+    prefix pass returns no hidden state of its own."""
+    shared = common_prefix_length(input_ids, attention_mask)
+    first = torch.nonzero(predicting.any(dim=0))
+    if len(first):
+        shared = min(shared, int(first[0, 0]))
+    return shared if shared >= MIN_SHARED_TOKENS else 0
+
+
 def has_active_dropout(model: torch.nn.Module) -> bool:
     """Whether a forward pass in the current mode would draw any dropout mask."""
     if not model.training:

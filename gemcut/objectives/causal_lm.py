@@ -25,21 +25,19 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch.nn.functional as F
 
+from gemcut.data.collate import IGNORE
 from gemcut.models.kv_cache import cache_argument
+from gemcut.models.numerics import token_nll, unwrap_peft
 from gemcut.models.shared_prefix import (
-    MIN_SHARED_TOKENS,
-    common_prefix_length,
     has_active_dropout,
     prefix_cache,
+    prefix_to_share,
     suffix_positions,
     uses_activation_checkpointing,
 )
 from gemcut.objectives.base import ObjectiveOutput
 from gemcut.objectives.chunked_ce import chunked_linear_cross_entropy
-
-IGNORE = -100
 
 # Architectures whose causal-LM forward is `lm_head(decoder(...).last_hidden_state)` with nothing between
 # (no logit soft-capping or scaling), so computing the head on a subset of positions is exact.
@@ -59,7 +57,7 @@ def _decoder_and_head(model: torch.nn.Module):
     """(decoder, lm_head) when the head can run on selected positions only; None otherwise."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return None  # DDP's gradient hooks need the wrapped forward to run
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrapper
+    inner = unwrap_peft(model)
     config = getattr(inner, "config", None)
     if getattr(config, "model_type", None) not in _PLAIN_HEAD_TYPES:
         return None
@@ -90,11 +88,7 @@ class CausalLM:
             allowed[model.training] = not (has_active_dropout(model) or uses_activation_checkpointing(model))
         if not allowed[model.training]:
             return 0
-        shared = common_prefix_length(inputs["input_ids"], inputs["attention_mask"])
-        predicting = torch.nonzero(mask.any(dim=0))  # columns whose hidden state predicts a target
-        if len(predicting):
-            shared = min(shared, int(predicting[0, 0]))
-        return shared if shared >= MIN_SHARED_TOKENS else 0
+        return prefix_to_share(inputs["input_ids"], inputs["attention_mask"], mask)  # mask: columns predicting a target
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
         mask = _target_mask(batch)
@@ -120,8 +114,7 @@ class CausalLM:
             logits = head(hidden)
         else:
             logits = model(**inputs, use_cache=False).logits[:, :-1][mask]
-        # fp32 for the softmax: bf16 log-probabilities over a large vocabulary lose the small differences.
-        token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
+        token_loss = token_nll(logits, targets)  # fp32 softmax
         if token_weight is not None:
             token_loss = token_loss * token_weight.to(token_loss.dtype)
         return ObjectiveOutput(token_loss.sum(), int(targets.numel()), {})

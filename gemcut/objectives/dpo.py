@@ -14,7 +14,7 @@ beta * (log pi - log ref) of the chosen and rejected completions, their margin a
 (the frozen base weights), as in torchtune's `lora_dpo_single_device` recipe: no second copy in memory.
 
 Batch: `chosen_input_ids`/`chosen_labels` [B,T1] and `rejected_input_ids`/`rejected_labels` [B,T2],
-labels aligned with input_ids (-100 on prompt and padding; the shift happens here), optional
+labels aligned with input_ids (-100 on prompt and padding; `gemcut.models.numerics.sequence_logps` shifts), optional
 `{side}_attention_mask`. Summed over pairs; `n_targets` = pairs.
 """
 
@@ -25,25 +25,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from gemcut.models.numerics import sequence_logps
 from gemcut.objectives.base import ObjectiveOutput
 from gemcut.objectives.reward import side_mask
-
-IGNORE = -100
-
-
-def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(targets) per position: logits [B,T,V] predict targets [B,T] (already shifted); -100 gives 0."""
-    valid = targets != IGNORE
-    safe = targets.masked_fill(~valid, 0)
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return logp * valid
-
-
-def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """[B] summed log-probability of the labelled (completion) tokens under `model`."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    return token_logps(logits[:, :-1], labels[:, 1:]).sum(-1)
 
 
 @contextmanager
