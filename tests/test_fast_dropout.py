@@ -8,8 +8,8 @@ import torch
 from tiny import padded_classifier_batch as _batch
 from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
 
-import gemcut.models.fast_dropout as fd
-from gemcut.models.fast_dropout import FastDropout, fast_dropout, keep_mask, use_fast_dropout
+import gemcut.models.fast.fast_dropout as fd
+from gemcut.models.fast.fast_dropout import FastDropout, fast_dropout, installed, keep_mask, use_fast_dropout
 
 SMALL = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
              max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
@@ -76,7 +76,7 @@ def test_patched_model_computes_what_the_model_computes(make, attn, monkeypatch)
     reference = make(attn)
     patched = copy.deepcopy(reference)
     # 2 hidden dropouts + 1 attention site per layer, the embeddings' dropout, the head's.
-    assert use_fast_dropout(patched) >= 2 * 3 + 2
+    assert use_fast_dropout(patched) >= 2 * 3 + 2 and installed(patched) and not installed(reference)
     assert not any(type(m) is torch.nn.Dropout for m in patched.modules())
     assert list(patched.state_dict()) == list(reference.state_dict())
     ids, mask, labels = _batch()

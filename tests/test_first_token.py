@@ -7,7 +7,7 @@ import torch
 from tiny import ENCODER_CLASSIFIERS, classifiers_read_elsewhere, encoder_classifier, logits_and_grads
 from tiny import padded_classifier_batch as _batch
 
-from gemcut.models.first_token import last_layer_reads_first_token_only
+from gemcut.models.fast.first_token import installed, last_layer_reads_first_token_only
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -16,7 +16,7 @@ def test_patched_classifier_gives_the_same_logits_and_gradients(name, attn):
     torch.manual_seed(0)
     reference = encoder_classifier(name, attn).train()
     patched = copy.deepcopy(reference)
-    assert last_layer_reads_first_token_only(patched)
+    assert last_layer_reads_first_token_only(patched) and installed(patched) and not installed(reference)
     ids, mask, labels = _batch()
     want_logits, want_grads = logits_and_grads(reference, ids, mask, labels)
     got_logits, got_grads = logits_and_grads(patched, ids, mask, labels)

@@ -14,12 +14,14 @@ from tiny import (
 )
 from transformers import BertConfig, BertForSequenceClassification
 
-from gemcut.config import AdapterConfig, ModelConfig
+from gemcut.config import AdapterConfig, ModelConfig, TrainConfig
 from gemcut.models.adapters import apply_adapter
-from gemcut.models.fast_dropout import use_fast_dropout
+from gemcut.models.fast import applied, apply_fast
+from gemcut.models.fast.fast_dropout import use_fast_dropout
+from gemcut.models.fast.padding_free import ATTENTION_CHUNK_ROWS, installed, packing_for, use_padding_free_encoder
 from gemcut.models.load import load_base
-from gemcut.models.padding_free import ATTENTION_CHUNK_ROWS, packing_for, runs_padding_free, use_padding_free_encoder
-from gemcut.train.loop import group_by_length
+from gemcut.tasks import task_named
+from gemcut.train.batches import resolve_group_by_length
 
 SMALL = SMALL_ENCODER
 PAD = 1
@@ -55,8 +57,8 @@ def test_same_logits_and_gradients_as_the_padded_model(name, attn):
     torch.manual_seed(0)
     reference = encoder_classifier(name, attn).train()
     padding_free = copy.deepcopy(reference)
-    assert use_padding_free_encoder(padding_free) and runs_padding_free(padding_free)
-    assert not runs_padding_free(reference)
+    assert use_padding_free_encoder(padding_free) and installed(padding_free)
+    assert not installed(reference)
     _assert_same(padding_free, reference, _batch())
     # Parameter names are untouched, so checkpoints and exports are the same files.
     assert list(padding_free.state_dict()) == list(reference.state_dict())
@@ -113,7 +115,7 @@ def test_lora_on_a_padding_free_model_trains_the_same_adapters():
     reference = apply_adapter(reference, lora, "classify").train()
     torch.manual_seed(1)
     padding_free = apply_adapter(padding_free, lora, "classify").train()
-    assert runs_padding_free(padding_free)  # seen through the peft wrapper
+    assert installed(padding_free)  # seen through the peft wrapper
     for model in (reference, padding_free):  # non-zero B matrices, so the adapters change the logits
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -122,20 +124,23 @@ def test_lora_on_a_padding_free_model_trains_the_same_adapters():
     _assert_same(padding_free, reference, _batch())
 
 
-def test_load_base_installs_it_on_encoder_classifiers_only(tmp_path):
+def test_apply_fast_installs_it_on_encoder_classifiers_only(tmp_path):
     model, _ = load_base(ModelConfig(name=str(save_tiny_bert(tmp_path / "bert"))), "classify", label_names=["a", "b", "c"])
-    assert runs_padding_free(model)
+    assert not installed(model)  # loading alone runs transformers' own forward
+    assert apply_fast(model, task_named("classify"), TrainConfig())[:2] == ["padding_free", "first_token"]
+    assert installed(model)
     for other in classifiers_read_elsewhere():
         assert not use_padding_free_encoder(other)
+        assert "padding_free" not in apply_fast(other, task_named("classify"), TrainConfig())
 
 
 def test_group_by_length_auto_keeps_random_batches_for_padding_free_models():
     padded = encoder_classifier("bert")
     padding_free = copy.deepcopy(padded)
     use_padding_free_encoder(padding_free)
-    assert group_by_length("auto", padded) is True
-    assert group_by_length("auto", padding_free) is False
-    assert group_by_length(True, padding_free) is True and group_by_length(False, padded) is False
+    assert resolve_group_by_length("auto", "padding_free" in applied(padded)) is True
+    assert resolve_group_by_length("auto", "padding_free" in applied(padding_free)) is False
+    assert resolve_group_by_length(True, True) is True and resolve_group_by_length(False, False) is False
 
 
 def test_activation_checkpointing_takes_the_padded_forward():
@@ -145,9 +150,8 @@ def test_activation_checkpointing_takes_the_padded_forward():
     use_padding_free_encoder(model)
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
-    encoder, calls = model.bert.encoder, []
-    padded = encoder._forward_padded
-    encoder._forward_padded = lambda *args, **kwargs: calls.append(1) or padded(*args, **kwargs)
+    calls = []  # the packed path calls the layers' parts, never a layer itself
+    model.bert.encoder.layer[0].register_forward_hook(lambda *args: calls.append(1))
     ids, mask, labels = _batch()
     torch.nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, labels).backward()
     assert calls == [1]

@@ -1,5 +1,5 @@
-"""Mean pooling gives an encoder classifier's head the mean of the real tokens, on every path, and
-`model.pooling: auto` follows what the checkpoint was trained with."""
+"""Mean pooling gives an encoder classifier's head the mean of the real tokens, on every path, with the fast
+tricks (gemcut/models/fast/) on or off, and `model.pooling: auto` follows what the checkpoint was trained with."""
 
 import copy
 import json
@@ -10,10 +10,14 @@ from test_padding_free import _batch
 from tiny import ENCODER_CLASSIFIERS, classifiers_read_elsewhere, encoder_classifier, save_tiny_bert
 from transformers import BertForSequenceClassification
 
-from gemcut.config import ModelConfig
-from gemcut.errors import ConfigError
+from gemcut.config import ModelConfig, TrainConfig
+from gemcut.errors import ConfigError, GemcutError
+from gemcut.models.fast import apply_fast
 from gemcut.models.load import load_base
 from gemcut.models.pooling import classifier_pooling, prepare_classifier, sentence_transformers_pooling
+from gemcut.tasks import task_named
+
+CLASSIFY = task_named("classify")
 
 
 def _reference_logits(model, ids, mask):
@@ -45,12 +49,15 @@ def _assert_mean_pooled(model, reference, batch):
         torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "padding-free"])
 @pytest.mark.parametrize("name", ENCODER_CLASSIFIERS)
-def test_mean_pooling_packed_matches_the_hand_computed_mean(name):
+def test_mean_pooling_matches_the_hand_computed_mean(name, fast):
     torch.manual_seed(0)
     reference = encoder_classifier(name).train()
     model = copy.deepcopy(reference)
     assert prepare_classifier(model, "mean") == "mean" and classifier_pooling(model) == "mean"
+    # The mean needs every token of the last layer: padding-free, but not the first-token layer.
+    assert apply_fast(model, CLASSIFY, TrainConfig(fast=fast, fast_dropout=False)) == (["padding_free"] if fast else [])
     _assert_mean_pooled(model, reference, _batch())
     _assert_mean_pooled(model, reference, _batch(lengths=[13] * 5))  # no padding: no gather at all
     assert list(model.state_dict()) == list(reference.state_dict())  # no new weights
@@ -62,6 +69,7 @@ def test_mean_pooling_on_the_padded_fallbacks():
     reference = encoder_classifier("bert", "eager").train()
     model = copy.deepcopy(reference)
     prepare_classifier(model, "mean")
+    assert apply_fast(model, CLASSIFY, TrainConfig(fast_dropout=False)) == ["padding_free"]
     _assert_mean_pooled(model, reference, _batch(left_padded=True))
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     _assert_mean_pooled(model, reference, _batch())
@@ -77,6 +85,24 @@ def test_mean_pooling_differs_from_first_token_pooling():
     with torch.no_grad():
         assert not torch.allclose(cls(input_ids=ids, attention_mask=mask).logits, _reference_logits(reference, ids, mask), atol=1e-3)
         torch.testing.assert_close(cls(input_ids=ids, attention_mask=mask).logits, reference(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_mean_pooling_refuses_a_last_layer_that_computed_the_first_token_only():
+    """A pooling chosen after the first-token trick would average one token: an error, never a silent mean."""
+    torch.manual_seed(0)
+    reference = encoder_classifier("bert").eval()
+    model = copy.deepcopy(reference)
+    assert apply_fast(model, CLASSIFY, TrainConfig())[:2] == ["padding_free", "first_token"]  # no pooling chosen: cls
+    prepare_classifier(model, "mean")
+    # The packed path asks for the pooling at each call, so it computes every token and the mean is right...
+    with torch.no_grad():
+        ids, mask, _ = _batch()
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, _reference_logits(reference, ids, mask),
+                                   rtol=1e-5, atol=1e-6)
+        # ...but left padding takes the padded forward, through the first-token layer.
+        ids, mask, _ = _batch(left_padded=True)
+        with pytest.raises(GemcutError, match=r"prepare_classifier\) before .*apply_fast"):
+            model(input_ids=ids, attention_mask=mask)
 
 
 def _sentence_transformers_folder(path, **modes):
@@ -157,7 +183,7 @@ def test_a_mean_pooled_run_reads_the_mean_in_eval_export_and_serving(tmp_path, m
 
     from gemcut.export.merge import MEAN_POOLING_WARNING, export_run
     from gemcut.models.load import load_run
-    from gemcut.serve.engine import Engine
+    from gemcut.serve.registry import ModelRegistry
     from gemcut.serve.settings import ServeSettings
     from gemcut.train.run import train
 
@@ -177,7 +203,7 @@ def test_a_mean_pooled_run_reads_the_mean_in_eval_export_and_serving(tmp_path, m
         exported = export_run(run, tmp_path / "export")
         info = json.loads((exported / "export.json").read_text())
         assert info["pooling"] == "mean" and info["warning"] == MEAN_POOLING_WARNING
-        served = Engine(ServeSettings()).add(str(exported))
+        served = ModelRegistry(ServeSettings()).add(str(exported))
         assert classifier_pooling(served.model) == "mean"
         torch.testing.assert_close(served.model(**batch).logits, want, rtol=1e-5, atol=1e-5)
         # What plain transformers would do with the export: the first token, other logits.

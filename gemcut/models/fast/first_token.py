@@ -12,11 +12,13 @@ encoder's matmul FLOPs in the forward pass and as much in the backward pass, and
 every gradient are the same as before (up to float rounding; tests/test_first_token.py checks both).
 
 The same trick is why the causal-LM objective runs its LM head on target positions only
-(gemcut/objectives/chunked_ce.py). It is applied by `load_base` to the heads listed in FIRST_TOKEN_HEADS
-whose last layer has the BERT layout; anything else is left as it was. The patch replaces the `forward` of
-one layer instance, so parameter names, checkpoints and exports do not change. One consequence: such a
+(gemcut/objectives/chunked_ce.py). `apply_fast` (gemcut/models/fast/__init__.py, with `train.fast` on)
+applies it to the heads of pooling.FIRST_TOKEN_HEADS that do not pool by mean (gemcut/models/pooling.py),
+with sdpa or eager attention; anything else is left as it was. The patch replaces the `forward` of one
+layer instance, so parameter names, checkpoints and exports do not change. One consequence: such a
 model's `last_hidden_state` (and its last `hidden_states` entry) has length 1. gemcut never reads them
-from a classifier; code that wants per-token features should load the model without `load_base`.
+from a classifier; code that wants per-token features should not apply the fast tricks (`train.fast: false`).
+What the patch reads of transformers' modules is RELIES_ON, checked before it is applied (bert_layout.py).
 """
 
 from __future__ import annotations
@@ -26,30 +28,19 @@ import types
 import torch
 import torch.nn.functional as F
 
-# Heads that read only position 0 of the last hidden state (checked against transformers 5's modeling code).
-FIRST_TOKEN_HEADS = (
-    "BertForSequenceClassification",
-    "RobertaForSequenceClassification",
-    "XLMRobertaForSequenceClassification",
-    "ElectraForSequenceClassification",
+from gemcut.models.fast.bert_layout import patchable_encoder, require
+
+# What `_first_token_forward` calls on the last encoder layer (paths from the base model; bert_layout.py).
+RELIES_ON = (
+    "encoder.layer[-1].attention.self.query",
+    "encoder.layer[-1].attention.self.key",
+    "encoder.layer[-1].attention.self.value",
+    "encoder.layer[-1].attention.self.attention_head_size",
+    "encoder.layer[-1].attention.self.scaling",
+    "encoder.layer[-1].attention.self.dropout",
+    "encoder.layer[-1].attention.output",
+    "encoder.layer[-1].feed_forward_chunk",
 )
-# The attention the patched layer computes itself must be what the model would have used.
-SDPA_COMPATIBLE = ("sdpa", "eager")
-
-
-def bert_self_attention(module: torch.nn.Module) -> bool:
-    """A self-attention module with BERT's parts: separate query/key/value projections and a probability dropout."""
-    return all(hasattr(module, name) for name in ("query", "key", "value", "attention_head_size", "scaling", "dropout"))
-
-
-def bert_layout(layer: torch.nn.Module) -> bool:
-    """An encoder layer with BERT's layout: self-attention, its output block, then the feed-forward block."""
-    attention = getattr(layer, "attention", None)
-    return (
-        bert_self_attention(getattr(attention, "self", None))
-        and hasattr(attention, "output") and hasattr(layer, "feed_forward_chunk")
-        and not getattr(layer, "is_decoder", False) and not getattr(layer, "add_cross_attention", False)
-    )
 
 
 def _first_token_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -74,22 +65,24 @@ def _first_token_forward(self, hidden_states: torch.Tensor, attention_mask: torc
     return self.feed_forward_chunk(attention_output)
 
 
-def first_token_encoder(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The encoder (with its `layer` list) of a first-token classifier whose attention SDPA can stand in for;
-    None for any other model."""
-    if type(model).__name__ not in FIRST_TOKEN_HEADS:
-        return None
-    if getattr(model.config, "_attn_implementation", None) not in SDPA_COMPATIBLE:
-        return None
-    encoder = getattr(getattr(model, model.base_model_prefix, None), "encoder", None)
-    return encoder if getattr(encoder, "layer", None) else None
-
-
 def last_layer_reads_first_token_only(model: torch.nn.Module) -> bool:
-    """Patch the last encoder layer of a first-token classifier; True when patched, False when not eligible."""
-    encoder = first_token_encoder(model)
-    if encoder is None or not bert_layout(encoder.layer[-1]):
+    """Patch the last encoder layer of the first-token classifier in `model` (which must read the first
+    token: not mean-pooled); True when patched (or already), False when `model` is not one the patch is for.
+    Raises FastPathError naming what is missing when transformers moved something RELIES_ON names."""
+    encoder = patchable_encoder(model)
+    if encoder is None:
         return False
-    layers = encoder.layer
-    layers[-1].forward = types.MethodType(_first_token_forward, layers[-1])
+    require(model, "first_token", RELIES_ON)
+    last = encoder.layer[-1]
+    if not _patched(last):
+        last.forward = types.MethodType(_first_token_forward, last)
     return True
+
+
+def _patched(layer: torch.nn.Module) -> bool:
+    return getattr(layer.forward, "__func__", None) is _first_token_forward
+
+
+def installed(model: torch.nn.Module) -> bool:
+    """Whether a layer of `model` (or of the model inside a peft / DDP wrapper) computes the first token only."""
+    return any(_patched(module) for module in model.modules())

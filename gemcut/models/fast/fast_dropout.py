@@ -16,14 +16,16 @@ What changes and what does not:
   2^-16 (0.1 becomes 6554/65536 = 0.1000061); kept elements are scaled by 1 / (keep probability) of the
   rounded p, so the expected output equals the input exactly, as with `nn.Dropout`.
 - The masks are different draws from the one generator than torch's would be: a run is reproducible
-  with itself, not bitwise with a run that uses `nn.Dropout`. `train.fast_dropout: false` restores
-  torch's dropout.
+  with itself, not bitwise with a run that uses `nn.Dropout`. `train.fast_dropout: false` (or
+  `train.fast: false`, which turns off every trick of this folder) keeps torch's dropout.
 - Backward multiplies by the same saved multiplier (0 or the scale), as `nn.Dropout` does.
 
 `use_fast_dropout(model)` swaps every `nn.Dropout` module (the module holds no weights, so parameter
 names and checkpoints do not change) and, for encoder layers with the BERT layout (BERT, RoBERTa,
 XLM-R, ELECTRA, MiniLM), routes the attention-probability dropout, which those layers hand to SDPA as
-`dropout_p`, through the same mask. In eval mode everything is the identity, as before.
+`dropout_p`, through the same mask. In eval mode everything is the identity, as before. `apply_fast`
+(gemcut/models/fast/__init__.py) calls it for every task; on a BERT-family classifier it first checks
+RELIES_ON (bert_layout.py), so a renamed attribute is an error naming it rather than a silent fallback.
 """
 
 from __future__ import annotations
@@ -33,10 +35,13 @@ import types
 import torch
 from torch import nn
 
-from gemcut.models.first_token import SDPA_COMPATIBLE, bert_self_attention
+from gemcut.models.fast.bert_layout import SDPA_COMPATIBLE, patchable_encoder, require
 
 LANES = 4  # 16-bit lanes per 64-bit random word
 LANE_VALUES = 1 << 16
+SELF_ATTENTION_PARTS = ("query", "key", "value", "attention_head_size", "scaling", "dropout")
+# What `_self_attention_forward` reads on a BERT-family classifier (paths from the base model; bert_layout.py).
+RELIES_ON = tuple(f"encoder.layer[*].attention.self.{part}" for part in SELF_ATTENTION_PARTS)
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
@@ -110,13 +115,16 @@ def _self_attention_forward(self, hidden_states: torch.Tensor, attention_mask: t
 
 
 def _bert_self_attention(module: nn.Module) -> bool:
-    return (type(module).__name__.endswith("SelfAttention") and bert_self_attention(module)
+    return (type(module).__name__.endswith("SelfAttention") and all(hasattr(module, part) for part in SELF_ATTENTION_PARTS)
             and not getattr(module, "is_decoder", False) and not getattr(module, "is_causal", False)
             and getattr(getattr(module, "config", None), "_attn_implementation", None) in SDPA_COMPATIBLE)
 
 
 def use_fast_dropout(model: nn.Module) -> int:
-    """Swap `model`'s dropout for the fast kind (see the module docstring); returns how many sites changed."""
+    """Swap `model`'s dropout for the fast kind (see the module docstring); returns how many sites changed.
+    Raises FastPathError when `model` is a BERT-family classifier missing something RELIES_ON names."""
+    if patchable_encoder(model) is not None:
+        require(model, "fast_dropout", RELIES_ON)
     changed = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
@@ -125,8 +133,17 @@ def use_fast_dropout(model: nn.Module) -> int:
                 fast.train(child.training)
                 setattr(module, name, fast)
                 changed += 1
-        if _bert_self_attention(module) and not hasattr(module, "_forward_with_torch_dropout"):
-            module._forward_with_torch_dropout = module.forward
+        if _bert_self_attention(module) and not _patched(module):
+            module._forward_with_torch_dropout = module.forward  # read only in this module
             module.forward = types.MethodType(_self_attention_forward, module)
             changed += 1
     return changed
+
+
+def _patched(module: nn.Module) -> bool:
+    return getattr(module.forward, "__func__", None) is _self_attention_forward
+
+
+def installed(model: nn.Module) -> bool:
+    """Whether `model` (or the model inside a peft / DDP wrapper) draws any dropout mask the fast way."""
+    return any(isinstance(module, FastDropout) or _patched(module) for module in model.modules())

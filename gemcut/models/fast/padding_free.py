@@ -17,17 +17,22 @@ cost what length-grouped ones cost:
   blocks: the rows sorted by length, ATTENTION_CHUNK_ROWS at a time, each block padded to its own longest
   row and masked there (for random batches of 32 tweets this pads attention about 1.3x over its real
   length-squared work, where one block per batch would pad it 2.7x);
-- the last layer computes its query and everything after attention at each row's first token alone,
-  which is all a first-token head reads (see gemcut/models/first_token.py, the padded form of the same
-  trick), and the encoder returns those as a `last_hidden_state` of length 1.
+- for a head that reads the first token, the last layer computes its query and everything after attention
+  at each row's first token alone (see first_token.py, the padded form of the same trick), and the encoder
+  returns those as a `last_hidden_state` of length 1; for a mean-pooled head (gemcut/models/pooling.py,
+  asked at each call) the last layer runs at every real token, and the encoder returns them in their
+  padded places, for the pooling hook to average.
 
 Real tokens see exactly the computation they saw padded (the padding never reached them), so logits,
-loss and gradients are the same up to float rounding (tests/test_padding_free.py). `load_base` installs
-it on the heads of FIRST_TOKEN_HEADS whose layers all have the BERT layout, by replacing the `forward` of
-the encoder instance: parameter names, checkpoints, adapters (peft wraps the same Linear modules this
-code calls) and exports are unaffected. Anything it was not written for is passed to the encoder's own
-forward: cross-attention, a cache, a mask that is not a pure key-padding mask, a row whose first token
-is padding, training under activation checkpointing (which wraps the layers' own calls). Like the first-token patch, per-layer hidden states are not available from such a model.
+loss and gradients are the same up to float rounding (tests/test_padding_free.py, tests/test_fast.py).
+`apply_fast` (gemcut/models/fast/__init__.py, with `train.fast` on) installs it on the heads of
+pooling.FIRST_TOKEN_HEADS with sdpa or eager attention, by replacing the `forward` of the encoder
+instance: parameter names, checkpoints, adapters (peft wraps the same Linear modules this code calls) and
+exports are unaffected. What it reads of transformers' layers is RELIES_ON, checked before it is
+installed (bert_layout.py). Anything it was not written for is passed to the encoder's own forward:
+cross-attention, a cache, a mask that is not a pure key-padding mask, a row whose first token is padding,
+training under activation checkpointing (which wraps the layers' own calls). Like the first-token patch,
+per-layer hidden states are not available from such a model.
 """
 
 from __future__ import annotations
@@ -38,11 +43,24 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gemcut.errors import GemcutError
-from gemcut.models.fast_dropout import FastDropout, attention_with_dropout
-from gemcut.models.first_token import bert_layout, first_token_encoder
+from gemcut.models.fast.bert_layout import patchable_encoder, require
+from gemcut.models.fast.fast_dropout import FastDropout, attention_with_dropout
+from gemcut.models.pooling import classifier_pooling, key_padding
 
 ATTENTION_CHUNK_ROWS = 8  # rows per attention chunk: 4 chunks of a 32-row batch
+# What `_layer` calls on every encoder layer (paths from the base model; bert_layout.py). A layer's
+# `gradient_checkpointing` says when to leave a batch to the layers' own (checkpointed) calls.
+RELIES_ON = (
+    "encoder.layer[*].attention.self.query",
+    "encoder.layer[*].attention.self.key",
+    "encoder.layer[*].attention.self.value",
+    "encoder.layer[*].attention.self.attention_head_size",
+    "encoder.layer[*].attention.self.scaling",
+    "encoder.layer[*].attention.self.dropout",
+    "encoder.layer[*].attention.output",
+    "encoder.layer[*].feed_forward_chunk",
+    "encoder.layer[*].gradient_checkpointing",
+)
 
 
 @dataclass
@@ -73,27 +91,12 @@ class Packing:
         flat = padded.reshape(-1, padded.shape[-1])
         return flat if self.tokens is None else flat.index_select(0, self.tokens)
 
-    def row_means(self, packed: torch.Tensor) -> torch.Tensor:
-        """[tokens, d] -> [batch, d]: each row's mean over its real tokens (rows longest first)."""
-        if self.lengths is None:
-            return packed.view(self.batch, -1, packed.shape[-1]).mean(1)
-        row_of_token = torch.repeat_interleave(torch.arange(self.batch, device=packed.device), self.lengths)
-        sums = packed.new_zeros(self.batch, packed.shape[-1]).index_add_(0, row_of_token, packed)
-        return sums / self.lengths[:, None].to(packed.dtype)
-
-
-def key_padding(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None | bool:
-    """The [batch, length] bool key mask (True = real) behind transformers' 4-D bidirectional mask;
-    None when nothing is masked; False when the mask is something else (per-query rows differ)."""
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or attention_mask.shape[-1] != length:
-        return False
-    if attention_mask.shape[-2] > 1 and not torch.equal(attention_mask, attention_mask[..., :1, :].expand_as(attention_mask)):
-        return False
-    row = attention_mask[:, 0, 0, :]
-    keep = row if row.dtype == torch.bool else row == 0  # a float mask adds 0 where a key is kept
-    return keep.expand(batch, length)  # a mask broadcast over the batch has one row
+    def unpack(self, packed: torch.Tensor, length: int) -> torch.Tensor:
+        """[tokens, d] -> [batch, length, d] in the batch's own row order; padding positions hold zeros."""
+        if self.tokens is None:
+            return packed.view(self.batch, length, packed.shape[-1])
+        padded = packed.new_zeros(self.batch * length, packed.shape[-1]).index_copy(0, self.tokens, packed)
+        return padded.view(self.batch, length, packed.shape[-1])
 
 
 def packing_for(keep: torch.Tensor | None, batch: int, length: int, device: torch.device) -> Packing | None:
@@ -163,26 +166,14 @@ def _layer(layer, x: torch.Tensor, packing: Packing, *, first_only: bool) -> tor
     return layer.feed_forward_chunk(layer.attention.output(context, x))
 
 
-def masked_mean(hidden: torch.Tensor, keep: torch.Tensor | None | bool) -> torch.Tensor:
-    """[batch, length, d] -> [batch, d]: each row's mean over its real tokens (`keep`, from `key_padding`)."""
-    if keep is None:
-        return hidden.mean(1)
-    if keep is False:
-        raise GemcutError("mean pooling needs a key-padding attention mask (1 = token, 0 = padding), "
-                          "not a per-query mask; pass the tokenizer's attention_mask or use model.pooling=cls")
-    weights = keep.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-
-
 def _padding_free_encoder_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                                   *args, **kwargs):
     """The encoder's forward on packed tokens (module docstring); the original forward for anything else.
 
-    With `self.pooling == "mean"` (gemcut/models/pooling.py) the returned `last_hidden_state` [batch, 1, d]
-    holds each row's mean over its real tokens where the head reads the first token, on either path."""
+    For a head that reads the first token the returned `last_hidden_state` is [batch, 1, d]; for a
+    mean-pooled one (gemcut/models/pooling.py) it is [batch, length, d], as the original forward returns."""
     from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
-    mean = getattr(self, "pooling", "cls") == "mean"
     unsupported = any(a is not None for a in args) or any(
         kwargs.get(name) for name in ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values", "use_cache"))
     # Activation checkpointing wraps each layer's __call__, which the packed path does not go through.
@@ -191,32 +182,38 @@ def _padding_free_encoder_forward(self, hidden_states: torch.Tensor, attention_m
     keep = key_padding(attention_mask, batch, length)
     packing = None if unsupported or keep is False else packing_for(keep, batch, length, hidden_states.device)
     if packing is None:
-        out = self._forward_padded(hidden_states, attention_mask, *args, **kwargs)
-        if mean:
-            out.last_hidden_state = masked_mean(out.last_hidden_state, keep).unsqueeze(1)
-        return out
+        return self._forward_padded(hidden_states, attention_mask, *args, **kwargs)
+    # Asked at each call, so a pooling chosen after this patch is still read right.
+    first_only = classifier_pooling(self) != "mean"
     x = packing.pack(hidden_states)
     last = len(self.layer) - 1
     for i, layer in enumerate(self.layer):
-        x = _layer(layer, x, packing, first_only=i == last and not mean)
-    if mean:
-        x = packing.row_means(x)
+        x = _layer(layer, x, packing, first_only=first_only and i == last)
+    if not first_only:
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=packing.unpack(x, length))
     if packing.restore is not None:
         x = x.index_select(0, packing.restore)  # back to the batch's own row order
     return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=x.unsqueeze(1))
 
 
 def use_padding_free_encoder(model: torch.nn.Module) -> bool:
-    """Install the padding-free encoder on a first-token classifier; True when installed, False when the
-    model is not one it was written for (it is then left as it was)."""
-    encoder = first_token_encoder(model)
-    if encoder is None or not all(bert_layout(layer) for layer in encoder.layer) or hasattr(encoder, "_forward_padded"):
+    """Install the padding-free encoder on the first-token classifier in `model`; True when installed (or
+    already), False when `model` is not one it was written for (it is then left as it was). Raises
+    FastPathError naming what is missing when transformers moved something RELIES_ON names."""
+    encoder = patchable_encoder(model)
+    if encoder is None:
         return False
-    encoder._forward_padded = encoder.forward
-    encoder.forward = types.MethodType(_padding_free_encoder_forward, encoder)
+    require(model, "padding_free", RELIES_ON)
+    if not _patched(encoder):
+        encoder._forward_padded = encoder.forward  # the padded fallback, read only in this module
+        encoder.forward = types.MethodType(_padding_free_encoder_forward, encoder)
     return True
 
 
-def runs_padding_free(model: torch.nn.Module) -> bool:
+def _patched(encoder: torch.nn.Module) -> bool:
+    return getattr(encoder.forward, "__func__", None) is _padding_free_encoder_forward
+
+
+def installed(model: torch.nn.Module) -> bool:
     """Whether `model` (or the model inside a peft / DDP wrapper) has the padding-free encoder."""
-    return any(hasattr(module, "_forward_padded") for module in model.modules())
+    return any(_patched(module) for module in model.modules())
