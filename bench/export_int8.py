@@ -25,7 +25,8 @@ def build_run(out: Path) -> Path:
 
     from gemcut.config import RunConfig
     from gemcut.data.templates import ChatTemplate
-    from gemcut.models.load import load_base, run_meta, save_final
+    from gemcut.models.load import load_base, save_final
+    from gemcut.run_folder import run_meta
 
     cfg = RunConfig.model_validate({"model": {"name": "smollm2-135m-instruct"}})
     model, tok = load_base(cfg.model, "causal_lm")

@@ -69,7 +69,8 @@ def lora_run(run_dir: Path, base_dir: Path, seed: int) -> Path:
 
     from gemcut.config import RunConfig
     from gemcut.data.templates import ChatTemplate
-    from gemcut.models.load import run_meta, save_final
+    from gemcut.models.load import save_final
+    from gemcut.run_folder import run_meta
 
     tok = tiny_tokenizer()
     base = AutoModelForCausalLM.from_pretrained(base_dir)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from gemcut import __version__
 from gemcut.cli import main
+from gemcut.version import __version__
 
 
 def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:

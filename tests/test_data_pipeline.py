@@ -259,6 +259,9 @@ def test_cli_check_writes_report_and_merges_token_report(tmp_path, monkeypatch):
     fake = types.ModuleType("gemcut.data.token_report")
     fake.token_report = lambda prepared, cfg, model_name, **kw: {"model": model_name, "n": len(prepared.splits["train"]), "summary": ["tokens: fine"]}
     monkeypatch.setitem(sys.modules, "gemcut.data.token_report", fake)
+    from gemcut.cli import data_cmd
+
+    monkeypatch.setattr(data_cmd, "tokenizer_for_model", lambda name: None)  # the fake report needs none
     res = cli(["data", "check", str(p), "--columns", "text=text", "--model", "tiny", "--out", "rep"], tmp_path, monkeypatch)
     assert res.exit_code == 0, res.output
     assert "tokens: fine" in res.output and "label records: train 16" in res.output

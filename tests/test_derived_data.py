@@ -74,34 +74,33 @@ def test_deterministic(tmp_path, monkeypatch):
     files = []
     for name in ("a", "b"):
         monkeypatch.setenv("GEMCUT_HOME", str(tmp_path / name))
-        files.append(derived.derived_data(ALIAS).read_bytes())
+        files.append(packaged_data(ALIAS).read_bytes())
     assert files[0] == files[1]
 
 
 def test_built_once_and_rebuilt_when_the_stamp_differs(home):
-    path = derived.derived_data(ALIAS)
+    path = packaged_data(ALIAS)
     stamp_file = path.parent / derived.STAMP
     built = path.stat().st_mtime_ns
-    assert derived.derived_data(ALIAS).stat().st_mtime_ns == built  # the stamp matches: not rebuilt
+    assert packaged_data(ALIAS).stat().st_mtime_ns == built  # the stamp matches: not rebuilt
     stamp = json.loads(stamp_file.read_text())
     stamp["source_sha256"]["food.yml"] = "0" * 64  # as if the corpus had changed since
     stamp_file.write_text(json.dumps(stamp))
-    assert derived.derived_data(ALIAS).stat().st_mtime_ns != built
+    assert packaged_data(ALIAS).stat().st_mtime_ns != built
     assert json.loads(stamp_file.read_text())["source_sha256"]["food.yml"] != "0" * 64
     stamp_file.unlink()  # a build killed before its stamp: not finished, so built again
-    derived.derived_data(ALIAS)
+    packaged_data(ALIAS)
     assert stamp_file.is_file()
     assert not [p for p in home.joinpath("data").iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
-def test_a_changed_source_is_rebuilt_with_its_new_question(home, tmp_path, monkeypatch):
+def test_a_changed_source_is_rebuilt_with_its_new_question(home, tmp_path):
     corpus = tmp_path / "english"
     shutil.copytree(packaged_data("chatterbot"), corpus)
-    monkeypatch.setattr(derived, "packaged_data", lambda alias: corpus)
-    before = read(derived.derived_data(ALIAS))
+    before = read(derived.derived_data(ALIAS, corpus))
     with (corpus / "food.yml").open("a", encoding="utf-8") as f:
         f.write("- - What is a crumpet?\n  - A griddle cake, eaten toasted.\n")
-    after = read(derived.derived_data(ALIAS))
+    after = read(derived.derived_data(ALIAS, corpus))
     assert len(after) == len(before) + 1
     new = next(p for p in after if p["prompt"] == "What is a crumpet?")
     assert new["chosen"] == "A griddle cake, eaten toasted." and new["_rejected_topic"] != "food"

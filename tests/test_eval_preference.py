@@ -22,7 +22,8 @@ ROWS = [{"prompt": f"say something about {w}", "chosen": f"i love {w}, it is gre
 def hand_run(root, name: str, task: str, base_dir) -> tuple:
     from gemcut.data.templates import ChatTemplate
     from gemcut.models.adapters import apply_adapter
-    from gemcut.models.load import load_base, run_meta, save_final
+    from gemcut.models.load import load_base, save_final
+    from gemcut.run_folder import run_meta
 
     cfg = RunConfig.model_validate({"model": {"name": str(base_dir)}, "adapter": {"r": 4}, "objective": {"kind": task},
                                     "eval": {"forgetting_data": None, "bootstrap": 100, "num_samples": 2}})

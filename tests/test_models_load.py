@@ -14,8 +14,9 @@ from gemcut.data.templates import ChatTemplate
 from gemcut.errors import GemcutError, ModelNotFoundError
 from gemcut.models import registry
 from gemcut.models.adapters import apply_adapter
-from gemcut.models.load import load_base, load_run, run_meta, save_final
+from gemcut.models.load import load_base, load_run, save_final
 from gemcut.models.resolve import list_local_models, resolve_model
+from gemcut.run_folder import run_meta
 
 
 @pytest.fixture(autouse=True)
@@ -131,7 +132,8 @@ def test_saved_classifier_reloads_with_identical_logits(bert_dir, tmp_path, meth
 
 
 def test_causal_lora_run_and_checkpoints_reload(llama_dir, tmp_path):
-    from gemcut.train.checkpoint import COMPLETE, trainable_state_dict
+    from gemcut.run_folder import COMPLETE
+    from gemcut.train.checkpoint import trainable_state_dict
 
     cfg = _cfg(llama_dir, "lora", template="alpaca")
     torch.manual_seed(0)

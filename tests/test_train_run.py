@@ -84,7 +84,7 @@ def test_classifier_run_reloads_with_identical_logits(tmp_path):
 
 
 def test_refuses_a_run_the_estimate_says_will_not_fit(tmp_path, sft_data, monkeypatch):
-    import gemcut.models.estimate as est
+    import gemcut.train.estimate as est
 
     monkeypatch.setattr(est, "available_memory", lambda device: 1024**2)  # a machine with 1 MiB free
     model_dir = save_tiny_llama(tmp_path / "tiny-llama")
@@ -119,14 +119,19 @@ def test_smoke_lora_steps_on_real_smollm2_and_reload(tmp_path):
         assert torch.isfinite(final.model(input_ids=ids).logits).all()
 
 
-def test_gemcut_train_is_callable_after_its_modules_are_imported():
-    """Importing gemcut.train.* rebinds the attribute `gemcut.train` to the package; it must still run a config."""
+def test_the_python_api_runs_a_config_whatever_was_imported_before():
+    """`gemcut.run_training` is a plain function of the package root; `gemcut.train` is the training package,
+    whichever module was imported first (no module-class swap makes a package callable)."""
+    import types
+
     import gemcut
     import gemcut.train.loop  # noqa: F401
 
-    assert callable(gemcut.train)
+    assert type(gemcut.train) is types.ModuleType and not callable(gemcut.train)
+    from gemcut import run_training
+
     with pytest.raises(AttributeError):  # it really forwards to gemcut.train.run.train, which reads the config
-        gemcut.train(object())
+        run_training(object())
 
 
 def test_activation_checkpointing_gives_the_same_losses(tmp_path, sft_data):

@@ -26,7 +26,7 @@ def _register() -> None:
 
 def _version(value: bool) -> None:
     if value:
-        from gemcut import __version__
+        from gemcut.version import __version__
 
         typer.echo(f"gemcut {__version__}")
         raise typer.Exit()

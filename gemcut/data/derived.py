@@ -1,6 +1,6 @@
 """Data sets derived from packaged data, built once into gemcut's home: `data.train: [chatterbot-pairs]`.
 
-    python -c "from gemcut.data.derived import derived_data; print(derived_data('chatterbot-pairs'))"
+    python -c "from gemcut.data.assets import packaged_data; print(packaged_data('chatterbot-pairs'))"
 
 No preference data set ships in a package, so `chatterbot-pairs` is made from the chatterbot corpus (21
 English topic files of question/answer dialogs), read through the pipeline's own readers and normaliser:
@@ -24,6 +24,9 @@ The file is written to `$GEMCUT_HOME/data/<alias>/<alias>.jsonl` under a tempora
 renamed, with `gemcut_source.json` (written last) stamping what made it: the sha256 of every source file
 and of this module, and the seed. A stamp that differs (the corpus was upgraded, the builder changed) makes
 the next use rebuild it; counts of what was read, skipped and paired are in the stamp too.
+
+`derived_data(alias, source)` is handed the packaged source's path by gemcut/data/assets.py, the one place
+aliases resolve, so this module never imports it back.
 """
 
 from __future__ import annotations
@@ -39,10 +42,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gemcut.data.assets import packaged_data
 from gemcut.data.normalize import Normalizer
 from gemcut.data.readers import expand, read_source
 from gemcut.errors import DataError
+from gemcut.home import gemcut_home
 
 SEED = 0
 STAMP = "gemcut_source.json"  # written last inside the folder: marks a finished build from these sources
@@ -117,8 +120,6 @@ DERIVED: dict[str, DerivedData] = {
 
 
 def derived_dir(alias: str) -> Path:
-    from gemcut.models.resolve import gemcut_home  # where converted models live too
-
     return gemcut_home() / "data" / alias
 
 
@@ -135,10 +136,10 @@ def _read_stamp(folder: Path) -> dict | None:
         return None
 
 
-def derived_data(alias: str) -> Path:
-    """The JSONL file of derived data set `alias`, built (or rebuilt, when its stamp differs) on first use."""
+def derived_data(alias: str, source: Path) -> Path:
+    """The JSONL file of derived data set `alias`, built from `source` (the path of the packaged data set
+    `DERIVED[alias].source`), or rebuilt when its stamp differs, on first use."""
     spec = DERIVED[alias]
-    source = packaged_data(spec.source)
     out = derived_dir(alias)
     stamp = {"alias": alias, "seed": SEED, "source": spec.source, "source_sha256": _source_sha256(source),
              "builder_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}

@@ -1,12 +1,16 @@
 """Token report: how long the prepared examples are for a given model, and what max_length will do to them.
 
-    python -c "from gemcut.data.token_report import token_report; help(token_report)"
+    gemcut data check chat.jsonl --kind messages --model smollm2-135m-instruct
+    python -m pytest -q tests/test_tokenize.py -k token_report
 
 For each split: min/mean/p50/p95/max token length (rendered with the chat template, before truncation or
 packing), a histogram (PNG next to the report when `out_dir` is given, and a small text histogram in
 `summary`), how many examples exceed `data.max_length` and what the `data.overlong` policy does to them
 (truncated, dropped, with reasons), and three rendered training examples with the loss-carrying tokens
 wrapped in [[...]], so a wrong loss mask is visible before any training.
+
+The tokenizer comes in as an argument: the data layer never loads a model (the CLI loads it, through
+gemcut/models/load.py).
 """
 
 from __future__ import annotations
@@ -101,22 +105,18 @@ def _plot(per_split: dict[str, list[int]], max_length: int, path: Path) -> Path:
     return path
 
 
-def token_report(prepared, cfg, model_name: str, *, tokenizer=None, template=None, task: str | None = None,
+def token_report(prepared, cfg, model_name: str, *, tokenizer, template=None, task: str | None = None,
                  out_dir: str | Path | None = None, n_examples: int = 3) -> dict:
-    """Token-length report of `prepared` (has `.splits`, `.kind`, `.labels`) for `model_name`'s tokenizer.
+    """Token-length report of `prepared` (has `.splits`, `.kind`, `.labels`) for `tokenizer`, the tokenizer of
+    `model_name` (the name is what the report shows).
 
-    `cfg` is the DataConfig. The tokenizer is loaded from the model unless given; the chat template is
-    the tokenizer's own or `cfg.template`. When `out_dir` is given, `token_lengths.png` is written there.
+    `cfg` is the DataConfig. The chat template is the tokenizer's own or `cfg.template`. When `out_dir` is
+    given, `token_lengths.png` is written there.
     """
     from gemcut.data.templates import ChatTemplate
 
     kind = prepared.kind
     task = task or _default_task(kind)
-    if tokenizer is None:
-        from gemcut.models.load import load_tokenizer
-        from gemcut.models.resolve import resolve_model
-
-        tokenizer = load_tokenizer(resolve_model(model_name))
     needs_template = kind in ("prompt_completion", "messages", "preference") or (kind == "label" and task == "causal_lm")
     if template is None and needs_template:
         template = ChatTemplate.from_tokenizer(tokenizer, cfg.template, cfg.system_prompt)

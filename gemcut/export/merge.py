@@ -2,13 +2,14 @@
 
     gemcut export runs/my-run --merge --dtype bf16 --out exported/my-run
     gemcut export runs/my-run --no-merge                      # peft adapter (what vLLM loads as a LoRA)
-    gemcut export runs/my-run --merge --quantize int8         # gemcut-int8 (see gemcut/export/int8.py)
+    gemcut export runs/my-run --merge --quantize int8         # gemcut-int8 (see gemcut/models/int8.py)
 
 A merged folder is a plain transformers model: `AutoModelForCausalLM.from_pretrained(out)` loads it, its
 tokenizer carries the run's chat template (so `apply_chat_template` renders exactly what training saw),
 and `generation_config.json` stops on the template's end-of-turn tokens. The run's `template.json`,
 `chat_template.jinja`, `labels.json` and `gemcut_run.json` are copied alongside, and `export.json` records
-what was exported and the sizes (for int8 also speed and quality before and after, see report.py).
+what was exported and the sizes (for int8 also speed and quality before and after, see report.py, which
+this module imports and which never imports it back).
 An encoder classifier's pooling is in config.json (`classifier_pooling`) and export.json; a mean-pooled one
 (gemcut/models/pooling.py) gets a warning there, since plain transformers reads the first token instead.
 """
@@ -23,6 +24,7 @@ from typing import Literal
 import torch
 
 from gemcut.errors import GemcutError
+from gemcut.export.report import compare_int8, folder_bytes, weight_bytes
 from gemcut.models.pooling import classifier_pooling
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -31,15 +33,6 @@ MEAN_POOLING_WARNING = ("this classifier pools the mean of its tokens (model.poo
                         "read it that way, plain AutoModelForSequenceClassification reads the first token and gives "
                         "other predictions")
 SIDE_FILES = ("template.json", "chat_template.jinja", "labels.json", "gemcut_run.json")
-
-
-def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
-def weight_bytes(path: Path) -> int:
-    """Bytes of the weight files only (what quantization shrinks)."""
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
 def default_out_dir(run_dir: Path, merge: bool, dtype: str, quantize: str | None) -> Path:
@@ -116,8 +109,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, merge: bo
             shutil.copy2(final / name, out / name)
     info["bytes"] = {"weights": weight_bytes(out), "folder": folder_bytes(out)}
     if quantize == "int8" and report and loaded.task != "classify":
-        from gemcut.export.report import compare_int8
-
         info["int8_report"] = compare_int8(model, out, tokenizer)
     (out / "export.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     return out

@@ -2,7 +2,8 @@
 
     python -c "from gemcut.export.report import compare_int8; ..."   # run by `gemcut export --quantize int8`
 
-- size: bytes of the weights, float32 (parameters x 4) vs the int8 safetensors file;
+- size: bytes of the weights, float32 (parameters x 4) vs the int8 safetensors file (`weight_bytes`; merge.py
+  records a folder's sizes with it and `folder_bytes`);
 - speed: greedy generation of `new_tokens` tokens from a fixed prompt, tokens per second, on the CPU;
 - quality: perplexity of both models on held-out English (question/answer pairs of the packaged chatterbot
   corpus rendered as plain text; a few built-in sentences when it is not installed), the fraction of
@@ -18,6 +19,17 @@ from pathlib import Path
 
 import torch
 import yaml
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of every file under `path`."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes of the weight files only (what quantization shrinks)."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
 
 FALLBACK_TEXTS = [
     "The weather today is sunny with a light breeze from the west.",
@@ -70,7 +82,6 @@ def _speed(model, tokenizer, new_tokens: int) -> float:
 
 def compare_int8(float_model, int8_dir: str | Path, tokenizer, texts: list[str] | None = None, new_tokens: int = 32) -> dict:
     """Measure the float model against the int8 export in `int8_dir` (both on the CPU)."""
-    from gemcut.export.merge import weight_bytes
     from gemcut.models.int8 import load_int8
 
     float_model = float_model.float().cpu().eval()

@@ -9,10 +9,10 @@
 - `save_final(model, tokenizer, template, out_dir, labels=..., meta=...)`: `final/` holds the adapter
   (peft format) or the full model, the tokenizer (its chat template set to the one used in training),
   `template.json` + `chat_template.jinja`, `labels.json`, and `gemcut_run.json` (base model, task, adapter
-  method, resolved config). Written to a temporary folder and renamed into place.
+  method, resolved config; gemcut/run_folder.py `run_meta`). Written to a temporary folder and renamed into place.
 - `load_run(run_dir, checkpoint, trust_remote_code=False)`: `final`, `best`, `last` or `step-N`. For an
   adapter run it loads the base model then the adapter; for a checkpoint (which holds only the trainable
-  weights, see gemcut/train/checkpoint.py) it rebuilds base + adapter from the checkpoint's `config.yaml`
+  weights, see gemcut/run_folder.py) it rebuilds base + adapter from the checkpoint's `config.yaml`
   and copies the saved weights in. Eval, export and serve all load runs through this. Whether the folder's
   own Python may run is the caller's choice, never the folder's (docs/security.md).
 """
@@ -30,8 +30,17 @@ from typing import Any
 
 from gemcut.errors import ConfigError, GemcutError
 from gemcut.models.resolve import resolve_model
+from gemcut.run_folder import (
+    RUN_META,
+    WEIGHTS,
+    find_checkpoint,
+    load_trainable,
+    read_config,
+    read_run_meta,
+    write_run_meta,
+)
+from gemcut.version import __version__
 
-RUN_META = "gemcut_run.json"
 LABELS = "labels.json"
 CLASSIFY_TASKS = ("classify", "reward")
 TRUST_HINT = "pass --trust-remote-code (trust_remote_code: true in a serve settings file) only if you trust whoever made it"
@@ -175,32 +184,14 @@ def _is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def run_meta(config, task: str, labels: list[str] | None = None, base_path: str | None = None) -> dict:
-    """The `gemcut_run.json` contents for a RunConfig (or its dict): what `load_run` needs to rebuild the run."""
-    cfg = config.model_dump(mode="json") if hasattr(config, "model_dump") else dict(config)
-    return {"base_model": cfg["model"]["name"], "base_path": base_path, "task": task,
-            "adapter": cfg["adapter"]["method"], "labels": labels, "config": cfg}
-
-
-def write_run_meta(directory: str | Path, meta: dict) -> Path:
-    """Write `gemcut_run.json` atomically (the loop puts one at the run root so checkpoints can be loaded)."""
-    path = Path(directory) / RUN_META
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
-
-
 def save_final(model, tokenizer, template, out_dir: str | Path, *, labels: list[str] | None = None, meta: dict) -> Path:
     """Write the finished run into `out_dir` (see the module docstring); returns `out_dir`.
 
-    `meta` holds at least `task` and `config` (the resolved run config as a dict; `run_meta()` builds it).
+    `meta` holds at least `task` and `config` (the resolved run config as a dict; gemcut.run_folder.run_meta
+    builds it).
     """
-    import gemcut
-
     if "task" not in meta or "config" not in meta:
-        raise ValueError("save_final: meta needs 'task' and 'config' (use gemcut.models.load.run_meta)")
+        raise ValueError("save_final: meta needs 'task' and 'config' (use gemcut.run_folder.run_meta)")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -217,7 +208,7 @@ def save_final(model, tokenizer, template, out_dir: str | Path, *, labels: list[
         if labels is not None:
             (tmp / LABELS).write_text(json.dumps(list(labels), indent=2))
         write_run_meta(tmp, {**meta, "format": fmt, "labels": list(labels) if labels is not None else meta.get("labels"),
-                             "gemcut_version": gemcut.__version__})
+                             "gemcut_version": __version__})
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(out_dir, old)
@@ -236,29 +227,6 @@ def save_final(model, tokenizer, template, out_dir: str | Path, *, labels: list[
 
 def _read_json(path: Path) -> dict | list | None:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _checkpoint_dir(run_dir: Path, checkpoint: str) -> Path:
-    from gemcut.train.checkpoint import COMPLETE, best_checkpoint, complete_checkpoints, latest_checkpoint
-
-    root = run_dir / "checkpoints"
-    available = ", ".join(p.name for p in complete_checkpoints(root)) or "none"
-    if checkpoint == "best":
-        path = best_checkpoint(root)
-        if path is None:
-            raise GemcutError(f"{run_dir}: no best checkpoint marked (checkpoints/best); complete checkpoints: {available}")
-        return path
-    if checkpoint == "last":
-        path = latest_checkpoint(root)
-        if path is None:
-            raise GemcutError(f"{run_dir}: no complete checkpoint under checkpoints/")
-        return path
-    if checkpoint.startswith("step-") and checkpoint[5:].isdigit():
-        path = root / checkpoint
-        if not (path / COMPLETE).is_file():
-            raise GemcutError(f"{path}: not a complete checkpoint (no {COMPLETE} marker); complete checkpoints: {available}")
-        return path
-    raise GemcutError(f"checkpoint {checkpoint!r} is not one of final, best, last, step-N")
 
 
 def _infer_task(config: dict) -> str:
@@ -344,7 +312,7 @@ def _load_run(run_dir: Path, checkpoint: str, trust_remote_code: bool) -> Loaded
 
     if checkpoint == "final":
         where = run_dir / "final"
-        meta = _read_json(where / RUN_META)
+        meta = read_run_meta(where)
         if meta is None:
             raise GemcutError(f"{where}: no {RUN_META}; the run has not finished (try checkpoint='last')")
         config = meta["config"]
@@ -368,17 +336,14 @@ def _load_run(run_dir: Path, checkpoint: str, trust_remote_code: bool) -> Loaded
         tokenizer = load_tokenizer(where, trust_remote_code=model_cfg.trust_remote_code)
         template = ChatTemplate.load(where, tokenizer) if (where / TEMPLATE_JSON).is_file() else None
     else:
-        from gemcut.train.checkpoint import load_trainable, read_config
-
-        where = _checkpoint_dir(run_dir, checkpoint)
+        where = find_checkpoint(run_dir, checkpoint)
         config = read_config(where)  # a damaged file names the checkpoint and the problem
-        meta = (_read_json(where / RUN_META) or _read_json(run_dir / RUN_META)
-                or _read_json(run_dir / "final" / RUN_META) or {})
+        meta = read_run_meta(where) or read_run_meta(run_dir) or read_run_meta(run_dir / "final") or {}
         task = meta.get("task") or _infer_task(config)
         labels = meta.get("labels") or _read_json(run_dir / LABELS) or config.get("data", {}).get("labels")
         num_labels = None
         if task == "classify" and labels is None:
-            num_labels = _head_size(where / "model.safetensors")
+            num_labels = _head_size(where / WEIGHTS)
             if num_labels is None:
                 raise GemcutError(f"{where}: cannot tell the classifier's labels (no labels.json, no data.labels, "
                                   "no head weights in model.safetensors)")
@@ -398,6 +363,12 @@ def _load_run(run_dir: Path, checkpoint: str, trust_remote_code: bool) -> Loaded
         if template is None and task not in CLASSIFY_TASKS:
             data = config.get("data", {})
             template = ChatTemplate.from_tokenizer(tokenizer, data.get("template"), data.get("system_prompt"))
+    # Evaluated and served with the run's own train.fast (the same logits, faster); dropout is off at inference.
+    from gemcut.config import TrainConfig
+    from gemcut.models.fast import apply_fast
+    from gemcut.tasks import task_named
+
+    apply_fast(model, task_named(task), TrainConfig(fast=config.get("train", {}).get("fast", True), fast_dropout=False))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -24,13 +24,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from gemcut.errors import ModelNotFoundError
+from gemcut.home import gemcut_home
 from gemcut.models.registry import ALIASES, Alias, alias_source
-
-
-def gemcut_home() -> Path:
-    """Where gemcut keeps converted models and caches: `$GEMCUT_HOME`, default `~/.cache/gemcut`."""
-    env = os.environ.get("GEMCUT_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "gemcut"
 
 
 def converted_dir(alias: Alias) -> Path:
@@ -104,9 +99,9 @@ def resolve_model(name: str, revision: str | None = None) -> Path | str:
         from gemcut.models.run_base import is_run_folder, run_weights
 
         if is_run_folder(path):
-            return run_weights(path).resolve()
+            return run_weights(path, resolve_model).resolve()
         if path.name == "final" and is_run_folder(path.parent) and not (path / "config.json").is_file():
-            return run_weights(path.parent).resolve()  # a LoRA run's final/ holds only the adapter
+            return run_weights(path.parent, resolve_model).resolve()  # a LoRA run's final/ holds only the adapter
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(
                 f"{path}: the folder exists but has no config.json, so it is not a transformers model folder "

@@ -3,7 +3,8 @@
     gemcut train examples/sft_chatterbot.yaml output.name=sft1
     gemcut train examples/dpo_chatterbot.yaml model.name=runs/sft1
 
-`resolve_model` sends a run folder here and gets back a transformers folder holding the run's weights:
+`resolve_model` sends a run folder here, with itself as `resolve_base` (this module does not import
+gemcut/models/resolve.py, which imports it), and gets back a transformers folder holding the run's weights:
 - a full or freeze run: its `final/` (already a whole model, tokenizer with the run's chat template);
 - a LoRA run: the adapter merged into its own base, saved once as `<run>/merged/` (float32 safetensors,
   tokenizer and template from `final/`). The merge is remade when `final/` changes (the adapter file's
@@ -22,11 +23,12 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from gemcut.errors import ModelNotFoundError
+from gemcut.run_folder import RUN_META
 
-RUN_META = "gemcut_run.json"
 MERGED = "merged"
 STAMP = "gemcut_merged_from.json"  # written last inside merged/: marks a finished merge of this adapter
 CAUSAL_TASKS = ("causal_lm", "dpo", "grpo", "ppo")
@@ -46,8 +48,9 @@ def _adapter_hash(final: Path) -> str:
     return digest.hexdigest()
 
 
-def run_weights(run_dir: Path) -> Path:
-    """The transformers folder holding a finished run's weights (see the module docstring)."""
+def run_weights(run_dir: Path, resolve_base: Callable[[str, str | None], Path | str]) -> Path:
+    """The transformers folder holding a finished run's weights (see the module docstring). A LoRA run's own
+    base is found with `resolve_base(name, revision)` (gemcut.models.resolve.resolve_model)."""
     final = run_dir / "final"
     meta_file = final / RUN_META
     if not meta_file.is_file():
@@ -69,20 +72,16 @@ def run_weights(run_dir: Path) -> Path:
     except (OSError, ValueError):
         pass  # absent or left by an older final/: merge again
     log.info("%s: merging its LoRA adapter into its base once, into %s (the next run starts from these weights)", run_dir, merged)
-    _merge(final, meta, merged, stamp)
+    _merge(final, meta, merged, stamp, resolve_base(meta["config"]["model"]["name"], meta["config"]["model"].get("revision")))
     return merged
 
 
-def _merge(final: Path, meta: dict, out: Path, stamp: dict) -> None:
+def _merge(final: Path, meta: dict, out: Path, stamp: dict, source: Path | str) -> None:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gemcut.models.resolve import resolve_model
-
-    model_section = meta["config"]["model"]
     # Only the base's own weights are read here; no code from either folder runs.
-    source = resolve_model(model_section["name"], model_section.get("revision"))
     base = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
     model = PeftModel.from_pretrained(base, final).merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(final)  # carries the chat template the run trained with

@@ -21,9 +21,11 @@ Every `.pt` file holds only tensors, numbers, strings, lists and dicts, so it lo
 `torch.load(weights_only=True)`: a checkpoint never unpickles code. `checkpoints/best` is a text file
 naming the best checkpoint (`step-N`); pruning to `keep_last_n` never removes it.
 
-Every read goes through `_read`, so a missing, truncated or garbled file, a weight that is nan or inf, or
-weights whose names or shapes do not fit the model raise a `CheckpointError` naming the checkpoint and the
-problem; resume then names the newest intact checkpoint and how to continue from it (`resume_point`).
+The files that loading a checkpoint needs (the weights, `state.json`, `config.yaml`, the COMPLETE and `best`
+markers) are read through gemcut/run_folder.py, the format this module shares with gemcut/models/load.py;
+this module is the training side: saving, pruning, and resume. A damaged file raises a `CheckpointError`
+naming the checkpoint and the problem; resume then names the newest intact checkpoint and how to continue
+from it (`resume_point`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,22 +43,30 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from gemcut.errors import TrainingError
+from gemcut.run_folder import (
+    BEST,
+    COMPLETE,
+    WEIGHTS,
+    CheckpointError,
+    best_checkpoint,
+    checkpoint_step,
+    complete_checkpoints,
+    latest_checkpoint,
+    load_trainable,
+    read_checkpoint_file,
+    read_config,
+    read_state,
+    read_weights,
+    trainable_parameters,
+)
 
-COMPLETE = "COMPLETE"
-WEIGHTS = "model.safetensors"
-BEST = "best"
 TMP_PREFIX = ".tmp-"
 # Settings that may change between a run and its resume without changing what is computed.
 RESUME_MAY_DIFFER = ("train.force", "train.num_threads", "train.log_every", "train.sample_prompts", "train.report_to",
                      "eval.", "output.")
-
-
-class CheckpointError(TrainingError):
-    """A checkpoint that cannot be used: a file missing or unreadable, a weight that is not finite, or weights
-    that do not fit the model."""
 
 
 @dataclasses.dataclass
@@ -83,81 +92,8 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _unusable(path: Path, problem: str) -> CheckpointError:
-    return CheckpointError(f"checkpoint {path} cannot be used: {problem}")
-
-
-def _read(path: Path, name: str, read: Callable[[Path], Any]) -> Any:
-    """`read(path / name)`, with every way a damaged file fails turned into a CheckpointError naming it."""
-    file = Path(path) / name
-    if not file.is_file():
-        raise _unusable(path, f"{name} is missing")
-    try:
-        return read(file)
-    except Exception as e:  # safetensors, torch's zip reader, json and yaml each raise their own types
-        detail = (str(e).strip().splitlines() or [""])[0][:200]
-        raise _unusable(path, f"{name} cannot be read ({type(e).__name__}: {detail})") from None
-
-
 def _load_pt(file: Path, mmap: bool = False) -> Any:
     return torch.load(file, weights_only=True, map_location="cpu", mmap=mmap)
-
-
-def _mapping(value: Any) -> dict:
-    if not isinstance(value, dict):
-        raise ValueError(f"expected a mapping, found {type(value).__name__}")
-    return value
-
-
-def read_state(path: Path) -> dict:
-    return _read(path, "state.json", lambda f: _mapping(json.loads(f.read_text())))
-
-
-def read_config(path: Path) -> dict:
-    """The run config a checkpoint was made with, as a dict."""
-    return _read(path, "config.yaml", lambda f: _mapping(yaml.safe_load(f.read_text())))
-
-
-def _mismatch(saved: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> str | None:
-    missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-    if missing or unexpected:
-        return f"missing {missing[:3]}, unexpected {unexpected[:3]}"
-    # Names alone are not enough: copy_ would broadcast a [1, d] tensor into a [k, d] parameter.
-    differ = [n for n, p in params.items() if saved[n].shape != p.shape]
-    if not differ:
-        return None
-    n = differ[0]
-    more = f", and {len(differ) - 1} more" if len(differ) > 1 else ""
-    return f"{n} is {list(saved[n].shape)} there, {list(params[n].shape)} in the model{more}"
-
-
-def read_weights(path: Path, params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The saved trainable weights of checkpoint `path`, shown readable and finite and, given `params` (the
-    model's trainable parameters by name), of the same names and shapes."""
-    saved = _read(path, WEIGHTS, lambda f: load_file(str(f)))
-    bad = {n: int((~torch.isfinite(t)).sum()) for n, t in saved.items() if t.is_floating_point()}
-    bad = {n: k for n, k in bad.items() if k}
-    if bad:
-        total = sum(t.numel() for t in saved.values())
-        raise _unusable(path, f"{WEIGHTS} holds {sum(bad.values()):,} of {total:,} weights that are nan or inf (in {', '.join(list(bad)[:3])})")
-    problem = _mismatch(saved, params) if params is not None else None
-    if problem:
-        raise _unusable(path, f"{WEIGHTS} does not match the model's trainable parameters ({problem}); "
-                              "was it made with another model or adapter config?")
-    return saved
-
-
-def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable(model: torch.nn.Module, path: Path) -> None:
-    """Copy saved trainable weights into `model`; names and shapes must match exactly (see `read_weights`)."""
-    params = _trainable(model)
-    saved = read_weights(path, params)
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(saved[name])
 
 
 def verify(path: Path, params: dict[str, torch.Tensor] | None = None) -> None:
@@ -166,7 +102,7 @@ def verify(path: Path, params: dict[str, torch.Tensor] | None = None) -> None:
     read, their tensors are not."""
     read_weights(path, params)
     for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
-        _read(path, name, partial(_load_pt, mmap=True))
+        read_checkpoint_file(path, name, partial(_load_pt, mmap=True))
     read_state(path)
     read_config(path)
 
@@ -205,32 +141,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _step_of(path: Path) -> int:
-    return int(path.name.split("-", 1)[1])
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """`step-N` folders with a COMPLETE marker, oldest first (`.tmp-*` and unmarked folders are ignored)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit() and (p / COMPLETE).is_file()]
-    return sorted(found, key=_step_of)
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    found = complete_checkpoints(root)
-    return found[-1] if found else None
-
-
-def best_checkpoint(root: Path) -> Path | None:
-    marker = Path(root) / BEST
-    if not marker.is_file():
-        return None
-    path = Path(root) / marker.read_text().strip()
-    return path if (path / COMPLETE).is_file() else None
-
-
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -248,7 +158,7 @@ def save_checkpoint(root: Path, *, model: torch.nn.Module, optimizer, scheduler,
     name = f"step-{state.step}"
     tmp = root / (TMP_PREFIX + name)
     tmp.mkdir()
-    save_file(trainable_state_dict(model), str(tmp / "model.safetensors"), metadata={"step": str(state.step)})
+    save_file(trainable_state_dict(model), str(tmp / WEIGHTS), metadata={"step": str(state.step)})
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
@@ -321,9 +231,9 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, scheduler)
     """Restore weights, optimizer, scheduler and RNG states in place; return the training position."""
     path = Path(path)
     load_trainable(model, path)
-    optimizer.load_state_dict(_read(path, "optimizer.pt", _load_pt))
-    scheduler.load_state_dict(_read(path, "scheduler.pt", _load_pt))
-    set_rng_state(_read(path, "rng.pt", _load_pt))
+    optimizer.load_state_dict(read_checkpoint_file(path, "optimizer.pt", _load_pt))
+    scheduler.load_state_dict(read_checkpoint_file(path, "scheduler.pt", _load_pt))
+    set_rng_state(read_checkpoint_file(path, "rng.pt", _load_pt))
     fields = read_state(path)
     return TrainState(**{f.name: fields[f.name] for f in dataclasses.fields(TrainState) if f.name in fields})
 
@@ -331,7 +241,7 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, scheduler)
 def newest_intact(root: Path, *, before: int, params: dict[str, torch.Tensor] | None = None) -> Path | None:
     """The newest complete checkpoint older than step `before` that `verify` accepts, or None."""
     for path in reversed(complete_checkpoints(root)):
-        if _step_of(path) < before:
+        if checkpoint_step(path) < before:
             try:
                 verify(path, params)
                 return path
@@ -358,7 +268,7 @@ def resume_point(root: Path, resume: bool | str, params: dict[str, torch.Tensor]
     try:
         verify(path, params)
     except CheckpointError as e:
-        intact = newest_intact(root, before=_step_of(path), params=params)
+        intact = newest_intact(root, before=checkpoint_step(path), params=params)
         hint = (f"The newest intact checkpoint is {intact}; continue from it with --resume-from {intact.name} "
                 "(the checkpoints after it are removed)." if intact is not None else
                 "No earlier checkpoint is intact; start a new run (another output.name) without --resume.")
@@ -370,7 +280,7 @@ def forget_after(root: Path, path: Path, best_step: int | None) -> None:
     """Remove the complete checkpoints newer than `path`: the resumed run retraces their steps. The best marker
     moves back to `best_step`'s checkpoint if it named a removed one."""
     for later in complete_checkpoints(root):
-        if _step_of(later) > _step_of(path):
+        if checkpoint_step(later) > checkpoint_step(path):
             shutil.rmtree(later)
     marker = Path(root) / BEST
     if marker.is_file() and best_checkpoint(root) is None:
@@ -387,7 +297,7 @@ def start_or_resume(root: Path, *, resume: bool | str, data_hash: str, config: d
     from this data and config; returns (state, the checkpoint resumed from or None). Shared by `fit` and `fit_rl`."""
     if not resume:
         return TrainState(data_hash=data_hash), None
-    path = resume_point(root, resume, _trainable(model))
+    path = resume_point(root, resume, trainable_parameters(model))
     check_compatible(path, data_hash=data_hash, config=config)
     state = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
     forget_after(root, path, state.best_step)

@@ -1,5 +1,5 @@
-"""`gemcut estimate`: memory parts add up, the probe measures activations and time, a run that won't fit is
-refused, and the time model follows what `fit` will do (its batches, evaluations, steps) at about its speed."""
+"""`gemcut estimate` (gemcut/train/estimate.py): memory parts add up, the probe measures activations and time,
+and the time model follows what `fit` will do (its batches, evaluations, steps) at about its speed."""
 
 import json
 import math
@@ -8,12 +8,11 @@ import statistics
 import pytest
 import torch
 from tiny import save_tiny_llama, tiny_tokenizer
-from train_helpers import causal_examples, collate_causal, config, llama
+from train_helpers import causal_examples, collate_causal, config, fit_examples, llama
 
 from gemcut.config import RunConfig
-from gemcut.errors import TrainingError
-from gemcut.models import estimate as estimate_module
-from gemcut.models.estimate import ADAM_BYTES, ensure_fits, estimate, evaluations, plan_steps, total_steps
+from gemcut.train import estimate as estimate_module
+from gemcut.train.estimate import ADAM_BYTES, estimate, evaluations, plan_steps, total_steps
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +78,6 @@ def test_the_plan_is_the_batches_fit_takes(tmp_path, grouped):
     """plan_steps lists the examples of every micro-batch `fit` collates, in order, across epochs and with
     accumulation (20 examples, 6 a step: each epoch ends with a short step)."""
     from gemcut.objectives import CausalLM
-    from gemcut.train.loop import fit
 
     examples = causal_examples(20)
     index = {id(ex): i for i, ex in enumerate(examples)}
@@ -90,7 +88,7 @@ def test_the_plan_is_the_batches_fit_takes(tmp_path, grouped):
         return collate_causal(batch)
 
     cfg = config(max_steps=8, batch_size=3, grad_accum=2, seed=3, group_by_length=grouped)
-    fit(llama(), CausalLM(), examples, recording, config=cfg, run_dir=tmp_path)
+    fit_examples(llama(), CausalLM(), examples, recording, config=cfg, run_dir=tmp_path)
     plan = plan_steps([len(ex["input_ids"]) for ex in examples], batch_size=3, grad_accum=2, steps=8, seed=3, grouped=grouped)
     assert [mb for step in plan for mb in step] == seen
     assert [len(step) for step in plan] == [2, 2, 2, 1, 2, 2, 2, 1]
@@ -168,14 +166,6 @@ def test_predicted_step_time_is_near_a_real_runs(tmp_path):
     measured = statistics.median(r["tokens"] / r["tokens_per_s"] / 2 for r in rows if "tokens_per_s" in r)
     assert 1 / 2.5 < est.seconds_per_step / measured < 2.5, (est.seconds_per_step, measured)
     assert sum("val_loss" in r for r in rows) == evaluations(8, 4) == 2
-
-
-def test_a_run_that_does_not_fit_is_refused(llama_dir):
-    est = estimate(_cfg(llama_dir), probe=False)
-    est.available_bytes, est.fits = 1000, False
-    with pytest.raises(TrainingError, match="train.force=true"):
-        ensure_fits(est, force=False)
-    ensure_fits(est, force=True)
 
 
 def test_cli_models_and_estimate(llama_dir, tmp_path, monkeypatch):

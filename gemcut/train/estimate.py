@@ -341,7 +341,7 @@ def estimate(cfg, *, probe: bool = True, probe_steps: int = 3) -> Estimate:
 
     from gemcut.models.adapters import apply_adapter
     from gemcut.models.load import load_base
-    from gemcut.train.loop import resolve_precision
+    from gemcut.models.precision import resolve_precision
 
     t_start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -424,7 +424,8 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
 
     from gemcut.models.adapters import count_parameters, find_blocks
     from gemcut.models.padding_free import runs_padding_free
-    from gemcut.train.loop import example_length, group_by_length, resolve_precision
+    from gemcut.models.precision import autocast, resolve_precision
+    from gemcut.train.loop import example_length, group_by_length
 
     device = next(model.parameters()).device.type
     notes = list(notes or [])
@@ -493,12 +494,12 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
 
     objective = build_objective(task)
     params = list(model.parameters())
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
+    in_precision = autocast(precision, device)
     saved = 0
 
     def train_pass(b):
         nonlocal saved
-        with autocast:
+        with in_precision:
             out, saved = measure_saved_bytes(lambda: objective(model, b), params)
         out.loss_sum.backward()
 
@@ -526,7 +527,7 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
     val = data.validation if data is not None else []
     if steps is not None and val:
         model.eval()
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), in_precision:
             objective(model, warm)  # warm-up of the no-grad, eval-mode path
             forward_seconds = _time(lambda: objective(model, batch), device)
         passes["warm-up"] += 1
@@ -541,7 +542,7 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
 
             n_prompts = min(cfg.train.sample_prompts, data.n_validation)
             one = batch["input_ids"][:n_prompts, :1]
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), in_precision:
                 token_seconds = _time(lambda: model(input_ids=one, use_cache=False), device)
             passes["one-token forward"] = 1
             parts["samples"] = n_evals * min(cfg.eval.max_new_tokens, SAMPLE_MAX_NEW_TOKENS) * token_seconds
@@ -572,14 +573,3 @@ def _finish(cfg, model, task, device, total, trainable, weights_bytes, grad_byte
         precision=precision, summary=trainable_summary(model, cfg.adapter), notes=notes,
     )
 
-
-def ensure_fits(est: Estimate, force: bool) -> None:
-    """Refuse a run predicted not to fit, unless `train.force` says to start anyway."""
-    if est.fits or force:
-        return
-    raise TrainingError(
-        f"the run needs about {est.required_bytes / GB:.2f} GB (weights {est.weights_bytes / GB:.2f}, gradients "
-        f"{est.gradients_bytes / GB:.2f}, optimizer {est.optimizer_bytes / GB:.2f}, activations {est.activations_bytes / GB:.2f}) "
-        f"but only {est.available_bytes / GB:.2f} GB is available on {est.device}. Lower train.batch_size or "
-        "data.max_length, use adapter.method=lora, or set train.force=true to start anyway"
-    )
