@@ -47,7 +47,8 @@ def full_run(run_dir: Path, *, folder_trusts: bool = True, model_type: str = "ll
     """A finished full-weights run whose own config turns remote code on and whose model folder ships code."""
     from gemcut.config import RunConfig
     from gemcut.data.templates import ChatTemplate
-    from gemcut.models.load import run_meta, save_final
+    from gemcut.models.load import save_final
+    from gemcut.run_folder import run_meta
 
     tok = tiny_tokenizer()
     config = RunConfig.model_validate({"model": {"name": "tiny", "trust_remote_code": folder_trusts},
