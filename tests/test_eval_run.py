@@ -10,7 +10,8 @@ import torch
 from eval_runs import train_run
 from typer.testing import CliRunner
 
-from gemcut.eval.evaluate import evaluate, select_checkpoint
+from gemcut.eval.checkpoint_choice import select_checkpoint
+from gemcut.eval.evaluate import evaluate
 
 torch.set_num_threads(1)
 
@@ -104,7 +105,8 @@ def test_base_is_the_adapter_disabled_model(gen_run, gen_eval):
 
     from gemcut.data.templates import ChatTemplate
     from gemcut.eval import scoring
-    from gemcut.eval.evaluate import forgetting_examples, reference_targets
+    from gemcut.eval.forgetting import forgetting_examples
+    from gemcut.eval.task_scoring import reference_targets
     from gemcut.models.load import load_tokenizer
 
     base_dir = gen_run.parent.parent / "base-llama"
@@ -177,7 +179,7 @@ def test_classifier_head_runs(root):
 
 
 def test_generation_run_and_compare(root, gen_run, gen_eval, tmp_path):
-    from gemcut.cli import _register, app
+    from gemcut.cli import app, register_commands
     from gemcut.eval.compare import compare
 
     run = train_run(root, "sft", records="completion")
@@ -205,7 +207,7 @@ def test_generation_run_and_compare(root, gen_run, gen_eval, tmp_path):
     unpaired = compare(gen_run, run, out=tmp_path / "c2.html")
     assert not unpaired["paired"] and "different tasks" in unpaired["why_unpaired"]
 
-    _register()
+    register_commands()
     out = CliRunner().invoke(app, ["eval", str(run), "--no-base", "--max-examples", "3"])
     assert out.exit_code == 0, out.output
     assert "rougeL" in out.output and "ROUGE-L" in out.output and "report.html" in out.output

@@ -84,7 +84,8 @@ def eval_command(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Evaluate a run: tuned vs base with confidence intervals, forgetting check, eval.json and report.html."""
-    from gemcut.eval.evaluate import evaluate, run_config, select_checkpoint
+    from gemcut.eval.checkpoint_choice import select_checkpoint
+    from gemcut.eval.evaluate import evaluate, run_config
 
     def log(msg: str) -> None:
         console.print(f"[dim]{msg}[/]", highlight=False)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gemcut.errors import GemcutError
-from gemcut.eval.report import METRIC_ORDER, confusion_uri, esc, fmt, img, page, png_data_uri, read_metrics_log
+from gemcut.eval.report import METRIC_ORDER, confusion_uri, esc, fmt, img, new_figure, page, png_data_uri, read_metrics_log
 from gemcut.eval.summary import LOWER_IS_BETTER, ModelResults, metric_functions
 
 
@@ -101,8 +101,6 @@ def compare(run_a, run_b, *, out: str | Path | None = None, n_resamples: int = 1
 
 
 def _curves_uri(log_a: list[dict], log_b: list[dict], name_a: str, name_b: str) -> str | None:
-    from gemcut.eval.report import _figure
-
     series = []
     for log, name, color in ((log_a, name_a, "#4c72b0"), (log_b, name_b, "#dd8452")):
         for key, style in (("loss", "-"), ("val_loss", "o--")):
@@ -111,7 +109,7 @@ def _curves_uri(log_a: list[dict], log_b: list[dict], name_a: str, name_b: str) 
                 series.append((pts, f"{name} {'training' if key == 'loss' else 'validation'}", color, style))
     if not series:
         return None
-    fig, ax = _figure()
+    fig, ax = new_figure()
     for pts, label, color, style in series:
         ax.plot(*zip(*pts), style, label=label, color=color, linewidth=1)
     ax.set_xlabel("step")

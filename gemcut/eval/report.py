@@ -62,7 +62,8 @@ def page(title: str, body: str) -> str:
             f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n")
 
 
-def _figure(width=6.0, height=3.5):
+def new_figure(width=6.0, height=3.5):
+    """(figure, axes) of a matplotlib figure `width` x `height` inches, drawn off-screen (the Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -91,7 +92,7 @@ def loss_curve_uri(records: list[dict], title: str = "loss") -> str | None:
     val = [(r["step"], r["val_loss"]) for r in records if isinstance(r.get("val_loss"), (int, float)) and "step" in r]
     if not train and not val:
         return None
-    fig, ax = _figure()
+    fig, ax = new_figure()
     if train:
         ax.plot(*zip(*train), label="training loss", color="#4c72b0", linewidth=1)
     if val:
@@ -113,7 +114,7 @@ def confusion_uri(confusion: dict, title: str) -> str | None:
 
     m = np.asarray(matrix)
     labels, columns = confusion["labels"], confusion["columns"]
-    fig, ax = _figure(1.2 + 0.8 * len(columns), 1.0 + 0.7 * len(labels))
+    fig, ax = new_figure(1.2 + 0.8 * len(columns), 1.0 + 0.7 * len(labels))
     ax.imshow(m, cmap="Blues")
     ax.set_xticks(range(len(columns)), labels=columns, rotation=30, ha="right")
     ax.set_yticks(range(len(labels)), labels=labels)

@@ -2,9 +2,10 @@
 
     python -m pytest -q tests/test_eval_scoring.py
 
-`evaluate.py` calls these once for the tuned model and once for the base model, then turns the
-per-example results into metrics and bootstrap intervals. Each function takes plain inputs (token ids,
-texts, message lists), so the same code scores any model:
+`task_scoring.score_model` calls these once for the tuned model and once for the base model; evaluate.py
+then turns the per-example results into metrics and bootstrap intervals. Each function takes plain inputs
+(token ids, texts, message lists), so the same code scores any model; the formulas themselves (token NLL,
+the padded classifier forward) are gemcut/models/numerics.py's, the ones training uses:
 
 - `predict_classes`: argmax of a sequence classifier's logits -> class index per text (and its loss).
 - `generate_texts`: the next assistant turn for each prompt conversation (via `gemcut.generation`).
