@@ -19,7 +19,8 @@ TRUST_REMOTE_CODE_HELP = ("Run Python files shipped in the model or run folder (
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fine-tune language models on your data, evaluate, export, serve.")
 
 
-def _register() -> None:
+def register_commands() -> None:
+    """Add every command group to `app` (what `main` does first; tests call it before driving `app`)."""
     # Imported for their side effect of adding commands to `app`.
     from gemcut.cli import config_cmd, data_cmd, eval_cmd, label_cmd, models_cmd, quickstart_cmd, runs_cmd, serve_cmd, train_cmd  # noqa: F401
 
@@ -51,7 +52,7 @@ def usage_line(error) -> str:
 
 
 def main() -> None:
-    _register()
+    register_commands()
     try:
         code = app(standalone_mode=False, prog_name="gemcut")
     except GemcutError as e:
