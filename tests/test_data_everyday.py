@@ -34,9 +34,9 @@ def jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def cli(args: list[str], cwd: Path, monkeypatch):
-    from gemcut.cli import _register, app
+    from gemcut.cli import app, register_commands
 
-    _register()
+    register_commands()
     monkeypatch.chdir(cwd)
     return CliRunner().invoke(app, args)
 

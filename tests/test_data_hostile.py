@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from gemcut.cli import _register, app, main
+from gemcut.cli import app, main, register_commands
 from gemcut.config import DataConfig, validate
 from gemcut.data.prepare import prepare
 from gemcut.errors import ConfigError, DataError
@@ -328,7 +328,7 @@ def test_cli_names_a_png_under_skip_and_reads_semicolons_with_delimiter(tmp_path
     semi.write_text("text;label\nbonjour;pos\nnon;neg\n", encoding="utf-8")
     code, out = run_cli(["data", "check", str(semi), "--out", str(tmp_path)], monkeypatch, capsys)
     assert code == 2 and 'set data.delimiter: ";"' in out
-    _register()
+    register_commands()
     res = CliRunner().invoke(app, ["data", "check", str(semi), "--delimiter", ";", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert "label records: train" in res.output

@@ -247,9 +247,9 @@ def test_packaged_paths_exist():
 
 
 def cli(args, cwd, monkeypatch):
-    from gemcut.cli import _register, app
+    from gemcut.cli import app, register_commands
 
-    _register()
+    register_commands()
     monkeypatch.chdir(cwd)
     return CliRunner().invoke(app, args)
 

@@ -171,10 +171,10 @@ def test_predicted_step_time_is_near_a_real_runs(tmp_path):
 def test_cli_models_and_estimate(llama_dir, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from gemcut.cli import _register, app
+    from gemcut.cli import app, register_commands
 
     monkeypatch.setenv("GEMCUT_HOME", str(tmp_path / "home"))
-    _register()
+    register_commands()
     out = CliRunner().invoke(app, ["models", "--json"])
     assert out.exit_code == 0, out.output
     assert {"smollm2-135m-instruct", "minilm-l6"} <= {r["name"] for r in json.loads(out.output)}

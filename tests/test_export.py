@@ -119,9 +119,9 @@ def test_export_refuses_bad_requests(run):
 def test_export_command(run):
     from typer.testing import CliRunner
 
-    from gemcut.cli import _register, app
+    from gemcut.cli import app, register_commands
 
-    _register()
+    register_commands()
     out = run["tmp"] / "cli-int8"
     result = CliRunner().invoke(app, ["export", str(run["run"]), "--quantize", "int8", "--out", str(out)])
     assert result.exit_code == 0, result.output

@@ -50,9 +50,9 @@ def test_export_from_the_store(tmp_path):
 
 
 def test_generate_and_export_through_the_cli(tmp_path):
-    from gemcut.cli import _register, app
+    from gemcut.cli import app, register_commands
 
-    _register()
+    register_commands()
     model_dir = save_tiny_llama(tmp_path / "tiny")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "what is the capital of france?"}\n{"text": "the quick brown"}\n'

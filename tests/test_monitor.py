@@ -124,9 +124,9 @@ def test_drift_score_rises_for_another_distribution_only(tmp_path):
 def test_monitor_cli_reports_and_exports(tmp_path):
     from typer.testing import CliRunner
 
-    from gemcut.cli import _register, app
+    from gemcut.cli import app, register_commands
 
-    _register()
+    register_commands()
     db = tmp_path / "serve.db"
     store = Store(f"sqlite:///{db}")
     for i in range(5):

@@ -43,9 +43,9 @@ def test_quickstart_end_to_end_on_tiny_models(tmp_path):
     from tiny import save_tiny_llama
     from typer.testing import CliRunner
 
-    from gemcut.cli import _register, app
+    from gemcut.cli import app, register_commands
 
-    _register()
+    register_commands()
     model = save_tiny_llama(tmp_path / "tiny-llama")
     overrides = [f"model.name={model}", f"data.train=[{label_file(tmp_path / 'tweets.jsonl', n=90)}]",
                  "data.columns={text: text, label: label}", f"output.dir={tmp_path / 'runs'}",

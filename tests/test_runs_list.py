@@ -12,7 +12,7 @@ import torch
 from eval_runs import train_run
 from typer.testing import CliRunner
 
-from gemcut.cli import _register, app
+from gemcut.cli import app, register_commands
 from gemcut.eval.evaluate import evaluate
 from gemcut.train.runs_list import list_runs
 
@@ -41,7 +41,7 @@ def test_runs_lists_finished_unfinished_and_empty_folders(tmp_path):
     assert (rows["unfinished"].status, rows["unfinished"].steps, rows["unfinished"].headline) == ("unfinished", 2, None)
     assert (rows["empty"].status, rows["empty"].steps) == ("not started", None)
 
-    _register()
+    register_commands()
     out = CliRunner().invoke(app, ["runs", str(tmp_path / "runs")])
     assert out.exit_code == 0
     lines = out.output.splitlines()  # not a terminal: whole values, tab-separated

@@ -46,10 +46,10 @@ def test_serve_command_runs_uvicorn_on_loopback(tmp_path):
 
 
 def test_chat_command_streams_with_the_template(tmp_path):
-    from gemcut.cli import _register, app
+    from gemcut.cli import app, register_commands
 
     torch.set_num_threads(1)
-    _register()
+    register_commands()
     model = plain_model(tmp_path / "tiny")
     result = CliRunner().invoke(app, ["chat", str(model), "--max-tokens", "4", "--temperature", "0"],
                                 input="hello world\n/reset\nthe quick brown fox\n/quit\n")

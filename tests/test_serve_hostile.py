@@ -142,7 +142,7 @@ def test_default_limit_and_the_serve_flag(monkeypatch, models):
     import uvicorn
 
     import gemcut.serve.app
-    from gemcut.cli import _register, app
+    from gemcut.cli import app, register_commands
 
     seen = {}
 
@@ -152,7 +152,7 @@ def test_default_limit_and_the_serve_flag(monkeypatch, models):
 
     monkeypatch.setattr(gemcut.serve.app, "create_app", fake_create_app)
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
-    _register()
+    register_commands()
     result = CliRunner().invoke(app, ["serve", "--model", str(models[1]), "--api-key", "k", "--max-body-bytes", "65536"])
     assert result.exit_code == 0, result.output
     assert seen["settings"].max_body_bytes == 65536
