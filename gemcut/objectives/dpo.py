@@ -1,6 +1,6 @@
 """Direct Preference Optimization, with the reference model = the same model with its adapter off.
 
-    gemcut train examples/dpo_prefs.yaml           # objective.kind: dpo, adapter.method: lora
+    gemcut train examples/dpo_chatterbot.yaml      # objective.kind: dpo, adapter.method: lora, from an SFT run
     python -m pytest -q tests/test_pref_losses.py
 
 Rafailov et al., "Direct Preference Optimization: Your Language Model is Secretly a Reward Model"

@@ -1,6 +1,6 @@
 """Reward model: a scalar head trained with the pairwise (Bradley–Terry) loss on ranked pairs.
 
-    gemcut train examples/reward_prefs.yaml        # objective.kind: reward, data of the `preference` kind
+    gemcut train examples/reward_chatterbot.yaml   # objective.kind: reward, data of the `preference` kind
     python -m pytest -q tests/test_pref_losses.py
 
 Bradley & Terry, "Rank Analysis of Incomplete Block Designs: I. The Method of Paired Comparisons"
