@@ -129,10 +129,4 @@ def trainable_summary(model: nn.Module, cfg) -> str:
     return f"{what}: {_short(trainable)} of {_short(total)} trainable ({pct:.1f}%)"
 
 
-def assert_trainable(model: nn.Module) -> None:
-    """A run with nothing to train is a configuration mistake; say so before the first step."""
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ConfigError("no parameter is trainable with this adapter config; raise adapter.train_last_n_layers or use lora")
-
-
-__all__ = ["apply_adapter", "trainable_summary", "count_parameters", "find_blocks", "head_module_names", "assert_trainable"]
+__all__ = ["apply_adapter", "trainable_summary", "count_parameters", "find_blocks", "head_module_names"]
