@@ -15,12 +15,14 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import TINY_RUN, causal_examples, collate_causal, config, deterministic, llama, tiny_run, train_losses
+from train_helpers import (
+    TINY_RUN, causal_examples, collate_causal, config, deterministic, fit_examples, llama, tiny_run, train_losses,
+)
 
+from gemcut import run_folder
 from gemcut.errors import TrainingError
 from gemcut.objectives import CausalLM
 from gemcut.train import checkpoint as ckpt
-from gemcut.train.loop import fit
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +38,8 @@ def test_layout_and_weights_only_contents(tmp_path):
     model = llama()
     for name, p in model.named_parameters():  # freeze all but the last block, like adapter=freeze
         p.requires_grad = "layers.1." in name
-    fit(model, CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path, config=config(max_steps=2, save_every=1, keep_last_n=5))
-    path = ckpt.latest_checkpoint(tmp_path / "checkpoints")
+    fit_examples(model, CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path, config=config(max_steps=2, save_every=1, keep_last_n=5))
+    path = run_folder.latest_checkpoint(tmp_path / "checkpoints")
     assert path.name == "step-2"
     assert sorted(p.name for p in path.iterdir()) == sorted(
         ["COMPLETE", "config.yaml", "model.safetensors", "optimizer.pt", "rng.pt", "scheduler.pt", "state.json"])
@@ -72,7 +74,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(tmp_path, straight)
         time.sleep(0.05)
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
-    latest = ckpt.latest_checkpoint(run / "checkpoints")
+    latest = run_folder.latest_checkpoint(run / "checkpoints")
     assert latest.name == "step-6"  # saves every 3; killed inside step 8
     assert json.loads((latest / "state.json").read_text())["index"] == 24  # mid-epoch: 24 of 32 examples
     result = tiny_run(run, resume=True)
@@ -93,7 +95,7 @@ def test_kill_during_save_resumes_from_previous_good_checkpoint(tmp_path, straig
     (half / "optimizer.pt").write_bytes(b"truncat")
     # and a step folder without marker (never produced by save_checkpoint, but ignored all the same)
     shutil.copytree(half, root / "step-12")
-    assert ckpt.latest_checkpoint(root).name == "step-6"
+    assert run_folder.latest_checkpoint(root).name == "step-6"
     result = tiny_run(run, resume=True)
     assert result.state.step == 12
     assert train_losses(run) == pytest.approx(straight, rel=1e-6)
@@ -102,17 +104,17 @@ def test_kill_during_save_resumes_from_previous_good_checkpoint(tmp_path, straig
 
 def test_resume_refuses_other_data_or_config(tmp_path):
     deterministic()
-    fit(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path, data_hash="a", config=config(max_steps=1))
+    fit_examples(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path, data_hash="a", config=config(max_steps=1))
     with pytest.raises(TrainingError, match="training data changed"):
-        fit(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path, data_hash="b", config=config(max_steps=2), resume=True)
+        fit_examples(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path, data_hash="b", config=config(max_steps=2), resume=True)
     with pytest.raises(TrainingError, match=r"train\.lr: checkpoint 0\.01, now 0\.5"):
-        fit(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path, data_hash="a", config=config(max_steps=1, lr=0.5),
+        fit_examples(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path, data_hash="a", config=config(max_steps=1, lr=0.5),
             resume=True)
     # settings that do not change the computation may differ
-    ckpt.check_compatible(ckpt.latest_checkpoint(tmp_path / "checkpoints"), data_hash="a",
+    ckpt.check_compatible(run_folder.latest_checkpoint(tmp_path / "checkpoints"), data_hash="a",
                           config=config(max_steps=1, log_every=5, force=True).model_dump(mode="json"))
     with pytest.raises(TrainingError, match="no complete checkpoint"):
-        fit(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path / "empty", config=config(max_steps=1), resume=True)
+        fit_examples(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path / "empty", config=config(max_steps=1), resume=True)
 
 
 def test_prune_keeps_best_and_newest(tmp_path):
@@ -122,7 +124,7 @@ def test_prune_keeps_best_and_newest(tmp_path):
     for step in range(1, 6):
         ckpt.save_checkpoint(tmp_path, model=model, optimizer=opt, scheduler=sched, state=ckpt.TrainState(step=step),
                              config={}, keep_last_n=2, is_best=step == 2)
-    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step-2", "step-4", "step-5"]
+    assert [p.name for p in run_folder.complete_checkpoints(tmp_path)] == ["step-2", "step-4", "step-5"]
     assert (tmp_path / "best").read_text().strip() == "step-2"
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from train_helpers import (
+    fit_examples,
     bert,
     causal_examples,
     class_examples,
@@ -27,9 +28,11 @@ from train_helpers import (
 
 from gemcut.errors import TrainingError
 from gemcut.objectives import CausalLM, Classify
-from gemcut.train import loop
-from gemcut.train.checkpoint import best_checkpoint, complete_checkpoints, latest_checkpoint
-from gemcut.train.loop import backward_step, epoch_order, fit
+from gemcut.run_folder import best_checkpoint, complete_checkpoints, latest_checkpoint
+from gemcut.train.bf16 import store_frozen_linears_in_bf16
+from gemcut.train.batches import epoch_order
+from gemcut.train.loop import backward_step
+from gemcut.train.validation import Validation, macro_f1_from_confusion
 from gemcut.train.schedule import lr_multiplier, warmup_steps_for
 
 # Recorded from the fixed runs below (fp32, 1 thread, deterministic algorithms); a change in the loop's
@@ -44,9 +47,9 @@ def _deterministic():
 
 
 def test_pinned_per_step_losses(tmp_path):
-    fit(llama(), CausalLM(), causal_examples(), collate_causal, config=config(max_steps=5), run_dir=tmp_path / "lm")
+    fit_examples(llama(), CausalLM(), causal_examples(), collate_causal, config=config(max_steps=5), run_dir=tmp_path / "lm")
     assert list(train_losses(tmp_path / "lm").values()) == pytest.approx(PINNED_CAUSAL, rel=1e-5)
-    fit(bert(), Classify(), class_examples(), collate_classify, config=config(max_steps=5), run_dir=tmp_path / "cls")
+    fit_examples(bert(), Classify(), class_examples(), collate_classify, config=config(max_steps=5), run_dir=tmp_path / "cls")
     assert list(train_losses(tmp_path / "cls").values()) == pytest.approx(PINNED_CLASSIFY, rel=1e-5)
 
 
@@ -59,7 +62,7 @@ def test_batch_8x1_equals_1x8_with_accumulation(tmp_path):
         model = llama()
         batches = [collate_causal(examples[s:s + split]) for s in range(0, 8, split)]
         n_step = sum(CausalLM().count(b) for b in batches)
-        losses.append(backward_step(model, CausalLM(), batches, n_step=n_step, accelerator=acc))
+        losses.append(backward_step(model, CausalLM(), batches, n_step=n_step, accelerator=acc, precision="fp32")[0])
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
     assert grads[0].keys() == grads[1].keys() and grads[0]
@@ -67,7 +70,7 @@ def test_batch_8x1_equals_1x8_with_accumulation(tmp_path):
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7, msg=name)
     # and through the whole loop: three optimizer steps, batch 8 x 1 vs batch 1 x 8
     for batch, accum in ((8, 1), (1, 8)):
-        fit(llama(), CausalLM(), causal_examples(24), collate_causal, run_dir=tmp_path / f"b{batch}",
+        fit_examples(llama(), CausalLM(), causal_examples(24), collate_causal, run_dir=tmp_path / f"b{batch}",
             config=config(max_steps=3, batch_size=batch, grad_accum=accum, group_by_length=False))
     assert list(train_losses(tmp_path / "b8").values()) == pytest.approx(list(train_losses(tmp_path / "b1").values()), rel=1e-5)
 
@@ -94,7 +97,7 @@ class NaNAt:
 
 def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path):
     with pytest.raises(TrainingError) as err:
-        fit(llama(), NaNAt(4), causal_examples(), collate_causal, run_dir=tmp_path,
+        fit_examples(llama(), NaNAt(4), causal_examples(), collate_causal, run_dir=tmp_path,
             config=config(max_steps=8, save_every=2, log_every=3))
     message = str(err.value)
     assert "loss is nan at step 4" in message
@@ -102,10 +105,19 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path):
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step-2"  # nothing saved after the NaN
 
 
-def test_early_stopping_keeps_best_and_prunes(tmp_path, monkeypatch):
-    scripted = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])
-    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: {"val_loss": next(scripted), "val_targets": 1})
-    result = fit(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path, val_set=causal_examples(4),
+class Scripted(Validation):
+    """A validation that reports the given losses in turn."""
+
+    def __init__(self, losses):
+        self.losses = iter(losses)
+
+    def __call__(self, model):
+        return {"val_loss": next(self.losses), "val_targets": 1}, []
+
+
+def test_early_stopping_keeps_best_and_prunes(tmp_path):
+    result = fit_examples(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path,
+                          validation=Scripted([3.0, 2.0, 2.5, 2.6, 2.7, 2.8]),
                  config=config(max_steps=20, eval_every=2, keep_last_n=1, early_stopping={"patience": 3}))
     assert result.stopped == "early_stopped" and result.state.step == 10  # best at 4; 6, 8, 10 without gain
     names = [p.name for p in complete_checkpoints(tmp_path / "checkpoints")]
@@ -116,10 +128,9 @@ def test_early_stopping_keeps_best_and_prunes(tmp_path, monkeypatch):
     assert [e["step"] for e in evals] == [2, 4, 6, 8, 10]
 
 
-def test_patience_running_out_on_the_last_step_is_a_completed_run(tmp_path, monkeypatch):
-    scripted = iter([3.0, 2.0, 2.5, 2.6, 2.7])
-    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: {"val_loss": next(scripted), "val_targets": 1})
-    result = fit(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path, val_set=causal_examples(4),
+def test_patience_running_out_on_the_last_step_is_a_completed_run(tmp_path):
+    result = fit_examples(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path,
+                          validation=Scripted([3.0, 2.0, 2.5, 2.6, 2.7]),
                  config=config(max_steps=10, eval_every=2, early_stopping={"patience": 3}))
     assert result.stopped == "completed" and result.state.step == 10
     assert result.best_checkpoint.name == "step-4"
@@ -128,7 +139,7 @@ def test_patience_running_out_on_the_last_step_is_a_completed_run(tmp_path, monk
 def test_validation_loss_equals_training_loss_on_the_same_examples(tmp_path):
     """One step over all examples at a negligible learning rate: the step's loss is the validation loss."""
     examples = causal_examples(12, seed=2)
-    fit(llama(), CausalLM(), examples, collate_causal, run_dir=tmp_path, val_set=examples,
+    fit_examples(llama(), CausalLM(), examples, collate_causal, run_dir=tmp_path, val_set=examples,
         config=config(max_steps=1, batch_size=12, lr=1e-12))
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[1]["val_loss"] == pytest.approx(rows[0]["loss"], rel=1e-5)
@@ -136,13 +147,13 @@ def test_validation_loss_equals_training_loss_on_the_same_examples(tmp_path):
 
 
 def test_classify_validation_accuracy_and_unknown_metric(tmp_path):
-    fit(bert(), Classify(), class_examples(), collate_classify, run_dir=tmp_path / "a", val_set=class_examples(9, seed=1),
+    fit_examples(bert(), Classify(), class_examples(), collate_classify, run_dir=tmp_path / "a", val_set=class_examples(9, seed=1),
         config=config(max_steps=2, early_stopping={"metric": "val_accuracy", "mode": "max"}))
     evals = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
     assert len(evals) == 1 and 0.0 <= evals[0]["val_accuracy"] <= 1.0 and evals[0]["val_targets"] == 9
     assert 0.0 <= evals[0]["val_macro_f1"] <= 1.0
     with pytest.raises(TrainingError, match="val_f1.*val_accuracy"):
-        fit(bert(), Classify(), class_examples(), collate_classify, run_dir=tmp_path / "b", val_set=class_examples(3),
+        fit_examples(bert(), Classify(), class_examples(), collate_classify, run_dir=tmp_path / "b", val_set=class_examples(3),
             config=config(max_steps=1, early_stopping={"metric": "val_f1", "mode": "max"}))
 
 
@@ -164,7 +175,7 @@ def test_validation_macro_f1_matches_scikit_learn():
     predicted = model.logits.argmax(-1)
     assert int(out.metrics["confusion"].sum()) == 10
     expected = f1_score(labels.tolist(), predicted.tolist(), average="macro", zero_division=0)
-    assert loop.macro_f1_from_confusion(out.metrics["confusion"]) == pytest.approx(expected, abs=1e-12)
+    assert macro_f1_from_confusion(out.metrics["confusion"]) == pytest.approx(expected, abs=1e-12)
 
 
 class InterruptAt(CausalLM):
@@ -183,12 +194,12 @@ class InterruptAt(CausalLM):
 
 
 def test_ctrl_c_saves_and_resume_continues(tmp_path):
-    result = fit(llama(), InterruptAt(3), causal_examples(), collate_causal, run_dir=tmp_path, config=config(max_steps=6))
+    result = fit_examples(llama(), InterruptAt(3), causal_examples(), collate_causal, run_dir=tmp_path, config=config(max_steps=6))
     assert result.stopped == "interrupted" and result.state.step == 3
     assert result.last_checkpoint.name == "step-3"
-    result = fit(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path, config=config(max_steps=6), resume=True)
+    result = fit_examples(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path, config=config(max_steps=6), resume=True)
     assert result.stopped == "completed" and result.state.step == 6
-    fit(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path / "straight", config=config(max_steps=6))
+    fit_examples(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path / "straight", config=config(max_steps=6))
     assert train_losses(tmp_path) == pytest.approx(train_losses(tmp_path / "straight"), rel=1e-6)
 
 
@@ -228,10 +239,10 @@ def test_frozen_linears_in_bf16_give_the_same_results_under_autocast():
         return out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     before = loss_and_grads()
-    assert loop.store_frozen_linears_in_bf16(model) == 2 * 7  # q k v o gate up down in 2 blocks; lm_head is tied
+    assert store_frozen_linears_in_bf16(model) == 2 * 7  # q k v o gate up down in 2 blocks; lm_head is tied
     assert model.get_base_model().lm_head.weight.dtype == torch.float32
     after = loss_and_grads()
     assert torch.equal(before[0], after[0])
     for name, grad in before[1].items():
         assert torch.equal(grad, after[1][name]), name
-    assert loop.store_frozen_linears_in_bf16(llama()) == 0  # not a peft model: untouched
+    assert store_frozen_linears_in_bf16(llama()) == 0  # not a peft model: untouched

@@ -11,12 +11,11 @@ import json
 import pytest
 import torch
 from tiny import tiny_bert_classifier, tiny_llama, tiny_tokenizer
-from train_helpers import class_examples, collate_classify, config
+from train_helpers import class_examples, collate_classify, config, fit_examples
 
 from gemcut.config import AdapterConfig
 from gemcut.models.adapters import apply_adapter
 from gemcut.objectives import Classify
-from gemcut.train.loop import fit
 from gemcut.train.optimizer import adamw, fused_supported, param_groups, parameter_depth
 
 
@@ -67,7 +66,7 @@ def test_one_adam_step_moves_each_depth_by_its_own_rate(tmp_path):
     back the rate its group got; the logged lr is the peak (head) rate."""
     model = tiny_bert_classifier(tiny_tokenizer())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    fit(model, Classify(), class_examples(16), collate_classify, run_dir=tmp_path,
+    fit_examples(model, Classify(), class_examples(16), collate_classify, run_dir=tmp_path,
         config=config(max_steps=1, batch_size=16, lr=1e-3, warmup_steps=0, schedule="constant", layer_lr_decay=0.5))
     moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()}
     assert moved["classifier.weight"] == pytest.approx(1e-3, rel=0.02)

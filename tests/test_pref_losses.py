@@ -16,7 +16,7 @@ from gemcut.models.adapters import apply_adapter
 from gemcut.models.numerics import sequence_logps
 from gemcut.objectives.dpo import DPO, dpo_loss, reference
 from gemcut.objectives.reward import PairwiseReward, pairwise_accuracy, pairwise_loss
-from gemcut.objectives.rewards import ClassifierReward, RewardModelReward, pair_encoder
+from gemcut.objectives.reward_functions import ClassifierReward, RewardModelReward, pair_encoder
 
 
 def nll_sigmoid(x: float) -> float:

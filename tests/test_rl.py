@@ -12,9 +12,12 @@ from tiny import tiny_llama, tiny_tokenizer
 
 from gemcut.config import AdapterConfig, RunConfig
 from gemcut.models.adapters import apply_adapter
+from gemcut.objectives import build_objective
 from gemcut.objectives.grpo import group_advantages, grpo_loss, kl_k3
 from gemcut.objectives.ppo import gae, ppo_loss, shaped_rewards, whiten
-from gemcut.train.rl import collect, fit_rl, prompt_inputs, reward_hacking_warning
+from gemcut.tasks import task_named
+from gemcut.train.loop import fit
+from gemcut.train.rollouts import collect, prompt_inputs, reward_hacking_warning, rl_training
 
 PROMPTS = ["hello world", "the quick brown fox", "i love this", "the weather is", "what is the capital", "i hate waiting"]
 
@@ -38,9 +41,23 @@ def config(algo: str, steps: int, tmp_path, **train) -> RunConfig:
     return RunConfig.model_validate({
         "objective": {"kind": algo, "rl": {"group_size": 8, "max_new_tokens": 8, "kl_coef": 0.01,
                                            "ppo_epochs": 1 if algo == "grpo" else 2}},
-        "train": {"max_steps": steps, "batch_size": batch, "lr": lr, "schedule": "constant", "warmup_steps": 0, **train},
+        "train": {"max_steps": steps, "batch_size": batch, "lr": lr, "schedule": "constant", "warmup_steps": 0,
+                  "precision": "fp32", **train},
         "output": {"dir": str(tmp_path)},
     })
+
+
+def fit_rl(policy, tok, prompts, reward_fn, *, algo, config, run_dir, resume=False, val_prompts=None):
+    """The one loop on rollouts, as `gemcut train` runs GRPO and PPO (gemcut/train/run.py)."""
+    task = task_named(algo)
+    source, validation, trained = rl_training(task, config, policy, tok, prompts, reward_fn, val_prompts)
+    return fit(trained, build_objective(task, config), source, config=config, task=task, run_dir=run_dir,
+               validation=validation, resume=resume)
+
+
+def history(run_dir) -> list[dict]:
+    """The training lines of metrics.jsonl (one per iteration)."""
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"reward_mean"' in x]
 
 
 def mean_reward(policy, tok, prompts) -> float:
@@ -95,13 +112,14 @@ def test_rl_resume_gives_the_same_trajectory(tmp_path):
                         run_dir=tmp_path / name, resume=resume)
         return result, policy
 
-    straight, p_straight = run("straight")
+    _, p_straight = run("straight")
     # The same run as if killed after the checkpoint of iteration 2: drop the later one and resume from fresh weights.
     shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-4")
-    resumed, p_resumed = run("resumed", resume=True)
-    assert [h["step"] for h in resumed.history] == [3, 4]
-    for a, b in zip(straight.history[2:], resumed.history):
+    _, p_resumed = run("resumed", resume=True)
+    straight, resumed = history(tmp_path / "straight"), history(tmp_path / "resumed")
+    assert [h["step"] for h in resumed] == [1, 2, 3, 4]  # metrics read as one run
+    for a, b in zip(straight[2:], resumed[2:]):
         for key in ("reward_mean", "kl", "loss", "entropy", "clip_frac", "value_loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
     sd_a = {n: p for n, p in p_straight.named_parameters() if p.requires_grad}
@@ -109,8 +127,6 @@ def test_rl_resume_gives_the_same_trajectory(tmp_path):
     assert sd_a.keys() == sd_b.keys()
     for n in sd_a:
         torch.testing.assert_close(sd_a[n], sd_b[n], rtol=1e-5, atol=1e-6)
-    lines = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines if "reward_mean" in x] == [1, 2, 3, 4]  # metrics read as one run
 
 
 def test_resume_refuses_a_changed_config(tmp_path):
@@ -250,8 +266,9 @@ def test_grpo_run_end_to_end_with_a_classifier_reward(tmp_path):
         loaded = load_run(run_dir, checkpoint)
         assert loaded.task == "grpo" and hasattr(loaded.model, "disable_adapter")
     # a classifier used as a reward without a label names the labels it has
+    from gemcut.objectives.reward_functions import load_reward
+
     from gemcut.errors import ConfigError
-    from gemcut.objectives.rewards import load_reward
 
     with pytest.raises(ConfigError, match="positive"):
         load_reward(rl.objective.rl.model_copy(update={"reward_label": None}))

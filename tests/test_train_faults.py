@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny import CORPUS, save_tiny_llama, tiny_llama, tiny_tokenizer
 from train_helpers import (
+    fit_examples,
     TINY_RUN,
     bert,
     causal_examples,
@@ -32,14 +33,13 @@ from train_helpers import (
     train_losses,
 )
 
+from gemcut import run_folder
 from gemcut.config import AdapterConfig, RunConfig, load_config
 from gemcut.errors import ConfigError, GemcutError, TrainingError
 from gemcut.models.adapters import apply_adapter
 from gemcut.models.load import load_run
 from gemcut.objectives import CausalLM, Classify
-from gemcut.train import checkpoint as ckpt
 from gemcut.train import guard, loop
-from gemcut.train.loop import fit
 from gemcut.train.run import train
 
 TINY_LLAMA_WEIGHTS = 30_880
@@ -99,10 +99,10 @@ def test_an_update_that_overflows_the_weights_stops_before_any_save(tmp_path):
     """lr=1e39 is a finite number, but the first Adam update overflows fp32: step 1's loss and gradient norm
     are fine, the weights after it are not, and step-1 must not be written."""
     with pytest.raises(TrainingError) as err:
-        fit(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path, config=config(max_steps=3, lr=1e39, save_every=1))
+        fit_examples(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path, config=config(max_steps=3, lr=1e39, save_every=1))
     assert str(err.value).startswith(f"the trainable weights are not finite after step 1 ({TINY_LLAMA_WEIGHTS:,} of "
                                      f"{TINY_LLAMA_WEIGHTS:,} are nan or inf); last good checkpoint: none. Lower train.lr")
-    assert ckpt.complete_checkpoints(tmp_path / "checkpoints") == []
+    assert run_folder.complete_checkpoints(tmp_path / "checkpoints") == []
 
 
 def poison_update(monkeypatch, at: int) -> None:
@@ -127,17 +127,19 @@ def poison_update(monkeypatch, at: int) -> None:
 def test_a_poisoned_update_is_found_at_its_step_and_the_last_good_checkpoint_is_finite(tmp_path, monkeypatch):
     poison_update(monkeypatch, at=3)
     with pytest.raises(TrainingError) as err:  # losses are read at step 4 only (log_every=4)
-        fit(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path, config=config(max_steps=8, save_every=2, log_every=4))
+        fit_examples(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path, config=config(max_steps=8, save_every=2, log_every=4))
     good = tmp_path / "checkpoints" / "step-2"
     message = str(err.value)
     assert message.startswith("the trainable weights are not finite after step 3 (by step 4, ")
     assert f"; last good checkpoint: {good}. Lower train.lr" in message
-    assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "checkpoints")] == ["step-2"]
+    assert [p.name for p in run_folder.complete_checkpoints(tmp_path / "checkpoints")] == ["step-2"]
     assert all(torch.isfinite(t).all() for t in load_file(str(good / "model.safetensors")).values())
 
 
 def test_rl_stops_on_weights_that_are_not_finite(tmp_path):
-    from gemcut.train.rl import fit_rl, prompt_inputs
+    from test_rl import fit_rl
+
+    from gemcut.train.rollouts import prompt_inputs
 
     tok = tiny_tokenizer()
     policy = apply_adapter(tiny_llama(tok), AdapterConfig(r=4, alpha=8), "causal_lm")
@@ -151,7 +153,7 @@ def test_rl_stops_on_weights_that_are_not_finite(tmp_path):
                                     "output": {"dir": str(tmp_path)}})
     with pytest.raises(TrainingError, match=r"^the trainable weights are not finite after step 1 \(.*; last good checkpoint: none\."):
         fit_rl(policy, tok, prompts, reward, algo="grpo", config=cfg, run_dir=tmp_path / "rl")
-    assert ckpt.complete_checkpoints(tmp_path / "rl" / "checkpoints") == []
+    assert run_folder.complete_checkpoints(tmp_path / "rl" / "checkpoints") == []
 
 
 def test_loading_a_checkpoint_with_a_nan_weight_is_refused(tmp_path, finished):
@@ -162,7 +164,7 @@ def test_loading_a_checkpoint_with_a_nan_weight_is_refused(tmp_path, finished):
     weights["model.norm.weight"][3] = float("nan")
     save_file(weights, str(path / "model.safetensors"))
     with pytest.raises(TrainingError) as err:
-        ckpt.load_trainable(llama(), path)
+        run_folder.load_trainable(llama(), path)
     assert str(err.value) == (f"checkpoint {path} cannot be used: model.safetensors holds 1 of {TINY_LLAMA_WEIGHTS:,} weights "
                               "that are nan or inf (in model.norm.weight)")
 
@@ -203,13 +205,13 @@ def dead_bert():
     (dead_bert, Classify, class_examples, collate_classify, "ln 3 = 1.0986"),
 ])
 def test_a_collapsed_run_stops_as_collapsed(tmp_path, make, objective, examples, collate, level):
-    result = fit(make(), objective(), examples(), collate, run_dir=tmp_path, config=config(max_steps=10, save_every=5))
+    result = fit_examples(make(), objective(), examples(), collate, run_dir=tmp_path, config=config(max_steps=10, save_every=5))
     assert result.stopped == "collapsed" and result.state.step == 3
     assert result.reason.startswith(f"the model collapsed: for 3 steps up to step 3 the loss sat at {level.split()[-1]}, "
                                     f"the level of a uniform guess ({level})")
     assert result.reason.endswith("with gradient norm 0.0e+00, so the weights no longer change. "
                                   "Lower train.lr (it was 0.01) and start a new run.")
-    assert result.last_checkpoint is None and ckpt.complete_checkpoints(tmp_path / "checkpoints") == []
+    assert result.last_checkpoint is None and run_folder.complete_checkpoints(tmp_path / "checkpoints") == []
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert (rows[-1]["step"], rows[-1]["collapsed"]) == (3, result.reason)
 
@@ -314,7 +316,7 @@ def test_resume_from_the_newest_intact_checkpoint_gives_the_same_losses(tmp_path
     assert not (run / "checkpoints" / "best").exists()  # this run never evaluated: no best to move back to
     assert result.stopped == "completed" and result.state.step == TINY_RUN["max_steps"]
     assert train_losses(run) == pytest.approx(straight, rel=1e-6)
-    assert [p.name for p in ckpt.complete_checkpoints(run / "checkpoints")] == ["step-3", "step-6", "step-9", "step-12"]
+    assert [p.name for p in run_folder.complete_checkpoints(run / "checkpoints")] == ["step-3", "step-6", "step-9", "step-12"]
     with pytest.raises(TrainingError, match=r"--resume-from step-7: .*step-7 is not a complete checkpoint; complete checkpoints: "
                                             r"step-3, step-6, step-9, step-12"):
         tiny_run(run, resume="step-7")
@@ -368,7 +370,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, straight):
     if pid == 0:
         code = 1
         try:
-            result = fit(llama(), PauseAt(5, ready), causal_examples(), collate_causal, config=config(**TINY_RUN),
+            result = fit_examples(llama(), PauseAt(5, ready), causal_examples(), collate_causal, config=config(**TINY_RUN),
                          run_dir=run, data_hash="synthetic-v1")
             code = 3 if (result.stopped, result.reason) == ("interrupted", "SIGTERM") else 4
         finally:
@@ -382,9 +384,9 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, straight):
     os.kill(pid, signal.SIGTERM)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3, f"child status {status}"
-    latest = ckpt.latest_checkpoint(run / "checkpoints")
+    latest = run_folder.latest_checkpoint(run / "checkpoints")
     assert latest.name == "step-5"  # saves every 3: this one is SIGTERM's
-    ckpt.load_trainable(llama(), latest)
+    run_folder.load_trainable(llama(), latest)
     result = tiny_run(run, resume=True)
     assert result.stopped == "completed" and train_losses(run) == pytest.approx(straight, rel=1e-6)
 
@@ -419,7 +421,7 @@ def test_gemcut_train_on_sigterm_exits_143_with_the_resume_hint(tmp_path, sft_da
     # The hint is the real command: the same file and overrides, the run's name pinned, --resume.
     hint = shlex.join(["gemcut", *[a for a in args if a != "output.name=t"], "output.name=t", "--resume"])
     assert f"continue with: {hint}" in " ".join(result.output.split())
-    assert ckpt.latest_checkpoint(tmp_path / "t" / "checkpoints").name == "step-3"
+    assert run_folder.latest_checkpoint(tmp_path / "t" / "checkpoints").name == "step-3"
     assert not (tmp_path / "t" / "final").exists()
 
     monkeypatch.setattr(loop, "backward_step", real)

@@ -16,12 +16,12 @@ import copy
 import torch
 from tiny import tiny_bert_classifier, tiny_tokenizer
 from torch.utils.data import SequentialSampler
-from train_helpers import class_examples, collate_classify, config, deterministic
+from train_helpers import class_examples, collate_classify, config, deterministic, fit_examples
 from transformers import Trainer, TrainingArguments
 
 from gemcut.models.padding_free import use_padding_free_encoder
 from gemcut.objectives import Classify
-from gemcut.train.loop import epoch_order, fit
+from gemcut.train.batches import epoch_order
 
 STEPS, BATCH, LR = 6, 8, 5e-4
 CLIP = 0.05  # below the tiny model's gradient norms, so clipping acts at every step
@@ -51,7 +51,7 @@ def test_gemcut_fit_and_the_trainer_make_the_same_update(tmp_path):
     examples = class_examples(n=STEPS * BATCH, seed=3, vocab=len(tokenizer))
     cfg = config(batch_size=BATCH, lr=LR, warmup_steps=0, warmup_ratio=0.0, schedule="linear", max_steps=STEPS,
                  max_grad_norm=CLIP, weight_decay=0.0, group_by_length=False, log_every=1000, fast_dropout=False)
-    fit(ours, Classify(), examples, collate_classify, config=cfg, run_dir=tmp_path / "gemcut")
+    fit_examples(ours, Classify(), examples, collate_classify, config=cfg, run_dir=tmp_path / "gemcut")
 
     order = epoch_order([len(e["input_ids"]) for e in examples], seed=cfg.train.seed, epoch=0, batch_size=BATCH,
                         group_by_length=False)

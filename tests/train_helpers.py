@@ -26,6 +26,23 @@ from gemcut.objectives import CausalLM  # noqa: E402
 PAD = 0
 
 
+def fit_examples(model, objective, train_set, collate, *, config: RunConfig, run_dir, val_set=None, sample_fn=None, **kw):
+    """`gemcut.train.loop.fit` over tokenized examples, as `gemcut train` calls it: an ExampleSource, and a
+    LossValidation when there is a validation set; the task is the objective's (gemcut/tasks.py)."""
+    from gemcut.models.fast import applied
+    from gemcut.tasks import task_named
+    from gemcut.train.batches import ExampleSource, resolve_group_by_length
+    from gemcut.train.loop import fit
+    from gemcut.train.validation import LossValidation
+
+    grouped = resolve_group_by_length(config.train.group_by_length, "padding_free" in applied(model))
+    source = ExampleSource(train_set, collate, config.train, group_by_length=grouped)
+    validation = kw.pop("validation", None)
+    if val_set:
+        validation = LossValidation(objective, val_set, collate, batch_size=config.train.batch_size, sample_fn=sample_fn)
+    return fit(model, objective, source, config=config, task=task_named(objective.task), run_dir=run_dir, validation=validation, **kw)
+
+
 def deterministic() -> None:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -113,12 +130,10 @@ class HangAt:
 
 
 def tiny_run(run_dir: Path, *, resume: bool = False, hang_at: int | None = None):
-    from gemcut.train.loop import fit
-
     deterministic()
     objective = CausalLM()
     if hang_at is not None:
         objective = HangAt(objective, hang_at, Path(run_dir).with_suffix(".ready"))
-    return fit(llama(), objective, causal_examples(), collate_causal, config=config(**TINY_RUN), run_dir=run_dir,
+    return fit_examples(llama(), objective, causal_examples(), collate_causal, config=config(**TINY_RUN), run_dir=run_dir,
                data_hash="synthetic-v1", resume=resume)
 

@@ -2,25 +2,59 @@
 
     python -m pytest -q tests/test_objectives.py
 
-`build_objective` is where a run's task name becomes an objective object, once, outside the loop.
+`build_objective` is where a run's task becomes an objective object, once, outside the loop; the loop
+knows only the `Objective` interface (gemcut/objectives/base.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from gemcut.config import RunConfig
 from gemcut.errors import TrainingError
 from gemcut.objectives.base import Objective, ObjectiveOutput
 from gemcut.objectives.causal_lm import CausalLM
 from gemcut.objectives.classify import Classify, balanced_class_weights
+from gemcut.tasks import Task
 
 __all__ = ["Objective", "ObjectiveOutput", "CausalLM", "Classify", "balanced_class_weights", "build_objective"]
 
 
-def build_objective(task: str, class_weights: Sequence[float] | None = None) -> Objective:
-    """`task` is "causal_lm" or "classify" (what `gemcut.train.run` resolves from objective.kind)."""
-    if task == "causal_lm":
+def class_weights_for(config: RunConfig, labels: Sequence[str], train_labels: Sequence[int]) -> list[float] | None:
+    """objective.class_weights resolved: none, balanced over the training labels, or the listed weights."""
+    weights = config.objective.class_weights
+    if weights == "balanced":
+        return balanced_class_weights(list(train_labels), len(labels))
+    if weights == "none":
+        return None
+    if len(weights) != len(labels):
+        raise TrainingError(f"objective.class_weights has {len(weights)} values for {len(labels)} labels ({', '.join(labels)})")
+    return list(weights)
+
+
+def build_objective(task: Task, config: RunConfig, *, labels: Sequence[str] | None = None,
+                    train_examples: Sequence[dict] = ()) -> Objective:
+    """The objective of `task` with its settings from `config` (classify's class weights need the labels and
+    the training examples; the others only the config)."""
+    if task.name == "causal_lm":
         return CausalLM()
-    if task == "classify":
-        return Classify(class_weights)
-    raise TrainingError(f"objective.kind={task!r} is not trained by `gemcut train` yet; use causal_lm or classify")
+    if task.name == "classify":
+        return Classify(class_weights_for(config, labels or [], [ex["label"] for ex in train_examples]))
+    if task.name == "reward":
+        from gemcut.objectives.reward import PairwiseReward
+
+        return PairwiseReward()
+    if task.name == "dpo":
+        from gemcut.objectives.dpo import DPO
+
+        return DPO(config.objective.dpo.beta)
+    rl = config.objective.rl
+    if task.name == "grpo":
+        from gemcut.objectives.grpo import GRPO
+
+        return GRPO(clip_range=rl.clip_range, kl_coef=rl.kl_coef)
+    if task.name == "ppo":
+        from gemcut.objectives.ppo import PPO
+
+        return PPO(clip_range=rl.clip_range, value_clip=rl.value_clip)
+    raise TrainingError(f"no objective for task {task.name!r}")  # a row added to gemcut/tasks.py without one

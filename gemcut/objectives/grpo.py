@@ -1,6 +1,6 @@
 """GRPO: group-relative advantages and the clipped policy loss with a KL penalty to the reference.
 
-    python -m pytest -q tests/test_rl.py       # the loop that uses it is gemcut/train/rl.py
+    python -m pytest -q tests/test_rl.py       # batches come from gemcut/train/rollouts.py
 
 Shao et al., "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models" (2024),
 sec. 4.1, eq. 3: sample a group of G completions per prompt, score them, and use the reward standardised
@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from gemcut.objectives.base import ObjectiveOutput
+from gemcut.objectives.rollout_forward import rollout_forward
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
@@ -57,3 +58,23 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     clipped = ((ratio - 1).abs() > clip_range).float()
     metrics = {"kl": seq_mean(kl).detach().sum(), "clip_frac": seq_mean(clipped).sum(), "ratio": seq_mean(ratio).detach().sum()}
     return ObjectiveOutput(seq_mean(per_token).sum(), int(logp.shape[0]), metrics)
+
+
+class GRPO:
+    """The objective over rollout batches (gemcut/train/rollouts.py): the policy's log-probs of the sampled
+    tokens against pi_old, the reference and the group advantages the batch carries. One target per
+    completion. `logged`: the metrics the loop averages into each step's line."""
+
+    task = "grpo"
+    logged = ("clip_frac",)  # the source logs the KL of the sampled completions
+
+    def __init__(self, *, clip_range: float, kl_coef: float):
+        self.clip_range, self.kl_coef = clip_range, kl_coef
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["mask"].shape[0])
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        logp, _, _ = rollout_forward(model, batch)
+        return grpo_loss(logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], batch["mask"],
+                         clip_range=self.clip_range, kl_coef=self.kl_coef)

@@ -1,6 +1,6 @@
 """PPO for language models: per-token KL-shaped rewards, GAE, clipped policy and value losses.
 
-    python -m pytest -q tests/test_rl.py       # the loop that uses it is gemcut/train/rl.py
+    python -m pytest -q tests/test_rl.py       # batches come from gemcut/train/rollouts.py
 
 Schulman et al., "Proximal Policy Optimization Algorithms" (2017), eq. 7 (clipped surrogate) and eq. 11-12
 (generalised advantage estimation, from Schulman et al., "High-Dimensional Continuous Control Using
@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from gemcut.objectives.base import ObjectiveOutput
+from gemcut.objectives.rollout_forward import rollout_forward
 
 VALUE_COEF = 0.5  # weight of the value loss in the shared-trunk objective (Schulman et al. 2017, eq. 9's c1)
 
@@ -78,3 +79,23 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
         "value_clip_frac": (((values - old_values).abs() > value_clip).float() * mask).sum(),
     }
     return ObjectiveOutput(total, int(mask.sum()), metrics)
+
+
+class PPO:
+    """The objective over rollout batches that carry advantages, returns and the old values: the policy and
+    its value head (a PolicyWithValueHead, gemcut/models/value_head.py) in one forward. One target per
+    generated token."""
+
+    task = "ppo"
+    logged = ("clip_frac", "policy_loss", "value_loss", "value_clip_frac")
+
+    def __init__(self, *, clip_range: float, value_clip: float):
+        self.clip_range, self.value_clip = clip_range, value_clip
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["mask"].sum())
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        logp, _, values = rollout_forward(model, batch)
+        return ppo_loss(logp, batch["old_logp"], batch["advantages"], values, batch["old_values"], batch["returns"],
+                        batch["mask"], clip_range=self.clip_range, value_clip=self.value_clip)

@@ -294,7 +294,7 @@ def forget_after(root: Path, path: Path, best_step: int | None) -> None:
 def start_or_resume(root: Path, *, resume: bool | str, data_hash: str, config: dict, model: torch.nn.Module, optimizer,
                     scheduler) -> tuple[TrainState, Path | None]:
     """A fresh state, or with `resume` (see `resume_point`) that checkpoint's, once it is shown intact and made
-    from this data and config; returns (state, the checkpoint resumed from or None). Shared by `fit` and `fit_rl`."""
+    from this data and config; returns (state, the checkpoint resumed from or None)."""
     if not resume:
         return TrainState(data_hash=data_hash), None
     path = resume_point(root, resume, trainable_parameters(model))

@@ -1,4 +1,4 @@
-"""What stops a run that has gone bad, shared by both loops (`loop.fit`, `rl.fit_rl`): losses, gradient norms
+"""What stops a run that has gone bad, checked by the one loop (`gemcut/train/loop.py`): losses, gradient norms
 or weights that are not finite, a collapsed model, and SIGINT/SIGTERM.
 
     python -m pytest -q tests/test_train_faults.py
@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from gemcut.errors import TrainingError
+from gemcut.tasks import Task
 
 COLLAPSE_STEPS = 3  # consecutive steps at the uniform level with no gradient
 UNIFORM_REL_TOL = 0.05  # the loss of a weighted objective (class weights) sits near ln K, not on it
@@ -63,15 +64,15 @@ def check_finite(step: int, *, loss: float, grad_norm: float, weights: float, pa
     raise TrainingError(f"{what}; last good checkpoint: {last_good or 'none'}. {fix}")
 
 
-def uniform_choices(model: torch.nn.Module, task: str | None) -> int | None:
-    """K, the number of outcomes the loss of `task` is a cross-entropy over, so that ln K is its value for a
-    uniform guess: the vocabulary (causal_lm), the labels (classify), the two sides of a pair (dpo, reward)."""
-    if task == "causal_lm":
+def uniform_choices(model: torch.nn.Module, task: Task) -> int | None:
+    """K, the number of outcomes the task's loss is a cross-entropy over (gemcut/tasks.py), so that ln K is its
+    value for a uniform guess: the vocabulary, the labels, the two sides of a pair; None for RL losses."""
+    if task.uniform_choices == "vocabulary":
         head = model.get_output_embeddings()
         return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
-    if task == "classify":
+    if task.uniform_choices == "labels":
         return int(model.config.num_labels)
-    if task in ("dpo", "reward"):
+    if task.uniform_choices == "pair":
         return 2
     return None
 

@@ -1,0 +1,127 @@
+"""Batch sources: what the training loop draws each optimizer step from.
+
+    python -m pytest -q tests/test_loop.py
+
+The loop (gemcut/train/loop.py) knows neither the data nor the objective: at each step it asks its source for
+a `Step` at the run's data position (epoch, index in the epoch's order) and trains on it. Two sources exist:
+
+- `ExampleSource`: tokenized examples, batched by a collator (causal LM, classification, preference pairs);
+- `RolloutSource` (gemcut/train/rollouts.py): prompts, from which the policy samples and a reward scores
+  the completions that become the batches (GRPO, PPO).
+
+The data order of epoch e is a permutation drawn from (seed, e), with length grouping batches of similar
+lengths, so the position (epoch, index) is all that resume needs to continue exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Protocol
+
+import torch
+
+from gemcut.config import TrainConfig
+from gemcut.data import collate as C
+from gemcut.tasks import Task
+
+Batch = dict[str, torch.Tensor]
+GROUP_BATCHES = 50  # length grouping sorts windows of this many batches, like HF's megabatches
+
+
+@dataclass
+class Step:
+    """One optimizer step's data, this process's share of it.
+
+    `updates`: the optimizer updates the step makes, each a list of micro-batches whose gradients accumulate
+    (one update for examples; `objective.rl.ppo_epochs` over the same rollouts for RL). `examples`: how far the
+    step moves the data position. `tokens`: real tokens seen (padding excluded). `metrics`: host numbers
+    logged with the step (reward, KL, ...); `samples`: lines for samples.jsonl; `warnings`: printed and logged.
+    `trained_tokens`: tokens with a loss, when the objective's targets are not tokens (GRPO counts completions).
+    """
+
+    updates: list[list[Batch]]
+    examples: int
+    tokens: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    trained_tokens: int | None = None
+
+
+class BatchSource(Protocol):
+    """What the loop needs from a source of batches."""
+
+    #: optimizer updates per step (the scheduler counts updates)
+    updates_per_step: int
+
+    def __len__(self) -> int:
+        """Examples (or prompts) in one epoch."""
+
+    def examples_per_step(self, world: int) -> int: ...
+
+    def step(self, model: torch.nn.Module, *, epoch: int, index: int, step: int, rank: int, world: int) -> Step:
+        """The step starting at position (epoch, index); `step` is the number of the step about to run."""
+
+
+def example_length(example: dict) -> int:
+    """Tokens in an example: `input_ids`, or both sides of a preference pair (`chosen_input_ids`, ...)."""
+    return sum(len(v) for k, v in example.items() if k.endswith("input_ids"))
+
+
+def epoch_order(lengths: Sequence[int], *, seed: int, epoch: int, batch_size: int, group_by_length: bool) -> list[int]:
+    """Example indices in the order epoch `epoch` visits them; consecutive `batch_size` slices are batches."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    if not group_by_length:
+        return order
+    window = batch_size * GROUP_BATCHES  # longest first inside each window, then batches shuffled
+    order = [i for s in range(0, len(order), window) for i in sorted(order[s:s + window], key=lambda i: -lengths[i])]
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    return [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
+
+
+def resolve_group_by_length(setting: bool | str, padding_free: bool) -> bool:
+    """`train.group_by_length`: "auto" groups batches by length unless the model runs padding-free, which pays
+    for padding only inside attention and so keeps uniformly random batches (a length-grouped batch holds
+    examples of one length, and its gradient is not that of a random sample)."""
+    return not padding_free if setting == "auto" else bool(setting)
+
+
+def collator_for(task: Task, pad_id: int) -> Callable[[list[dict]], Batch]:
+    """The collator of the task's batches (the table's `batches`); rollout batches are built by their source."""
+    collators = {"causal": C.collate_causal, "classify": C.collate_classify, "preference": C.collate_preference}
+    return partial(collators[task.batches], pad_id=pad_id)
+
+
+class ExampleSource:
+    """Tokenized examples in the epoch's seeded order: per step, `grad_accum` micro-batches of `batch_size`
+    examples on each process, collated; one update per step."""
+
+    updates_per_step = 1
+
+    def __init__(self, examples: Sequence[dict], collate: Callable[[list[dict]], Batch], train: TrainConfig, *,
+                 group_by_length: bool):
+        self.examples, self.collate = examples, collate
+        self.batch_size, self.grad_accum, self.seed, self.grouped = train.batch_size, train.grad_accum, train.seed, group_by_length
+        self.lengths = [example_length(ex) for ex in examples]
+        self._order: tuple[int, list[int]] | None = None  # (epoch, order), drawn once per epoch
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def examples_per_step(self, world: int) -> int:
+        return self.batch_size * self.grad_accum * world
+
+    def order(self, epoch: int) -> list[int]:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(self.lengths, seed=self.seed, epoch=epoch, batch_size=self.batch_size,
+                                              group_by_length=self.grouped))
+        return self._order[1]
+
+    def step(self, model, *, epoch: int, index: int, step: int, rank: int, world: int) -> Step:
+        take = self.order(epoch)[index:index + self.examples_per_step(world)]
+        micro = [take[s:s + self.batch_size] for s in range(0, len(take), self.batch_size)][rank::world]
+        batches = [self.collate([self.examples[i] for i in ids]) for ids in micro]
+        return Step([batches], len(take), sum(self.lengths[i] for ids in micro for i in ids))
