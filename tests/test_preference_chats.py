@@ -21,11 +21,12 @@ import pytest
 from tiny import tiny_llama, tiny_tokenizer
 
 from gemcut.config import DataConfig
+from gemcut.data.collate import IGNORE
 from gemcut.data.normalize import Normalizer
 from gemcut.data.prepare import prepare
 from gemcut.data.readers import Row
 from gemcut.data.templates import ChatTemplate
-from gemcut.data.tokenize import IGNORE, tokenize_records
+from gemcut.data.tokenize import tokenize_records
 from gemcut.errors import DataError
 from gemcut.label.export import export_preferences, ranking_pairs, to_openai
 from gemcut.label.generate import prompt_ids, queue_completions, read_prompts
