@@ -14,9 +14,11 @@ from gemcut.data.templates import ChatTemplate
 from gemcut.errors import GemcutError, ModelNotFoundError
 from gemcut.models import registry
 from gemcut.models.adapters import apply_adapter
+from gemcut.models.fast import apply_fast
 from gemcut.models.load import load_base, load_run, save_final
 from gemcut.models.resolve import list_local_models, resolve_model
 from gemcut.run_folder import run_meta
+from gemcut.tasks import task_named
 
 
 @pytest.fixture(autouse=True)
@@ -115,6 +117,7 @@ def test_saved_classifier_reloads_with_identical_logits(bert_dir, tmp_path, meth
     torch.manual_seed(0)
     model, tok = load_base(cfg.model, "classify", label_names=labels)
     model = apply_adapter(model, cfg.adapter, "classify")
+    apply_fast(model, task_named("classify"), cfg.train)  # as gemcut train does; load_run applies the run's own train.fast
     with torch.no_grad():  # as if trained: move the adapter/head away from its initial values
         for p in model.parameters():
             if p.requires_grad:

@@ -316,14 +316,13 @@ def _data(cfg, task_of, tokenizer_for) -> _Data:
                  prepare_seconds=prepare_seconds, tokenize_seconds=per_record * (n_train_records + len(val_records)))
 
 
-def _prepare_for_training(model, cfg, precision: str):
+def _prepare_for_training(model, cfg, precision: str, task: str):
     """The changes `gemcut train` makes to the loaded model that change its speed or memory."""
+    from gemcut.models.fast import apply_fast
+    from gemcut.tasks import task_named
     from gemcut.train.loop import store_frozen_linears_in_bf16
 
-    if cfg.train.fast_dropout:
-        from gemcut.models.fast_dropout import use_fast_dropout
-
-        use_fast_dropout(model)
+    apply_fast(model, task_named(task), cfg.train)
     if cfg.train.activation_checkpointing and getattr(model, "supports_gradient_checkpointing", True):
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 renamed it
@@ -367,7 +366,7 @@ def estimate(cfg, *, probe: bool = True, probe_steps: int = 3) -> Estimate:
         torch.manual_seed(cfg.train.seed)
         model, tokenizer = load_base(cfg.model, task, num_labels=None if labels else (2 if task == "classify" else None),
                                      label_names=labels if task == "classify" else None)
-        model = _prepare_for_training(apply_adapter(model, cfg.adapter, task), cfg, precision).to(device)
+        model = _prepare_for_training(apply_adapter(model, cfg.adapter, task), cfg, precision, task).to(device)
         loaded.update(model=model, tokenizer=tokenizer, task=task, seconds=time.perf_counter() - t0)
         return tokenizer
 
@@ -423,7 +422,7 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
     import torch
 
     from gemcut.models.adapters import count_parameters, find_blocks
-    from gemcut.models.padding_free import runs_padding_free
+    from gemcut.models.fast import applied
     from gemcut.models.precision import autocast, resolve_precision
     from gemcut.train.loop import example_length, group_by_length
 
@@ -464,7 +463,7 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
     from gemcut.data.collate import collate_causal, collate_classify
     from gemcut.objectives import build_objective
 
-    padded = not runs_padding_free(model)
+    padded = "padding_free" not in applied(model)
     collate = collate_causal if task == "causal_lm" else collate_classify
     if lengths:
         # The plan's examples: all of them, or (sampled data) as many drawn from the sample as the run will have.
