@@ -225,7 +225,7 @@ def plan_steps(lengths: list[int], *, batch_size: int, grad_accum: int, steps: i
     """The micro-batches (example indices) of each of `steps` optimizer steps, in the order `fit` takes them
     on one process: `epoch_order` per epoch, `batch_size * grad_accum` examples a step, a new epoch when the
     data runs out."""
-    from gemcut.train.loop import epoch_order
+    from gemcut.train.batches import epoch_order
 
     per_step, plan, epoch, index, order = batch_size * grad_accum, [], 0, 0, None
     for _ in range(steps):
@@ -320,7 +320,7 @@ def _prepare_for_training(model, cfg, precision: str, task: str):
     """The changes `gemcut train` makes to the loaded model that change its speed or memory."""
     from gemcut.models.fast import apply_fast
     from gemcut.tasks import task_named
-    from gemcut.train.loop import store_frozen_linears_in_bf16
+    from gemcut.train.bf16 import store_frozen_linears_in_bf16
 
     apply_fast(model, task_named(task), cfg.train)
     if cfg.train.activation_checkpointing and getattr(model, "supports_gradient_checkpointing", True):
@@ -424,7 +424,7 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
     from gemcut.models.adapters import count_parameters, find_blocks
     from gemcut.models.fast import applied
     from gemcut.models.precision import autocast, resolve_precision
-    from gemcut.train.loop import example_length, group_by_length
+    from gemcut.train.batches import example_length, resolve_group_by_length
 
     device = next(model.parameters()).device.type
     notes = list(notes or [])
@@ -462,6 +462,7 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
 
     from gemcut.data.collate import collate_causal, collate_classify
     from gemcut.objectives import build_objective
+    from gemcut.tasks import task_named
 
     padded = "padding_free" not in applied(model)
     collate = collate_causal if task == "causal_lm" else collate_classify
@@ -471,7 +472,7 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
                  if data is not None and data.sampled else range(len(examples)))
         plan_lengths = [lengths[j] for j in drawn]
         plan = plan_steps(plan_lengths, batch_size=B, grad_accum=cfg.train.grad_accum, steps=steps or 1,
-                          seed=cfg.train.seed, grouped=group_by_length(cfg.train.group_by_length, model))
+                          seed=cfg.train.seed, grouped=resolve_group_by_length(cfg.train.group_by_length, not padded))
         costs = [[batch_tokens([plan_lengths[i] for i in mb], padded) for mb in step] for step in plan]
         micro = [(c, mb) for step, step_costs in zip(plan, costs) for c, mb in zip(step_costs, step)]
         probe_cost, probe_ids = sorted(micro, key=lambda m: m[0])[len(micro) // 2]
@@ -491,7 +492,8 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
     # Two rows at least, so that the warm-up takes the code paths of a batch (a shared prompt prefix needs two).
     warm = to_device(collate(rows[:max(2, len(rows) // 4)], tokenizer.pad_token_id))
 
-    objective = build_objective(task)
+    labels = data.labels if data is not None else None
+    objective = build_objective(task_named(task), cfg, labels=labels, train_examples=[r for r in rows if "label" in r])
     params = list(model.parameters())
     in_precision = autocast(precision, device)
     saved = 0
@@ -537,7 +539,7 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
         n_evals = evaluations(steps, cfg.train.eval_every)
         parts["validation"] = n_evals * val_cost * forward_seconds / probe_cost
         if task == "causal_lm" and data.kind in ("messages", "prompt_completion") and cfg.train.sample_prompts:
-            from gemcut.train.run import SAMPLE_MAX_NEW_TOKENS
+            from gemcut.train.samples import SAMPLE_MAX_NEW_TOKENS
 
             n_prompts = min(cfg.train.sample_prompts, data.n_validation)
             one = batch["input_ids"][:n_prompts, :1]
