@@ -50,7 +50,7 @@ def run_server(args) -> dict:
     settings = ServeSettings(models=[args.model], api_keys=[key], db_url=f"sqlite:///{args.db}", max_batch=args.max_batch,
                              max_queue=max(64, args.concurrency * 2), num_threads=args.threads, batch_wait_ms=args.batch_wait_ms)
     app = create_app(settings)
-    name = next(iter(app.state.engine.models))
+    name = next(iter(app.state.registry.models))
     texts = prompts(args.requests)
     errors: list[str] = []
     latencies: list[float] = []

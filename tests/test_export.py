@@ -91,16 +91,17 @@ def test_int8_export_loads_agrees_and_answers(run, reference):
     agree = (logits.argmax(-1) == reference["logits"].argmax(-1)).float().mean()
     assert agree > 0.9 and (logits - reference["logits"]).abs().max() < 0.1
 
-    from gemcut.serve.engine import Engine, GenJob
+    from gemcut.serve.registry import ModelRegistry
     from gemcut.serve.settings import ServeSettings
+    from gemcut.serve.worker import GenJob, Worker
 
-    engine = Engine(ServeSettings())
-    served = engine.add(str(out), name="int8")
-    engine.start()
+    served = ModelRegistry(ServeSettings()).add(str(out), name="int8")
+    worker = Worker(ServeSettings())
+    worker.start()
     try:
-        result = engine.submit(GenJob(served, prompts=[served.template.prompt_ids(MSG)], max_new_tokens=5)).result(timeout=60)
+        result = worker.submit(GenJob(served, prompts=[served.template.prompt_ids(MSG)], max_new_tokens=5)).result(timeout=60)
     finally:
-        engine.stop()
+        worker.stop()
     assert len(result) == 1 and result[0].finish_reason in ("stop", "length") and len(result[0].token_ids) <= 5
     assert result[0].finish_reason == "stop" or len(result[0].token_ids) == 5
 

@@ -104,15 +104,15 @@ def test_code_only_model_without_the_flag_is_a_named_error(tmp_path, marker):
 
 
 def test_served_and_chatted_folders_do_not_run_their_code(tmp_path, marker):
-    from gemcut.serve.engine import Engine
+    from gemcut.serve.registry import ModelRegistry
     from gemcut.serve.settings import ServeSettings
 
     folder = save_tiny_llama(tmp_path / "plain")
     plant_code(folder)
     run = full_run(tmp_path / "run")
-    engine = Engine(ServeSettings(device="cpu"))
-    assert type(engine.add(str(folder)).model).__name__ == "LlamaForCausalLM"
-    assert type(engine.add(str(run), name="run").model).__name__ == "LlamaForCausalLM"
+    registry = ModelRegistry(ServeSettings(device="cpu"))
+    assert type(registry.add(str(folder)).model).__name__ == "LlamaForCausalLM"
+    assert type(registry.add(str(run), name="run").model).__name__ == "LlamaForCausalLM"
     assert not marker.exists()
 
 

@@ -37,8 +37,8 @@ def test_adapters_share_one_base_and_answer_like_their_runs(runs):
     settings = ServeSettings(models=[str(runs["a"]), str(runs["b"]), str(runs["base"])], api_keys=[API_KEY],
                              db_url=f"sqlite:///{runs['tmp'] / 'db'}")
     app = create_app(settings)
-    engine = app.state.engine
-    a, b, base = engine.models["run-a"], engine.models["run-b"], engine.models["base"]
+    registry = app.state.registry
+    a, b, base = registry.models["run-a"], registry.models["run-b"], registry.models["base"]
     assert a.model is b.model is base.model  # one copy of the base weights
     assert (a.adapter, b.adapter, base.adapter) == ("run-a", "run-b", None)
     ids = a.template.prompt_ids(MSG)
@@ -57,8 +57,8 @@ def test_adapters_share_one_base_and_answer_like_their_runs(runs):
             r = client.chat.completions.create(model=name, messages=MSG, max_tokens=8, temperature=0)
             assert r.choices[0].message.content == expected_text[name], name
         for name in ("run-b", "base", "run-a"):
-            served = engine.models[name]
-            with engine.lock, served.activate():
+            served = registry.models[name]
+            with registry.lock, served.activate():
                 got = _logits(served.model, ids)
             torch.testing.assert_close(got, expected_logits[name], atol=1e-5, rtol=1e-4)
 
@@ -70,8 +70,10 @@ def test_lora_classifier_run_classifies_with_its_adapter(runs):
     from transformers import AutoModelForSequenceClassification
 
     from gemcut.config import RunConfig
-    from gemcut.models.load import run_meta, save_final
-    from gemcut.serve.engine import ClassifyJob, Engine
+    from gemcut.models.load import save_final
+    from gemcut.run_folder import run_meta
+    from gemcut.serve.registry import ModelRegistry
+    from gemcut.serve.worker import ClassifyJob, Worker
 
     labels = ["negative", "neutral", "positive"]
     base_dir = classifier(runs["tmp"] / "bert")
@@ -89,12 +91,13 @@ def test_lora_classifier_run_classifies_with_its_adapter(runs):
         with loaded.model.disable_adapter():
             without = torch.softmax(loaded.model(**enc).logits, -1)
     assert not torch.allclose(expected, without, atol=1e-4)
-    engine = Engine(ServeSettings())
-    served = engine.add(str(run_dir))
-    assert served.task == "classify" and served.labels == labels
-    engine.start()
+    registry = ModelRegistry(ServeSettings())
+    served = registry.add(str(run_dir))
+    assert served.task.name == "classify" and served.classifies and served.labels == labels
+    worker = Worker(ServeSettings(), lock=registry.lock)
+    worker.start()
     try:
-        probs = engine.submit(ClassifyJob(served, texts=texts)).result(timeout=60)
+        probs = worker.submit(ClassifyJob(served, texts=texts)).result(timeout=60)
     finally:
-        engine.stop()
+        worker.stop()
     torch.testing.assert_close(torch.tensor(probs), expected, atol=1e-5, rtol=1e-4)

@@ -148,7 +148,7 @@ def test_default_limit_and_the_serve_flag(monkeypatch, models):
 
     def fake_create_app(settings):
         seen["settings"] = settings
-        return SimpleNamespace(state=SimpleNamespace(engine=SimpleNamespace(models={"tiny": None})))
+        return SimpleNamespace(state=SimpleNamespace(registry=SimpleNamespace(models={"tiny": None})))
 
     monkeypatch.setattr(gemcut.serve.app, "create_app", fake_create_app)
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
@@ -183,7 +183,7 @@ class _Gated:
 
 @pytest.mark.parametrize("route", ["chat", "completions"])
 def test_health_answers_while_a_big_prompt_is_tokenised(server, monkeypatch, route):
-    served = server["app"].state.engine.models["tiny-chat"]
+    served = server["app"].state.registry.models["tiny-chat"]
     big = "the quick brown fox jumps over the lazy dog. " * 20_000  # 900 kB: far beyond the 256-token context
     if route == "chat":
         gate = _Gated(served.template, "prompt_ids")
@@ -300,7 +300,7 @@ def test_a_validation_error_names_the_nested_parameter(server):
 
 
 def test_more_messages_than_context_tokens_are_refused_before_rendering(server, monkeypatch):
-    served = server["app"].state.engine.models["tiny-chat"]
+    served = server["app"].state.registry.models["tiny-chat"]
     monkeypatch.setattr(served, "template", _Refusing(GemcutError("rendered")))  # rendering would give another 400
     r = httpx.post(server["url"] + "/v1/chat/completions", headers=AUTH, json={"model": "tiny-chat", "messages": MSG * 257})
     assert (r.status_code, r.json()) == (400, _error("257 messages cannot fit this model's maximum context length of 256 tokens; "
@@ -308,7 +308,7 @@ def test_more_messages_than_context_tokens_are_refused_before_rendering(server, 
 
 
 def test_a_template_that_refuses_the_messages_is_a_400(server, monkeypatch):
-    served = server["app"].state.engine.models["tiny-chat"]
+    served = server["app"].state.registry.models["tiny-chat"]
     monkeypatch.setattr(served, "template", _Refusing(TemplateError("Conversation roles must alternate user/assistant")))
     r = httpx.post(server["url"] + "/v1/chat/completions", headers=AUTH, json={"model": "tiny-chat", "messages": MSG * 2})
     assert (r.status_code, r.json()) == (400, _error("the model's chat template refuses these messages: Conversation roles must "
@@ -329,7 +329,7 @@ SECRET = "/srv/secret/path.py line 7: KeyError 'internal'"
 
 
 def test_an_unexpected_exception_is_a_generic_500_logged_and_the_connection_stays_usable(server, monkeypatch, caplog):
-    served = server["app"].state.engine.models["tiny-chat"]
+    served = server["app"].state.registry.models["tiny-chat"]
 
     class Broken:
         def prompt_ids(self, messages):

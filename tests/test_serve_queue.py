@@ -42,22 +42,22 @@ def _ask(client, text, **kw):
 def test_full_queue_answers_429_and_recovers(model_dir, tmp_path):
     app = create_app(ServeSettings(models=[str(model_dir)], api_keys=[API_KEY], db_url=f"sqlite:///{tmp_path / 'db'}",
                                    max_queue=1, max_batch=1, batch_wait_ms=0))
-    engine = app.state.engine
+    worker = app.state.worker
     with running(app) as url, concurrent.futures.ThreadPoolExecutor(4) as pool:
         client = _client(url)
-        engine.lock.acquire()  # the worker blocks on its first batch, as if busy with a long generation
+        worker.lock.acquire()  # the worker blocks on its first batch, as if busy with a long generation
         try:
             first = pool.submit(_ask, client, "hello")
-            _wait(lambda: engine.queue.qsize() == 0 and engine._held is None and first.running())
+            _wait(lambda: worker.queue.qsize() == 0 and worker.held is None and first.running())
             time.sleep(0.2)  # the worker has taken request 1 and waits for the lock
             second = pool.submit(_ask, client, "hello world")
-            _wait(lambda: engine.queue.qsize() == 1)  # request 2 fills the queue (max_queue=1)
+            _wait(lambda: worker.queue.qsize() == 1)  # request 2 fills the queue (max_queue=1)
             with pytest.raises(openai.RateLimitError) as e:
                 _ask(client, "one too many")
             assert e.value.status_code == 429 and e.value.code == "queue_full"
             assert e.value.response.headers.get("retry-after") == "1"
         finally:
-            engine.lock.release()
+            worker.lock.release()
         assert first.result(timeout=60).choices[0].message.content is not None
         assert second.result(timeout=60).choices[0].message.content is not None
         assert _ask(client, "after").choices[0].finish_reason in ("stop", "length")  # serving again
@@ -68,20 +68,20 @@ def test_full_queue_answers_429_and_recovers(model_dir, tmp_path):
 def test_queued_requests_are_batched_and_match_single_results(model_dir, tmp_path):
     app = create_app(ServeSettings(models=[str(model_dir)], api_keys=[API_KEY], db_url=f"sqlite:///{tmp_path / 'db'}",
                                    max_queue=16, max_batch=8, batch_wait_ms=50))
-    engine = app.state.engine
+    worker = app.state.worker
     prompts = ["hello world", "the quick brown fox", "what is the capital of france?", "i love this product", "the weather"]
     with running(app) as url, concurrent.futures.ThreadPoolExecutor(8) as pool:
         client = _client(url)
         alone = [_ask(client, p).choices[0].message.content for p in prompts]
-        engine.lock.acquire()
+        worker.lock.acquire()
         try:
             blocker = pool.submit(_ask, client, "blocker")
-            _wait(lambda: engine.queue.qsize() == 0 and blocker.running())
+            _wait(lambda: worker.queue.qsize() == 0 and blocker.running())
             time.sleep(0.2)
             futures = [pool.submit(_ask, client, p) for p in prompts]
-            _wait(lambda: engine.depth() == len(prompts))
+            _wait(lambda: worker.depth() == len(prompts))
         finally:
-            engine.lock.release()
+            worker.lock.release()
         together = [f.result(timeout=60).choices[0].message.content for f in futures]
         blocker.result(timeout=60)
     assert together == alone  # batched greedy decoding equals one-by-one

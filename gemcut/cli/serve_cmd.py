@@ -55,7 +55,7 @@ def serve(
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         typer.secho(f"warning: binding {settings.host} exposes the API beyond this machine", fg="yellow", err=True)
     application = create_app(settings)
-    typer.echo(f"serving {', '.join(application.state.engine.models)} on http://{settings.host}:{settings.port}/v1")
+    typer.echo(f"serving {', '.join(application.state.registry.models)} on http://{settings.host}:{settings.port}/v1")
     uvicorn.run(application, host=settings.host, port=settings.port, log_level="info", log_config=uvicorn_log_config())
 
 
@@ -96,13 +96,14 @@ def chat(
 ) -> None:
     """Talk to a model in the terminal with the run's chat template (/reset clears, /quit or Ctrl-D ends)."""
     from gemcut.generation import stream_generate
-    from gemcut.serve.engine import Engine
+    from gemcut.serve.registry import ModelRegistry
     from gemcut.serve.settings import ServeSettings
 
-    engine = Engine(ServeSettings(trust_remote_code=trust_remote_code))
-    served = engine.add(run)
-    if served.task != "causal_lm" or served.template is None:
-        raise GemcutError(f"{run}: chat needs a generative model with a chat template (this is a {served.task} model)")
+    served = ModelRegistry(ServeSettings(trust_remote_code=trust_remote_code)).add(run)
+    if not served.generates:
+        raise GemcutError(f"{run}: chat needs a generative model (this is a {served.kind} model)")
+    if served.template is None:
+        raise GemcutError(f"{run}: chat needs a chat template, and this model's tokenizer has none; use the completions API")
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     typer.echo(f"{served.name} (context {served.context_length} tokens). /reset clears the conversation, /quit ends.")
     while True:

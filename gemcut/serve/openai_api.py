@@ -32,10 +32,11 @@ from starlette.concurrency import run_in_threadpool
 
 from gemcut.errors import GemcutError
 from gemcut.generation import MAX_TOP_LOGPROBS, TokenLogprob
-from gemcut.serve.engine import _DONE, ClassifyJob, EmbedJob, GenJob, ServedModel
 from gemcut.serve.errors import APIError, invalid
 from gemcut.serve.limits import UnicodeChecked
+from gemcut.serve.registry import ServedModel
 from gemcut.serve.structured import Vocabulary, json_grammar, token_text
+from gemcut.serve.worker import STREAM_END, ClassifyJob, EmbedJob, GenJob
 
 router = APIRouter(prefix="/v1")
 
@@ -205,8 +206,12 @@ class ClassifyRequest(UnicodeChecked, _Body):
 # ---------------------------------------------------------------------------- helpers
 
 
-def _engine(request: Request):
-    return request.app.state.engine
+def _served(request: Request, name: str | None) -> ServedModel:
+    return request.app.state.registry.get(name)
+
+
+def _worker(request: Request):
+    return request.app.state.worker
 
 
 def _new_id(prefix: str) -> str:
@@ -215,9 +220,9 @@ def _new_id(prefix: str) -> str:
 
 def _check_sampling(body: _Sampling, served: ServedModel, prompt_len: int, settings) -> int:
     """Validate n and the token budget against the context; returns max_new_tokens."""
-    if served.task == "classify":
+    if served.classifies:
         raise invalid(f"{served.name!r} is a classifier; use POST /v1/classify (or /v1/embeddings)", param="model", code="wrong_endpoint")
-    if served.task != "causal_lm":
+    if not served.generates:
         raise invalid(f"{served.name!r} is an encoder; use POST /v1/embeddings", param="model", code="wrong_endpoint")
     if body.stream_options is not None and not body.stream:
         raise invalid("stream_options is only allowed with stream: true", param="stream_options", code="invalid_value")
@@ -294,25 +299,24 @@ def _record(request: Request, *, response_id: str, endpoint: str, served_name: s
 
 @router.get("/models")
 def list_models(request: Request) -> dict:
-    models = _engine(request).models.values()
+    models = request.app.state.registry.models.values()
     return {"object": "list", "data": [
         {"id": m.name, "object": "model", "created": m.created, "owned_by": "gemcut",
-         "task": m.task, "context_length": m.context_length, **({"labels": m.labels} if m.labels else {})}
+         "task": m.kind, "context_length": m.context_length, **({"labels": m.labels} if m.labels else {})}
         for m in models]}
 
 
 @router.get("/models/{name}")
 def get_model(name: str, request: Request) -> dict:
-    m = _engine(request).get(name)
-    return {"id": m.name, "object": "model", "created": m.created, "owned_by": "gemcut", "task": m.task, "context_length": m.context_length}
+    m = _served(request, name)
+    return {"id": m.name, "object": "model", "created": m.created, "owned_by": "gemcut", "task": m.kind, "context_length": m.context_length}
 
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request):
     started = time.perf_counter()
-    engine = _engine(request)
-    served = engine.get(body.model)
-    if served.task == "causal_lm" and served.template is None:
+    served = _served(request, body.model)
+    if served.generates and served.template is None:
         raise invalid(f"{served.name!r} has no chat template; use POST /v1/completions with a plain prompt", param="model")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(i)} for i, m in enumerate(body.messages)]
     prompt_ids = await run_in_threadpool(_chat_prompt_ids, served, messages) if served.template is not None else []
@@ -324,14 +328,13 @@ async def chat_completions(body: ChatRequest, request: Request):
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request):
     started = time.perf_counter()
-    engine = _engine(request)
-    served = engine.get(body.model)
+    served = _served(request, body.model)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
         raise invalid(f"send one prompt per request (got {len(prompts)}); batching happens on the server", param="prompt")
     if not prompts[0]:
         raise invalid("prompt is empty", param="prompt")
-    prompt_ids = await run_in_threadpool(_token_ids, served, prompts[0]) if served.task == "causal_lm" else []
+    prompt_ids = await run_in_threadpool(_token_ids, served, prompts[0]) if served.generates else []
     max_new = _check_sampling(body, served, len(prompt_ids), request.app.state.settings)
     if not prompt_ids:
         raise invalid("the prompt has no tokens for this model's tokenizer", param="prompt")
@@ -340,7 +343,7 @@ async def completions(body: CompletionRequest, request: Request):
 
 async def _respond(request: Request, body: _Sampling, served: ServedModel, prompt_ids: list[int], max_new: int, started: float,
                    endpoint: str, prompt_obj, prompt_chars: int):
-    engine = _engine(request)
+    worker = _worker(request)
     chat = endpoint == "chat"
     response_id = _new_id("chatcmpl" if chat else "cmpl")
     created = int(time.time())
@@ -356,11 +359,11 @@ async def _respond(request: Request, body: _Sampling, served: ServedModel, promp
                     prompt_tokens=len(prompt_ids), n=body.n, stream=body.stream, prompt_obj=prompt_obj)
     if body.stream:
         job.loop, job.stream = asyncio.get_running_loop(), asyncio.Queue()
-        engine.submit(job)  # raises 429 before any byte is sent
+        worker.submit(job)  # raises 429 before any byte is sent
         usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(_sse(request, job, response_id, created, chat, log_args, usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    results = await _await(engine.submit(job))
+    results = await _await(worker.submit(job))
     completion_tokens = sum(len(r.token_ids) for r in results)
     queue_ms = (job.started - job.enqueued) * 1000
     await run_in_threadpool(_record, request, completion_tokens=completion_tokens, queue_ms=queue_ms, response_text=results[0].text,
@@ -440,7 +443,7 @@ async def _sse(request: Request, job: GenJob, response_id: str, created: int, ch
         started_choices: set[int] = set()
         while True:
             item = await job.stream.get()
-            if item is _DONE:
+            if item is STREAM_END:
                 break
             if isinstance(item, APIError):
                 status, error_type = item.status, item.type
@@ -471,9 +474,8 @@ async def _sse(request: Request, job: GenJob, response_id: str, created: int, ch
 async def classify(body: ClassifyRequest, request: Request) -> dict:
     """Label and per-label probabilities for each input text (classifier runs only)."""
     started = time.perf_counter()
-    engine = _engine(request)
-    served = engine.get(body.model)
-    if served.task != "classify":
+    served = _served(request, body.model)
+    if not served.classifies:
         raise invalid(f"{served.name!r} is not a classifier; /v1/classify needs a classifier run", param="model", code="wrong_endpoint")
     texts = [body.input] if isinstance(body.input, str) else list(body.input)
     if not texts or any(not isinstance(t, str) or not t for t in texts):
@@ -482,7 +484,7 @@ async def classify(body: ClassifyRequest, request: Request) -> dict:
         raise invalid(f"at most {request.app.state.settings.max_batch * 8} texts per request", param="input")
     n_tokens = sum(map(len, await run_in_threadpool(lambda: served.tokenizer(texts)["input_ids"])))
     job = ClassifyJob(served, texts=texts)
-    probs = await _await(engine.submit(job))
+    probs = await _await(_worker(request).submit(job))
     labels = served.labels or [str(i) for i in range(len(probs[0]))]
     data = []
     for i, row in enumerate(probs):
@@ -528,7 +530,7 @@ def _embedding_inputs(served: ServedModel, given) -> list[list[int]]:
 async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
     """The run's pooled last hidden state of each input, L2-normalised (encoder runs and classifiers only)."""
     started = time.perf_counter()
-    served = _engine(request).get(body.model)
+    served = _served(request, body.model)
     if served.pooling is None:
         raise invalid(f"{served.name!r} is not an encoder run; embeddings need an encoder (a BERT-like classifier or encoder folder)",
                       param="model", code="wrong_endpoint")
@@ -541,7 +543,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
         raise invalid(f"dimensions={body.dimensions}: this model's embeddings have {width} dimensions and are not truncated; "
                       "omit dimensions or send it", param="dimensions", code="invalid_value")
     job = EmbedJob(served, inputs=inputs)
-    vectors = await _await(_engine(request).submit(job))
+    vectors = await _await(_worker(request).submit(job))
     if body.encoding_format == "base64":  # little-endian float32, as OpenAI sends it
         data = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode("ascii") for v in vectors]
     else:
