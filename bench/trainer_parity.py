@@ -32,8 +32,10 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 from gemcut.config import load_config
 from gemcut.data.collate import collate_classify
 from gemcut.data.prepare import prepare
+from gemcut.models.fast import apply_fast
 from gemcut.models.load import load_base
 from gemcut.objectives.classify import Classify
+from gemcut.tasks import task_named
 from gemcut.train.loop import epoch_order, fit
 
 PRESET = Path(__file__).resolve().parent.parent / "gemcut" / "presets" / "quickstart_classify.yaml"
@@ -58,7 +60,7 @@ def main() -> None:
     torch.manual_seed(0)
     ours, tokenizer = load_base(cfg.model, "classify", label_names=labels)
     theirs = copy.deepcopy(ours)
-    theirs.base_model.encoder.forward = theirs.base_model.encoder._forward_padded  # plain transformers forward
+    apply_fast(ours, task_named("classify"), cfg.train)  # gemcut's copy runs padding-free; theirs keeps transformers' forwards
     start = {k: v.clone() for k, v in ours.state_dict().items() if v.is_floating_point()}
     examples = [{"input_ids": tokenizer(r["text"], truncation=True, max_length=MAX_LENGTH)["input_ids"],
                  "label": labels.index(r["label"])} for r in records]
