@@ -117,14 +117,15 @@ class Encoder:
         self._torch = torch
 
     def encode(self, texts: list[str]) -> np.ndarray:
+        from gemcut.models.pooling import masked_mean
+
         torch = self._torch
         out = []
         with torch.inference_mode():
             for i in range(0, len(texts), self.batch_size):
                 enc = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt")
                 hidden = self.model(**enc).last_hidden_state
-                mask = enc["attention_mask"].unsqueeze(-1).float()
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                pooled = masked_mean(hidden, enc["attention_mask"].bool())
                 out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
         return np.concatenate(out) if out else np.zeros((0, 384), dtype=np.float32)
 
