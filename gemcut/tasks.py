@@ -43,7 +43,8 @@ class Task:
     the adapter switched off, so the task needs a LoRA adapter. `metric`/`mode`: what "best" means when
     `train.early_stopping.metric` is auto. `eval`: how `gemcut eval` scores it. `served_as`: the API it gets.
     `uniform_choices`: what the loss is a cross-entropy over (the collapse guard's ln K): the vocabulary,
-    the labels, a pair's two sides, or nothing (RL losses are not).
+    the labels, a pair's two sides, or nothing (RL losses are not). `value_head`: the task trains one beside the
+    policy. `samples`: validation during training writes a few generated answers to samples.jsonl.
     """
 
     name: str
@@ -57,6 +58,8 @@ class Task:
     served_as: Literal["chat", "classify", "score"]
     uniform_choices: Literal["vocabulary", "labels", "pair", "none"]
     describe: str
+    value_head: bool = False  # trains a value head beside the policy (PPO; gemcut/models/value_head.py)
+    samples: bool = False  # generates a few validation answers at each evaluation (SFT; gemcut/train/samples.py)
 
     @property
     def classifier(self) -> bool:
@@ -93,7 +96,7 @@ _PROMPTS = {"text": "prompts", "label": "prompts", "prompt_completion": "prompts
 
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("causal_lm", "causal_lm", {"text": "text", **_CHAT}, "causal", False, "val_loss", "min", "language_model",
-         "chat", "vocabulary", "continued pretraining (text) or supervised fine-tuning (chats, pairs)"),
+         "chat", "vocabulary", "continued pretraining (text) or supervised fine-tuning (chats, pairs)", samples=True),
     Task("classify", "classifier", {"label": "classify"}, "classify", False, "val_loss", "min", "classification",
          "classify", "labels", "a new classification head over labelled texts"),
     Task("reward", "scorer", {"preference": "preference"}, "preference", False, "val_loss", "min", "reward",
@@ -103,7 +106,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("grpo", "causal_lm", _PROMPTS, "rollouts", True, "val_reward_mean", "max", "language_model",
          "chat", "none", "group-relative policy optimisation against a reward"),
     Task("ppo", "causal_lm", _PROMPTS, "rollouts", True, "val_reward_mean", "max", "language_model",
-         "chat", "none", "PPO with a value head against a reward"),
+         "chat", "none", "PPO with a value head against a reward", value_head=True),
 )}
 
 # What `objective.kind: auto` trains on each record kind.

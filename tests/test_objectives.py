@@ -96,7 +96,18 @@ def test_balanced_class_weights():
     assert weights == [4 / (3 * 3), 4 / (3 * 1), 1.0]
 
 
-def test_build_objective_names_unsupported_kind():
-    assert isinstance(build_objective("causal_lm"), CausalLM)
-    with pytest.raises(TrainingError, match="dpo"):
-        build_objective("dpo")
+def test_build_objective_builds_every_task_of_the_table():
+    from gemcut.config import RunConfig
+    from gemcut.objectives.dpo import DPO
+    from gemcut.objectives.grpo import GRPO
+    from gemcut.objectives.ppo import PPO
+    from gemcut.objectives.reward import PairwiseReward
+    from gemcut.tasks import TASKS
+
+    cfg = RunConfig.model_validate({"objective": {"class_weights": "balanced"}})
+    built = {name: build_objective(task, cfg, labels=["a", "b"], train_examples=[{"label": 0}, {"label": 0}, {"label": 1}])
+             for name, task in TASKS.items()}
+    assert {name: type(o) for name, o in built.items()} == {
+        "causal_lm": CausalLM, "classify": Classify, "reward": PairwiseReward, "dpo": DPO, "grpo": GRPO, "ppo": PPO}
+    with pytest.raises(TrainingError, match="3 values for 2 labels"):
+        build_objective(TASKS["classify"], RunConfig.model_validate({"objective": {"class_weights": [1, 2, 3]}}), labels=["a", "b"])

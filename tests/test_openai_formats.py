@@ -25,6 +25,7 @@ from gemcut.data.readers import Row
 from gemcut.data.templates import ChatTemplate
 from gemcut.data.tokenize import tokenize_records
 from gemcut.errors import DataError
+from gemcut.tasks import TASKS
 
 TOOLS_TEMPLATE = (
     "{%- if tools %}"
@@ -229,7 +230,7 @@ def test_weight_one_and_a_final_tool_call_are_fine():
 
 def test_tools_names_and_calls_reach_the_template_and_mask_exactly(tools_tmpl):
     tok = tools_tmpl.tokenizer
-    [ex], stats = tokenize_records([{**NORMALIZED, "_source": "chat.jsonl:1"}], "messages", tok, tools_tmpl, DataConfig(), "causal_lm")
+    [ex], stats = tokenize_records([{**NORMALIZED, "_source": "chat.jsonl:1"}], "messages", tok, tools_tmpl, DataConfig(), TASKS["causal_lm"])
     # The ids are transformers' own render, given the tools and the calls with their arguments as objects.
     as_hf = copy.deepcopy(NORMALIZED["messages"])
     as_hf[2]["tool_calls"][0]["function"]["arguments"] = {"city": "paris"}
@@ -248,7 +249,7 @@ def test_tools_names_and_calls_reach_the_template_and_mask_exactly(tools_tmpl):
 def test_weight_zero_on_a_tool_call_turn_leaves_it_out(tools_tmpl):
     rec = copy.deepcopy(NORMALIZED)
     rec["messages"][2]["weight"] = 0
-    [ex], _ = tokenize_records([rec], "messages", tools_tmpl.tokenizer, tools_tmpl, DataConfig(), "causal_lm")
+    [ex], _ = tokenize_records([rec], "messages", tools_tmpl.tokenizer, tools_tmpl, DataConfig(), TASKS["causal_lm"])
     assert trained_runs(tools_tmpl.tokenizer, ex["input_ids"], ex["labels"]) == ["the weather is okay today.<|im_end|>"]
 
 
@@ -258,7 +259,7 @@ def test_plain_chat_mask_with_names_and_text_parts_on_chatml(tok):
         {"role": "assistant", "content": "paris is the capital of france.", "weight": 1},
         {"role": "user", "content": "and the weather?"},
         {"role": "assistant", "content": "okay.", "weight": 0}]})[0]
-    [ex], _ = tokenize_records([rec], "messages", tok, ChatTemplate.from_tokenizer(tok), DataConfig(), "causal_lm")
+    [ex], _ = tokenize_records([rec], "messages", tok, ChatTemplate.from_tokenizer(tok), DataConfig(), TASKS["causal_lm"])
     assert ex["input_ids"] == tok.apply_chat_template(rec["messages"], return_dict=False)
     assert trained_runs(tok, ex["input_ids"], ex["labels"]) == ["paris is the capital of france.<|im_end|>"]
     assert tok.decode(ex["input_ids"]).startswith("<|im_start|>user\nhello world<|im_end|>")
@@ -271,7 +272,7 @@ FIX = ("use a model whose chat template renders tools and tool calls (e.g. Qwen2
 def test_a_template_without_tools_is_an_error_naming_it(tok):
     chatml = ChatTemplate.from_tokenizer(tok)
     with pytest.raises(DataError) as info:
-        tokenize_records([{**NORMALIZED, "_source": "chat.jsonl:3"}], "messages", tok, chatml, DataConfig(), "causal_lm")
+        tokenize_records([{**NORMALIZED, "_source": "chat.jsonl:3"}], "messages", tok, chatml, DataConfig(), TASKS["causal_lm"])
     assert str(info.value) == ("chat.jsonl:3: the chat template of 'tiny-chatml' does not render tools (its text is the "
                                "same with and without the record's tools), so the model would never see them; " + FIX)
     assert (info.value.field, info.value.reason) == ("tools", "template_without_tools")
@@ -279,7 +280,7 @@ def test_a_template_without_tools_is_an_error_naming_it(tok):
     no_tools = {"messages": NORMALIZED["messages"], "_source": "chat.jsonl:4"}
     named = ChatTemplate.from_tokenizer(tok, "chatml")
     with pytest.raises(DataError) as info:
-        tokenize_records([no_tools], "messages", tok, named, DataConfig(), "causal_lm")
+        tokenize_records([no_tools], "messages", tok, named, DataConfig(), TASKS["causal_lm"])
     assert str(info.value) == ("chat.jsonl:4: data.template=chatml does not render tool_calls (messages[2].tool_calls is "
                                "missing from its text), so the model would never see them; " + FIX)
     assert info.value.field == "messages[2].tool_calls"

@@ -31,6 +31,7 @@ from gemcut.errors import DataError
 from gemcut.label.export import export_preferences, ranking_pairs, to_openai
 from gemcut.label.generate import prompt_ids, queue_completions, read_prompts
 from gemcut.label.store import LabelStore, RankingRow
+from gemcut.tasks import TASKS
 
 SYSTEM = {"role": "system", "content": "answer the question briefly."}
 CHAT = [SYSTEM, {"role": "user", "content": "what is the capital of france?"},
@@ -82,7 +83,7 @@ def test_dpo_renders_the_conversation_with_the_template():
     tmpl = ChatTemplate.from_tokenizer(tok)
     rec = {"messages": CHAT, "chosen": "okay today.", "rejected": "the quick brown fox.", "_source": "p.jsonl:1"}
     for task in ("dpo", "reward"):
-        [ex], _ = tokenize_records([rec], "preference", tok, tmpl, DataConfig(), task)
+        [ex], _ = tokenize_records([rec], "preference", tok, tmpl, DataConfig(), TASKS[task])
         prompt = tmpl.prompt_ids(CHAT)
         assert ex["chosen_input_ids"][:len(prompt)] == ex["rejected_input_ids"][:len(prompt)] == prompt
         assert ex["chosen_labels"][:len(prompt)] == [IGNORE] * len(prompt)  # the whole conversation is prompt
@@ -177,7 +178,7 @@ def test_round_trip_prompt_ids_equal_the_sampled_ones(tmp_path, fmt):
     expected = {tuple(prompt_ids(item, tok, tmpl)) for item in items}  # prompts 2 and 3 sample from the same ids
     assert len(expected) == 4
     for task in ("dpo", "reward"):
-        examples, _ = tokenize_records(prepared.splits["train"], "preference", tok, tmpl, DataConfig(max_length=512), task)
+        examples, _ = tokenize_records(prepared.splits["train"], "preference", tok, tmpl, DataConfig(max_length=512), TASKS[task])
         seen = set()
         for ex in examples:
             for side in ("chosen", "rejected"):

@@ -272,3 +272,52 @@ def test_grpo_run_end_to_end_with_a_classifier_reward(tmp_path):
 
     with pytest.raises(ConfigError, match="positive"):
         load_reward(rl.objective.rl.model_copy(update={"reward_label": None}))
+
+
+# Per-iteration (loss, reward mean, KL, gradient norm) of 3 iterations, fp32, made by the RL loop before it
+# became a batch source of the one loop (gemcut before issue 19, train/rl.py:fit_rl): the one loop gives the
+# same figures.
+PINNED = {
+    "grpo": [(-0.039017, 0.416667, 0.0, 0.143381), (-0.030973, 1.25, -0.005228, 0.181485), (-0.034593, 0.583333, 0.206049, 0.249303)],
+    "ppo": [(0.058976, 0.416667, 0.0, 0.339445), (0.563793, 1.166667, -0.016114, 0.964021), (0.186291, 0.666667, 0.09806, 0.548923)],
+}
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_pinned_per_iteration_figures(algo, tmp_path):
+    policy, tok = make_policy()
+    cfg = RunConfig.model_validate({
+        "objective": {"kind": algo, "rl": {"group_size": 4, "max_new_tokens": 6, "kl_coef": 0.01, "ppo_epochs": 2}},
+        "train": {"max_steps": 3, "batch_size": 3, "grad_accum": 2, "lr": 1e-2, "schedule": "constant", "warmup_steps": 0,
+                  "precision": "fp32"},
+        "output": {"dir": str(tmp_path)}})
+    fit_rl(policy, tok, prompt_inputs([{"text": p} for p in PROMPTS], tok), count_reward, algo=algo, config=cfg, run_dir=tmp_path / "r")
+    got = [(x["loss"], x["reward_mean"], x["kl"], x["grad_norm"]) for x in history(tmp_path / "r")]
+    assert len(got) == 3
+    for step, (g, want) in enumerate(zip(got, PINNED[algo]), 1):
+        assert g == pytest.approx(want, rel=1e-3, abs=2e-5), (step, g, want)
+
+
+def test_rl_runs_keep_the_best_checkpoint_and_stop_early_on_the_held_out_reward(tmp_path):
+    """The one loop gives RL what SFT has: the watched metric (auto: val_reward_mean, higher is better) picks
+    the best checkpoint, and patience stops the run."""
+    policy, tok = make_policy()
+    prompts = prompt_inputs([{"text": t} for t in PROMPTS], tok)
+    held_out = prompt_inputs([{"text": "nothing special"}, {"text": "paris is"}], tok)
+    cfg = config("grpo", 12, tmp_path, eval_every=2, early_stopping={"patience": 2})
+    result = fit_rl(policy, tok, prompts, count_reward, algo="grpo", config=cfg, run_dir=tmp_path / "r", val_prompts=held_out)
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    evals = [(x["step"], x["val_reward_mean"]) for x in lines if "val_reward_mean" in x]
+    best_step, best = evals[0]
+    since, stop = 0, None
+    for step, value in evals[1:]:
+        if value > best:
+            best_step, best, since = step, value, 0
+        else:
+            since += 1
+            if since >= 2 and step < 12:
+                stop = step
+                break
+    assert result.state.best_metric == pytest.approx(best) and result.state.best_step == best_step
+    assert result.best_checkpoint.name == f"step-{best_step}"
+    assert (result.stopped, result.state.step) == (("early_stopped", stop) if stop else ("completed", 12))

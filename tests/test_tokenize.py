@@ -12,6 +12,7 @@ from gemcut.data.templates import ChatTemplate
 from gemcut.data.token_report import token_report
 from gemcut.data.tokenize import tokenize_records
 from gemcut.errors import DataError
+from gemcut.tasks import TASKS
 
 PC = [
     {"prompt": "what is the capital of france?", "completion": "paris.", "_source": "qa.jsonl:1"},
@@ -35,7 +36,7 @@ def trained(tok, ex):
 
 
 def test_prompt_completion_masks_the_prompt(tok, tmpl):
-    examples, stats = tokenize_records(PC[:2], "prompt_completion", tok, tmpl, DataConfig(max_length=512), "causal_lm")
+    examples, stats = tokenize_records(PC[:2], "prompt_completion", tok, tmpl, DataConfig(max_length=512), TASKS["causal_lm"])
     assert [trained(tok, ex) for ex in examples] == ["paris.<|im_end|>", "hello! the weather is okay today.<|im_end|>"]
     for rec, ex in zip(PC, examples):
         conv = [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["completion"]}]
@@ -48,19 +49,19 @@ def test_overlong_truncate_and_drop_are_counted(tok, tmpl):
     n = len(tmpl.render([{"role": "user", "content": PC[2]["prompt"]}, {"role": "assistant", "content": "jumps."}])[0])
     cfg = DataConfig(max_length=64, overlong="truncate")
     assert n > 64
-    examples, stats = tokenize_records(PC, "prompt_completion", tok, tmpl, cfg, "causal_lm")
+    examples, stats = tokenize_records(PC, "prompt_completion", tok, tmpl, cfg, TASKS["causal_lm"])
     # Truncation cut off the whole completion of record 3: no loss left, so it is dropped, and counted.
     assert stats["truncated"] == 1 and stats["truncated_sources"] == ["qa.jsonl:3"]
     assert stats["dropped"] == {"no_loss_tokens_after_truncation": 1}
     assert stats["dropped_sources"]["no_loss_tokens_after_truncation"] == ["qa.jsonl:3"]
     assert len(examples) == 2 and all(len(ex["input_ids"]) <= 64 for ex in examples)
 
-    examples, stats = tokenize_records(PC, "prompt_completion", tok, tmpl, DataConfig(max_length=64, overlong="drop"), "causal_lm")
+    examples, stats = tokenize_records(PC, "prompt_completion", tok, tmpl, DataConfig(max_length=64, overlong="drop"), TASKS["causal_lm"])
     assert stats["dropped"] == {"overlong": 1} and stats["truncated"] == 0 and len(examples) == 2
 
     # A completion that is only partly cut keeps its first tokens and is counted as truncated.
     long = [{"prompt": "hi", "completion": "the weather is okay today. " * 10, "_source": "x:1"}]
-    examples, stats = tokenize_records(long, "prompt_completion", tok, tmpl, DataConfig(max_length=32), "causal_lm")
+    examples, stats = tokenize_records(long, "prompt_completion", tok, tmpl, DataConfig(max_length=32), TASKS["causal_lm"])
     assert stats["truncated"] == 1 and len(examples[0]["input_ids"]) == 32 and examples[0]["labels"][-1] != IGNORE
 
 
@@ -68,20 +69,20 @@ def test_messages_weights_give_loss_weight(tok, tmpl):
     rec = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello world", "weight": 0.5}],
            "_source": "c.jsonl:1"}
     plain = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "okay"}], "_source": "c.jsonl:2"}
-    examples, _ = tokenize_records([rec, plain], "messages", tok, tmpl, DataConfig(), "causal_lm")
+    examples, _ = tokenize_records([rec, plain], "messages", tok, tmpl, DataConfig(), TASKS["causal_lm"])
     w0 = examples[0]["loss_weight"]
     assert set(w0) == {0.0, 0.5}
     assert [w > 0 for w in w0] == [lab != IGNORE for lab in examples[0]["labels"]]
     assert set(examples[1]["loss_weight"]) == {0.0, 1.0}
     with pytest.raises(DataError, match="c.jsonl:9"):
         tokenize_records([{"messages": [{"role": "bot", "content": "x"}], "_source": "c.jsonl:9"}], "messages", tok, tmpl,
-                         DataConfig(), "causal_lm")
+                         DataConfig(), TASKS["causal_lm"])
 
 
 def test_text_blocks_restart_positions_per_document(tok):
     docs = [{"text": "hello world, this is a tiny corpus.", "_source": "t:1"}, {"text": "", "_source": "t:2"},
             {"text": "the quick brown fox jumps over the lazy dog. " * 3, "_source": "t:3"}]
-    examples, stats = tokenize_records(docs, "text", tok, None, DataConfig(max_length=16), "causal_lm")
+    examples, stats = tokenize_records(docs, "text", tok, None, DataConfig(max_length=16), TASKS["causal_lm"])
     lengths = [len(tok(d["text"], add_special_tokens=False)["input_ids"]) + 1 for d in docs if d["text"]]
     assert sum(len(ex["input_ids"]) for ex in examples) == sum(lengths)  # nothing lost, nothing truncated
     assert all(len(ex["input_ids"]) <= 16 for ex in examples) and stats["dropped"] == {"empty": 1}
@@ -115,7 +116,7 @@ def test_packed_rows_do_not_attend_across_examples(tok, tmpl):
     """The collator's packed batch (position_ids, no attention_mask) gives the same logits as separate rows."""
     torch.manual_seed(0)
     model = tiny_llama(tok)
-    examples, _ = tokenize_records(PC[:2], "prompt_completion", tok, tmpl, DataConfig(max_length=128), "causal_lm")
+    examples, _ = tokenize_records(PC[:2], "prompt_completion", tok, tmpl, DataConfig(max_length=128), TASKS["causal_lm"])
     packed = collate_causal(pack_examples(examples, 128) + [examples[0]], tok.pad_token_id)
     assert "attention_mask" not in packed and packed["position_ids"].shape == packed["input_ids"].shape
     with torch.no_grad():
@@ -132,7 +133,7 @@ def test_packed_rows_do_not_attend_across_examples(tok, tmpl):
 
 def test_sft_packing_through_tokenize_records(tok, tmpl):
     examples, stats = tokenize_records(PC[:2] * 3, "prompt_completion", tok, tmpl, DataConfig(max_length=128, packing=True),
-                                       "causal_lm")
+                                       TASKS["causal_lm"])
     assert stats["packed"] and stats["examples_before_packing"] == 6 and len(examples) < 6
     assert all("position_ids" in ex for ex in examples)
 
@@ -151,16 +152,16 @@ def test_classification_and_generative_classifier(tok, tmpl):
     recs = [{"text": "i love this product", "label": "positive", "_source": "s.csv:2"},
             {"text": "i hate waiting", "label": "negative", "_source": "s.csv:3"},
             {"text": "the weather is okay today, nothing special " * 10, "label": "neutral", "_source": "s.csv:4"}]
-    examples, stats = tokenize_records(recs, "label", tok, None, DataConfig(max_length=16), "classify")
+    examples, stats = tokenize_records(recs, "label", tok, None, DataConfig(max_length=16), TASKS["classify"])
     assert stats["label_names"] == ["negative", "neutral", "positive"]
     assert [ex["label"] for ex in examples] == [2, 0, 1]
     assert stats["truncated"] == 1 and len(examples[2]["input_ids"]) == 16
     b = collate_classify(examples, tok.pad_token_id)
     assert b["labels"].tolist() == [2, 0, 1] and b["input_ids"].shape == b["attention_mask"].shape
     with pytest.raises(DataError, match="s.csv:2"):
-        tokenize_records(recs[:1], "label", tok, None, DataConfig(), "classify", label_names=["negative"])
+        tokenize_records(recs[:1], "label", tok, None, DataConfig(), TASKS["classify"], label_names=["negative"])
 
-    gen, _ = tokenize_records(recs[:2], "label", tok, tmpl, DataConfig(), "causal_lm", ["negative", "neutral", "positive"])
+    gen, _ = tokenize_records(recs[:2], "label", tok, tmpl, DataConfig(), TASKS["causal_lm"], ["negative", "neutral", "positive"])
     assert trained(tok, gen[0]) == "positive<|im_end|>"
     text = tok.decode(gen[0]["input_ids"])
     assert "one of: negative, neutral, positive" in text and "Text: i love this product" in text
@@ -168,7 +169,7 @@ def test_classification_and_generative_classifier(tok, tmpl):
 
 def test_preference_pairs(tok, tmpl):
     recs = [{"prompt": "what is the capital of france?", "chosen": "paris.", "rejected": "london.", "_source": "p:1"}]
-    examples, stats = tokenize_records(recs, "preference", tok, tmpl, DataConfig(), "dpo")
+    examples, stats = tokenize_records(recs, "preference", tok, tmpl, DataConfig(), TASKS["dpo"])
     ex = examples[0]
     assert trained(tok, {"labels": ex["chosen_labels"]}) == "paris.<|im_end|>"
     assert trained(tok, {"labels": ex["rejected_labels"]}) == "london.<|im_end|>"

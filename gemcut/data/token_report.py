@@ -20,13 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from gemcut.data.tokenize import IGNORE, full_lengths, tokenize_records
+from gemcut.data.collate import IGNORE
+from gemcut.data.tokenize import full_lengths, tokenize_records
+from gemcut.tasks import Task, resolve_task
 
 BAR = "█"
-
-
-def _default_task(kind: str) -> str:
-    return "classify" if kind == "label" else "causal_lm"
 
 
 def _stats(lengths: list[int]) -> dict[str, Any]:
@@ -105,7 +103,7 @@ def _plot(per_split: dict[str, list[int]], max_length: int, path: Path) -> Path:
     return path
 
 
-def token_report(prepared, cfg, model_name: str, *, tokenizer, template=None, task: str | None = None,
+def token_report(prepared, cfg, model_name: str, *, tokenizer, template=None, task: Task | None = None,
                  out_dir: str | Path | None = None, n_examples: int = 3) -> dict:
     """Token-length report of `prepared` (has `.splits`, `.kind`, `.labels`) for `tokenizer`, the tokenizer of
     `model_name` (the name is what the report shows).
@@ -116,13 +114,12 @@ def token_report(prepared, cfg, model_name: str, *, tokenizer, template=None, ta
     from gemcut.data.templates import ChatTemplate
 
     kind = prepared.kind
-    task = task or _default_task(kind)
-    needs_template = kind in ("prompt_completion", "messages", "preference") or (kind == "label" and task == "causal_lm")
-    if template is None and needs_template:
+    task = task or resolve_task("auto", kind)  # what `gemcut train` would train on these records
+    if template is None and task.chat_template(kind, bool(cfg.template)) == "required":
         template = ChatTemplate.from_tokenizer(tokenizer, cfg.template, cfg.system_prompt)
     label_names = list(prepared.labels) if getattr(prepared, "labels", None) else None
 
-    report: dict[str, Any] = {"model": model_name, "kind": kind, "task": task, "max_length": cfg.max_length,
+    report: dict[str, Any] = {"model": model_name, "kind": kind, "task": task.name, "max_length": cfg.max_length,
                               "overlong_policy": cfg.overlong, "splits": {}, "examples": [], "summary": []}
     lengths_by_split: dict[str, list[int]] = {}
     summary = report["summary"]

@@ -34,6 +34,7 @@ from typing import Any
 from gemcut.data.collate import IGNORE
 from gemcut.data.records import ROLES, sort_labels
 from gemcut.errors import ConfigError, DataError
+from gemcut.tasks import Task
 
 CHUNK = 512  # records rendered and tokenized per batched tokenizer call
 SHOW_SOURCES = 10  # how many file:line examples each drop/truncation reason keeps for the report
@@ -292,14 +293,15 @@ def _preference(records, template, cfg, stats, drops, truncs) -> list[dict]:
 # ---------------------------------------------------------------- entry point
 
 
-def tokenize_records(records: Iterable[dict], kind: str, tokenizer, template, cfg, task: str,
+def tokenize_records(records: Iterable[dict], kind: str, tokenizer, template, cfg, task: Task,
                      label_names: list[str] | None = None) -> tuple[list[dict], dict]:
-    """Tokenize records of one kind for one task; see the module docstring for the example fields.
+    """Tokenize records of one kind for one task; see the module docstring for the example fields. The task
+    table (gemcut/tasks.py) says which example shape `kind` records take for `task`, or refuses them.
 
     `cfg` is the run's DataConfig (max_length, overlong, train_on, packing, instruction). `template` is a
     ChatTemplate (None is fine for text and classification). Returns (examples, stats).
     """
-    stats: dict[str, Any] = {"kind": kind, "task": task, "max_length": cfg.max_length, "overlong_policy": cfg.overlong,
+    stats: dict[str, Any] = {"kind": kind, "task": task.name, "max_length": cfg.max_length, "overlong_policy": cfg.overlong,
                              "train_on": cfg.train_on, "packed": False}
     drops, truncs = Counter(), Counter()
     counted: list[int] = [0]
@@ -313,15 +315,15 @@ def tokenize_records(records: Iterable[dict], kind: str, tokenizer, template, cf
         records = list(records)
         label_names = resolve_label_names(records, label_names)
         stats["label_names"] = label_names
-    if kind == "text":
-        if task != "causal_lm":
-            raise ConfigError(f"text records train a causal LM (continued pretraining), not objective.kind={task}")
+    shape = task.shape(kind)  # a ConfigError naming the tasks that train on `kind` records
+    if shape == "prompts":
+        raise ConfigError(f"objective.kind={task.name} samples its own completions: its records are prompts, "
+                          "which gemcut.train.rollouts.prompt_inputs tokenizes")
+    if shape == "text":
         examples = _text(count(records), tokenizer, cfg, stats, drops)
-    elif kind == "label" and task in ("classify", "reward"):
+    elif shape == "classify":
         examples = _classify(count(records), tokenizer, cfg, label_names, stats, drops, truncs)
-    elif kind in ("prompt_completion", "messages", "label"):
-        if task not in ("causal_lm", "dpo", "ppo", "grpo"):
-            raise ConfigError(f"{kind} records train a causal LM, not objective.kind={task}")
+    elif shape == "chat":
         examples = _chat(count(records), kind, template, cfg, label_names, stats, drops, truncs)
         if cfg.packing and examples:
             from gemcut.data.collate import pack_examples
@@ -329,10 +331,8 @@ def tokenize_records(records: Iterable[dict], kind: str, tokenizer, template, cf
             stats["examples_before_packing"] = len(examples)
             examples = pack_examples(examples, cfg.max_length)
             stats["packed"] = True
-    elif kind == "preference":
-        examples = _preference(count(records), template, cfg, stats, drops, truncs)
     else:
-        raise ConfigError(f"unknown record kind {kind!r}; expected text, prompt_completion, messages, label or preference")
+        examples = _preference(count(records), template, cfg, stats, drops, truncs)
 
     stats["records"] = counted[0]
     stats["examples"] = len(examples)
@@ -359,7 +359,7 @@ def _token_counts(examples: list[dict]) -> tuple[int, int]:
     return tokens, loss
 
 
-def full_lengths(records: Iterable[dict], kind: str, tokenizer, template, cfg, task: str,
+def full_lengths(records: Iterable[dict], kind: str, tokenizer, template, cfg, task: Task,
                  label_names: list[str] | None = None) -> list[int]:
     """Token length of each record before truncation or packing (what the token report plots).
 
@@ -369,7 +369,7 @@ def full_lengths(records: Iterable[dict], kind: str, tokenizer, template, cfg, t
     for chunk in _chunks(records):
         if kind == "text":
             lengths += [len(ids) + 1 for ids in tokenizer([str(r.get("text", "")) for r in chunk], add_special_tokens=False)["input_ids"]]
-        elif kind == "label" and task in ("classify", "reward"):
+        elif task.shape(kind) == "classify":
             lengths += [len(ids) for ids in tokenizer([str(r["text"]) for r in chunk])["input_ids"]]
         elif kind == "preference":
             convs = []

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gemcut.errors import GemcutError
+from gemcut.models.numerics import unwrap_peft
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -47,7 +48,7 @@ class PolicyWithValueHead(torch.nn.Module):
 
     def __init__(self, policy: torch.nn.Module, value_head: ValueHead | None = None):
         super().__init__()
-        hidden = policy.get_base_model().config.hidden_size if hasattr(policy, "get_base_model") else policy.config.hidden_size
+        hidden = unwrap_peft(policy).config.hidden_size
         self.policy = policy
         self.value_head = value_head if value_head is not None else ValueHead(hidden)
         self.value_head.to(next(policy.parameters()).device)

@@ -32,29 +32,43 @@ def class_weights_for(config: RunConfig, labels: Sequence[str], train_labels: Se
     return list(weights)
 
 
+def _classify(config: RunConfig, labels: Sequence[str], train_examples: Sequence[dict]) -> Objective:
+    return Classify(class_weights_for(config, labels, [ex["label"] for ex in train_examples]))
+
+
+def _reward(config, labels, train_examples) -> Objective:
+    from gemcut.objectives.reward import PairwiseReward
+
+    return PairwiseReward()
+
+
+def _dpo(config, labels, train_examples) -> Objective:
+    from gemcut.objectives.dpo import DPO
+
+    return DPO(config.objective.dpo.beta)
+
+
+def _grpo(config, labels, train_examples) -> Objective:
+    from gemcut.objectives.grpo import GRPO
+
+    return GRPO(clip_range=config.objective.rl.clip_range, kl_coef=config.objective.rl.kl_coef)
+
+
+def _ppo(config, labels, train_examples) -> Objective:
+    from gemcut.objectives.ppo import PPO
+
+    return PPO(clip_range=config.objective.rl.clip_range, value_clip=config.objective.rl.value_clip)
+
+
+# The objective of each task of gemcut/tasks.py: (config, labels, training examples) -> Objective.
+FACTORIES = {"causal_lm": lambda config, labels, train_examples: CausalLM(), "classify": _classify, "reward": _reward,
+             "dpo": _dpo, "grpo": _grpo, "ppo": _ppo}
+
+
 def build_objective(task: Task, config: RunConfig, *, labels: Sequence[str] | None = None,
                     train_examples: Sequence[dict] = ()) -> Objective:
     """The objective of `task` with its settings from `config` (classify's class weights need the labels and
     the training examples; the others only the config)."""
-    if task.name == "causal_lm":
-        return CausalLM()
-    if task.name == "classify":
-        return Classify(class_weights_for(config, labels or [], [ex["label"] for ex in train_examples]))
-    if task.name == "reward":
-        from gemcut.objectives.reward import PairwiseReward
-
-        return PairwiseReward()
-    if task.name == "dpo":
-        from gemcut.objectives.dpo import DPO
-
-        return DPO(config.objective.dpo.beta)
-    rl = config.objective.rl
-    if task.name == "grpo":
-        from gemcut.objectives.grpo import GRPO
-
-        return GRPO(clip_range=rl.clip_range, kl_coef=rl.kl_coef)
-    if task.name == "ppo":
-        from gemcut.objectives.ppo import PPO
-
-        return PPO(clip_range=rl.clip_range, value_clip=rl.value_clip)
-    raise TrainingError(f"no objective for task {task.name!r}")  # a row added to gemcut/tasks.py without one
+    if task.name not in FACTORIES:  # a row added to gemcut/tasks.py without its objective
+        raise TrainingError(f"no objective for task {task.name!r}; add it to gemcut.objectives.FACTORIES")
+    return FACTORIES[task.name](config, labels or [], train_examples)

@@ -22,32 +22,12 @@ from typing import Protocol
 import torch
 
 from gemcut.errors import ConfigError
+from gemcut.models.numerics import classifier_logits
 
 
 class RewardFn(Protocol):
     def __call__(self, prompts: Sequence[str], completions: Sequence[str],
                  completion_ids: Sequence[Sequence[int]]) -> torch.Tensor: ...
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _batched_logits(model, tokenizer, encode: Callable[[int], list[int]], n: int, batch_size: int) -> torch.Tensor:
-    """Run `model` over n encoded inputs (right-padded batches) -> logits [n, C]."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out = []
-    for s in range(0, n, batch_size):
-        rows = [encode(i) for i in range(s, min(n, s + batch_size))]
-        width = max(1, max(len(r) for r in rows))
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, :len(r)] = 1
-        mask[:, 0] = 1  # an empty completion still gets one (pad) position to read
-        out.append(model(input_ids=ids.to(_device(model)), attention_mask=mask.to(_device(model))).logits.float().cpu())
-    return torch.cat(out) if out else torch.zeros((0, 1))
 
 
 class ClassifierReward:
@@ -60,7 +40,7 @@ class ClassifierReward:
     @torch.no_grad()
     def __call__(self, prompts, completions, completion_ids=None) -> torch.Tensor:
         enc = self.tokenizer(list(completions), truncation=True, max_length=self.max_length)["input_ids"]
-        logits = _batched_logits(self.model, self.tokenizer, lambda i: enc[i], len(enc), self.batch_size)
+        logits = classifier_logits(self.model, self.tokenizer, enc, batch_size=self.batch_size).cpu()
         return torch.softmax(logits, dim=-1)[:, self.label_index]
 
 
@@ -72,8 +52,8 @@ class RewardModelReward:
 
     @torch.no_grad()
     def __call__(self, prompts, completions, completion_ids=None) -> torch.Tensor:
-        logits = _batched_logits(self.model, self.tokenizer, lambda i: self.encode(prompts[i], completions[i]),
-                                 len(prompts), self.batch_size)
+        rows = [self.encode(p, c) for p, c in zip(prompts, completions)]
+        logits = classifier_logits(self.model, self.tokenizer, rows, batch_size=self.batch_size).cpu()
         return logits[:, 0]
 
 

@@ -260,7 +260,7 @@ def rl_training(task: Task, config: RunConfig, policy: torch.nn.Module, tokenize
     if not hasattr(policy, "disable_adapter"):
         raise TrainingError(f"objective.kind={task.name} needs a LoRA policy (the reference is the adapter-disabled model); "
                             "set adapter.method=lora")
-    cfg, rl, ppo = config.train, config.objective.rl, task.name == "ppo"
+    cfg, rl, ppo = config.train, config.objective.rl, task.value_head
     source = RolloutSource(prompts, tokenizer, reward_fn, rl, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                            seed=cfg.seed, value_head=ppo)
     validation = None

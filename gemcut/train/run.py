@@ -208,8 +208,8 @@ def train_run(config: RunConfig, *, resume: bool | str = False, command: list[st
         train_ex, train_stats = list(train_records), {"kind": kind, "task": task.name, "examples": len(train_records), "note": note}
         val_ex, val_stats = val_records, {"kind": kind, "task": task.name, "examples": len(val_records), "note": note}
     else:
-        train_ex, train_stats = tokenize_records(train_records, kind, tokenizer, template, config.data, task.name, labels)
-        val_ex, val_stats = tokenize_records(val_records, kind, tokenizer, template, config.data, task.name, labels) if val_records else ([], {})
+        train_ex, train_stats = tokenize_records(train_records, kind, tokenizer, template, config.data, task, labels)
+        val_ex, val_stats = tokenize_records(val_records, kind, tokenizer, template, config.data, task, labels) if val_records else ([], {})
     if not train_ex:
         raise TrainingError(f"no training examples left after tokenization: {train_stats.get('dropped')}; see {run_dir / 'data_report.json'}")
     labels = train_stats.get("label_names", labels)
@@ -228,7 +228,7 @@ def train_run(config: RunConfig, *, resume: bool | str = False, command: list[st
     else:
         collate = collator_for(task, tokenizer.pad_token_id)
         source = ExampleSource(train_ex, collate, cfg, group_by_length=grouped)
-        samples = sample_fn(config, kind, val_records, tokenizer, template, labels) if task.name == "causal_lm" else None
+        samples = sample_fn(config, kind, val_records, tokenizer, template, labels) if task.samples else None
         validation = LossValidation(objective, val_ex, collate, batch_size=cfg.batch_size, sample_fn=samples) if val_ex else None
         trained = model
     result = fit(trained, objective, source, config=config, task=task, run_dir=run_dir, validation=validation,
