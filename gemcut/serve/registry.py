@@ -257,8 +257,8 @@ class ModelRegistry:
             if task.classifier:
                 prepare_classifier(model, "auto", path)  # the export recorded its pooling in config.json
         else:
-            # Weights stay float32 on the CPU (bf16 there is emulated or, at best, no faster for serving); a GPU
-            # keeps the folder's own dtype.
+            # float32 on the CPU, where bf16 is emulated and slow unless the CPU has bf16 instructions
+            # (gemcut/models/precision.py); a GPU keeps the folder's own dtype.
             dtype = "float32" if self.device.type == "cpu" else "auto"
             model_config = ModelConfig(name=str(path), dtype=dtype, trust_remote_code=self.settings.trust_remote_code)
             model, tokenizer = load_base(model_config, task.name, label_names=labels)
