@@ -13,7 +13,7 @@ was never trained. `model.pooling` picks the reading:
   the pooling of a sentence-transformers checkpoint (`modules.json` -> the Pooling module's config: mean
   tokens -> `mean`, CLS token -> `cls`); else `cls` (a classifier trained by plain transformers read its
   first token);
-- `cls`: the first token, what `AutoModelForSequenceClassification` does; nothing is installed;
+- `cls`: the first token, what `AutoModelForSequenceClassification` does (no hook is installed);
 - `mean`: each row's mean over its real tokens (attention mask 1), the way sentence-transformers,
   SetFit and ModernBERT's `classifier_pooling="mean"` read it.
 
