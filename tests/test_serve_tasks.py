@@ -97,3 +97,22 @@ def test_a_foreign_folder_without_a_run_record_is_judged_by_its_config(tmp):
     clf = registry.add(str(classifier(tmp / "foreign-clf")))
     assert chat.task is task_named("causal_lm") and chat.generates
     assert clf.task is task_named("classify") and clf.classifies and clf.labels == ["negative", "neutral", "positive"]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_an_exported_classifier_runs_the_speed_tricks_its_run_had(tmp, fast):
+    """`train.fast` in the export's gemcut_run.json decides the exact speed tricks it is served with, as
+    `load_run` does for a run folder; the logits are the same either way."""
+    from gemcut.models.fast import applied
+    from gemcut.run_folder import write_run_meta
+
+    folder = classifier(tmp / f"export-fast-{fast}")
+    config = RunConfig.model_validate({"model": {"name": str(folder)}, "data": {"kind": "label"}, "train": {"fast": fast}})
+    write_run_meta(folder, run_meta(config, "classify", ["negative", "neutral", "positive"]))
+    served = ModelRegistry(ServeSettings(device="cpu")).add(str(folder))
+    assert applied(served.model) == (["padding_free", "first_token"] if fast else [])
+    plain = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6])}
+    with torch.no_grad():
+        torch.testing.assert_close(served.model(**batch).logits, plain(**batch).logits, rtol=1e-5, atol=1e-5)

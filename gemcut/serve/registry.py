@@ -15,7 +15,8 @@ What a model is served for is its task, the row of the task table (gemcut/tasks.
 /v1/embeddings when gemcut pools its encoder. Only a folder gemcut did not write, with no run record,
 is judged by its config.json: a `...ForSequenceClassification` architecture is a classifier, bare or
 masked-LM encoders (`BertModel`, `...ForMaskedLM`) are served for /v1/embeddings only (no task), anything
-else is a causal LM.
+else is a causal LM. A folder gets the exact speed tricks (gemcut/models/fast/) its run's `train.fast`
+names (on for a foreign folder), as `load_run` gives a run folder.
 
 LoRA runs on the same base share one loaded base model: the first becomes a peft model, later ones are
 added with `load_adapter` and picked per batch with `set_adapter` (`ServedModel.activate`); the base
@@ -222,29 +223,31 @@ class ModelRegistry:
                            context_length(model, loaded.tokenizer), adapter=adapter, labels=labels, source=str(run_dir),
                            pooling=classifier_pooling(model) if task.classifier else None)
 
-    def _folder_task(self, path: Path | str) -> tuple[Task | None, Any]:
-        """(task, transformers config) of a model folder: the task its gemcut_run.json names (an export
-        carries its run's), else what its config.json's architectures say (a folder gemcut did not write)."""
+    def _folder_task(self, path: Path | str) -> tuple[Task | None, Any, dict]:
+        """(task, transformers config, gemcut_run.json or {}) of a model folder: the task its gemcut_run.json
+        names (an export carries its run's), else what its config.json's architectures say (a folder gemcut
+        did not write)."""
         from transformers import AutoConfig
 
         # The folder's own Python runs only when the person serving it said so (never left to a prompt).
         config = AutoConfig.from_pretrained(path, trust_remote_code=self.settings.trust_remote_code)
         record = read_run_meta(path)
         if record is not None:
-            return task_named(record["task"]), config
+            return task_named(record["task"]), config, record
         architectures = config.architectures or []
         if any(a.endswith("ForSequenceClassification") for a in architectures):
-            return task_named("classify"), config
+            return task_named("classify"), config, {}
         if _is_encoder(architectures):
-            return None, config
-        return task_named("causal_lm"), config
+            return None, config, {}
+        return task_named("causal_lm"), config, {}
 
     def _load_folder(self, path: Path | str, name: str, source: str) -> ServedModel:
-        from gemcut.config import ModelConfig
+        from gemcut.config import ModelConfig, TrainConfig
+        from gemcut.models.fast import apply_fast
         from gemcut.models.load import load_base
         from gemcut.models.pooling import classifier_pooling, prepare_classifier
 
-        task, config = self._folder_task(path)
+        task, config, record = self._folder_task(path)
         if task is None:
             return self._load_encoder(path, name, source)
         labels = None
@@ -262,6 +265,9 @@ class ModelRegistry:
             dtype = "float32" if self.device.type == "cpu" else "auto"
             model_config = ModelConfig(name=str(path), dtype=dtype, trust_remote_code=self.settings.trust_remote_code)
             model, tokenizer = load_base(model_config, task.name, label_names=labels)
+        # The exact speed tricks (gemcut/models/fast/) as the run had them (on for a folder gemcut did not
+        # write), the same logits faster; as load_run does for a run folder.
+        apply_fast(model, task, TrainConfig(fast=record.get("config", {}).get("train", {}).get("fast", True), fast_dropout=False))
         model = model.to(self.device).eval()
         template = None if task.classifier else self._folder_template(path, tokenizer, name)
         return ServedModel(name, task, model, tokenizer, template, context_length(model, tokenizer), labels=labels, source=source,
