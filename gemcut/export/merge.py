@@ -26,6 +26,7 @@ import torch
 from gemcut.errors import GemcutError
 from gemcut.export.report import compare_int8, folder_bytes, weight_bytes
 from gemcut.models.pooling import classifier_pooling
+from gemcut.tasks import task_named
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # config.json records `classifier_pooling: mean`, which gemcut reads and plain transformers ignores.
@@ -108,7 +109,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, merge: bo
         if (final / name).is_file():
             shutil.copy2(final / name, out / name)
     info["bytes"] = {"weights": weight_bytes(out), "folder": folder_bytes(out)}
-    if quantize == "int8" and report and loaded.task != "classify":
+    # The report measures perplexity and generation speed: a chat model's, not a classifier's or a scorer's.
+    if quantize == "int8" and report and task_named(loaded.task).served_as == "chat":
         info["int8_report"] = compare_int8(model, out, tokenizer)
     (out / "export.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     return out

@@ -20,6 +20,7 @@ from __future__ import annotations
 from torch import nn
 
 from gemcut.errors import ConfigError
+from gemcut.tasks import task_named
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -67,7 +68,8 @@ def _freeze(model: nn.Module, n_last: int) -> nn.Module:
 
 
 def apply_adapter(model: nn.Module, cfg, task: str) -> nn.Module:
-    """Make `model` trainable per `cfg` (AdapterConfig); returns the (possibly peft-wrapped) model."""
+    """Make `model` trainable per `cfg` (AdapterConfig) for the task named `task`; returns the (possibly
+    peft-wrapped) model."""
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -81,7 +83,7 @@ def apply_adapter(model: nn.Module, cfg, task: str) -> nn.Module:
     targets = cfg.target_modules
     if isinstance(targets, str) and targets != "all-linear":
         targets = [targets]
-    classify = task in ("classify", "reward")
+    classify = task_named(task).classifier
     config = LoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, use_dora=cfg.dora,
         task_type=TaskType.SEQ_CLS if classify else TaskType.CAUSAL_LM,

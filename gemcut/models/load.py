@@ -3,8 +3,8 @@
     python -m pytest -q tests/test_models_load.py
 
 - `load_base(cfg.model, task)`: resolve the name (gemcut/models/resolve.py), load the tokenizer and the
-  model for `causal_lm` (AutoModelForCausalLM) or `classify`/`reward` (AutoModelForSequenceClassification
-  with a new head: `num_labels` classes, or 1 score for a reward model). Safetensors only; remote code only
+  model of the task's head (the task table, gemcut/tasks.py; `model_class`): AutoModelForCausalLM, or
+  AutoModelForSequenceClassification with a new head of `num_labels` classes (classify) or 1 score (reward). Safetensors only; remote code only
   when `model.trust_remote_code`; decoders get a pad token (their EOS) because batches are padded.
 - `save_final(model, tokenizer, template, out_dir, labels=..., meta=...)`: `final/` holds the adapter
   (peft format) or the full model, the tokenizer (its chat template set to the one used in training),
@@ -39,10 +39,10 @@ from gemcut.run_folder import (
     read_run_meta,
     write_run_meta,
 )
+from gemcut.tasks import Task, resolve_task, task_named
 from gemcut.version import __version__
 
 LABELS = "labels.json"
-CLASSIFY_TASKS = ("classify", "reward")
 TRUST_HINT = "pass --trust-remote-code (trust_remote_code: true in a serve settings file) only if you trust whoever made it"
 
 log = logging.getLogger(__name__)
@@ -69,14 +69,11 @@ def _torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}[name]
 
 
-def _model_class(task: str):
+def model_class(task: Task):
+    """The transformers auto class of the task's head: sequence classification for a classifier or scorer."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    if task == "causal_lm" or task in ("dpo", "ppo", "grpo"):
-        return AutoModelForCausalLM
-    if task in CLASSIFY_TASKS:
-        return AutoModelForSequenceClassification
-    raise ConfigError(f"task {task!r} is not one of causal_lm, classify, reward")
+    return AutoModelForSequenceClassification if task.classifier else AutoModelForCausalLM
 
 
 def load_tokenizer(source, *, trust_remote_code: bool = False, revision: str | None = None):
@@ -109,11 +106,12 @@ def dropout_overrides(source, p: float, *, trust_remote_code: bool = False, revi
 
 def load_base(cfg, task: str, num_labels: int | None = None,
               label_names: list[str] | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) of the pre-trained model named by `cfg` (ModelConfig), ready for `task`.
+    """(model, tokenizer) of the pre-trained model named by `cfg` (ModelConfig), ready for the task named `task`.
 
     For classify, the head has `num_labels` outputs (or len(label_names)) and id2label/label2id are set; for
     reward it has one output. The new head is initialised from torch's global RNG: seed before calling.
     """
+    spec = task_named(task)
     source = resolve_model(cfg.name, cfg.revision)
     tokenizer = load_tokenizer(source, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     kwargs: dict[str, Any] = {
@@ -124,14 +122,14 @@ def load_base(cfg, task: str, num_labels: int | None = None,
         kwargs["revision"] = cfg.revision
     if cfg.dropout is not None:
         kwargs |= dropout_overrides(source, cfg.dropout, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
-    if task in CLASSIFY_TASKS:
-        if task == "reward":
+    if spec.classifier:
+        if spec.head == "scorer":
             label_names = ["reward"]
         elif label_names is None:
             if num_labels is None:
                 raise ConfigError("a classifier needs its labels: pass label_names (or num_labels)")
             label_names = [f"LABEL_{i}" for i in range(num_labels)]
-        if num_labels is not None and task != "reward" and num_labels != len(label_names):
+        if num_labels is not None and spec.head != "scorer" and num_labels != len(label_names):
             raise ConfigError(f"num_labels={num_labels} but {len(label_names)} label names were given")
         kwargs |= {
             "num_labels": len(label_names),
@@ -141,26 +139,26 @@ def load_base(cfg, task: str, num_labels: int | None = None,
             "ignore_mismatched_sizes": True,
         }
     try:
-        model, loading = _model_class(task).from_pretrained(source, output_loading_info=True, **kwargs)
+        model, loading = model_class(spec).from_pretrained(source, output_loading_info=True, **kwargs)
     except OSError as e:
         raise GemcutError(f"model {cfg.name!r} ({source}) could not be loaded with safetensors: {e}") from None
-    _report_loading(model, loading, task, cfg.name)
+    _report_loading(model, loading, spec, cfg.name)
     if model.config.pad_token_id is None:
         # Decoder classifiers find each row's last real token through pad_token_id.
         model.config.pad_token_id = tokenizer.pad_token_id
-    if task in CLASSIFY_TASKS:
+    if spec.classifier:
         from gemcut.models.pooling import prepare_classifier
 
         prepare_classifier(model, cfg.pooling, source)
     return model, tokenizer
 
 
-def _report_loading(model, loading: dict, task: str, name: str) -> None:
+def _report_loading(model, loading: dict, task: Task, name: str) -> None:
     """One line for each thing transformers' load-report table says: a classifier's new head is expected
     (info); other weights missing from the checkpoint are a warning; unused checkpoint weights are info."""
     mismatched = [k[0] if isinstance(k, tuple) else k for k in loading.get("mismatched_keys", ())]
     fresh = sorted({*loading.get("missing_keys", ()), *mismatched})
-    head = [k for k in fresh if task in CLASSIFY_TASKS and k.split(".")[0] in ("score", "classifier")]
+    head = [k for k in fresh if task.classifier and k.split(".")[0] in ("score", "classifier")]
     others = [k for k in fresh if k not in head]
     unused = sorted(loading.get("unexpected_keys", ()))
     if head:
@@ -230,10 +228,8 @@ def _read_json(path: Path) -> dict | list | None:
 
 
 def _infer_task(config: dict) -> str:
-    kind = config.get("objective", {}).get("kind", "auto")
-    if kind != "auto":
-        return kind
-    return "classify" if config.get("data", {}).get("kind") == "label" else "causal_lm"
+    """The task of a checkpoint whose run left no gemcut_run.json: resolved from its config as the run did."""
+    return resolve_task(config.get("objective", {}).get("kind", "auto"), config.get("data", {}).get("kind")).name
 
 
 def _head_size(weights_file: Path) -> int | None:
@@ -317,19 +313,20 @@ def _load_run(run_dir: Path, checkpoint: str, trust_remote_code: bool) -> Loaded
             raise GemcutError(f"{where}: no {RUN_META}; the run has not finished (try checkpoint='last')")
         config = meta["config"]
         task = meta["task"]
+        spec = task_named(task)
         labels = meta.get("labels") or _read_json(where / LABELS)
         model_cfg = run_model_config(config["model"], where, trust_remote_code)
         if meta.get("format") == "adapter":
             from peft import PeftModel
 
-            base, _ = load_base(model_cfg, task, label_names=labels if task == "classify" else None)
+            base, _ = load_base(model_cfg, task, label_names=labels if spec.head == "classifier" else None)
             model = PeftModel.from_pretrained(base, where)
         else:
             kwargs: dict[str, Any] = {"dtype": _torch_dtype(model_cfg.dtype), "use_safetensors": True,
                                       "attn_implementation": model_cfg.attn_implementation,
                                       "trust_remote_code": model_cfg.trust_remote_code}
-            model = _model_class(task).from_pretrained(where, **kwargs)
-            if task in CLASSIFY_TASKS:
+            model = model_class(spec).from_pretrained(where, **kwargs)
+            if spec.classifier:
                 from gemcut.models.pooling import prepare_classifier
 
                 prepare_classifier(model, model_cfg.pooling, where)
@@ -340,17 +337,18 @@ def _load_run(run_dir: Path, checkpoint: str, trust_remote_code: bool) -> Loaded
         config = read_config(where)  # a damaged file names the checkpoint and the problem
         meta = read_run_meta(where) or read_run_meta(run_dir) or read_run_meta(run_dir / "final") or {}
         task = meta.get("task") or _infer_task(config)
+        spec = task_named(task)
         labels = meta.get("labels") or _read_json(run_dir / LABELS) or config.get("data", {}).get("labels")
         num_labels = None
-        if task == "classify" and labels is None:
+        if spec.head == "classifier" and labels is None:
             num_labels = _head_size(where / WEIGHTS)
             if num_labels is None:
                 raise GemcutError(f"{where}: cannot tell the classifier's labels (no labels.json, no data.labels, "
                                   "no head weights in model.safetensors)")
         model_cfg = run_model_config(config["model"], where, trust_remote_code)
         model, tokenizer = load_base(model_cfg, task, num_labels=num_labels,
-                                     label_names=labels if task == "classify" else None)
-        if task == "classify" and labels is None:
+                                     label_names=labels if spec.head == "classifier" else None)
+        if spec.head == "classifier" and labels is None:
             labels = [model.config.id2label[i] for i in range(num_labels)]
         # The same wrapping training used, so the checkpoint's parameter names line up.
         model = apply_adapter(model, AdapterConfig(**config["adapter"]), task)
@@ -360,15 +358,14 @@ def _load_run(run_dir: Path, checkpoint: str, trust_remote_code: bool) -> Loaded
             if (candidate / TEMPLATE_JSON).is_file():
                 template = ChatTemplate.load(candidate, tokenizer)
                 break
-        if template is None and task not in CLASSIFY_TASKS:
+        if template is None and not spec.classifier:
             data = config.get("data", {})
             template = ChatTemplate.from_tokenizer(tokenizer, data.get("template"), data.get("system_prompt"))
     # Evaluated and served with the run's own train.fast (the same logits, faster); dropout is off at inference.
     from gemcut.config import TrainConfig
     from gemcut.models.fast import apply_fast
-    from gemcut.tasks import task_named
 
-    apply_fast(model, task_named(task), TrainConfig(fast=config.get("train", {}).get("fast", True), fast_dropout=False))
+    apply_fast(model, spec, TrainConfig(fast=config.get("train", {}).get("fast", True), fast_dropout=False))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

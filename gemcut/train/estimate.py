@@ -55,6 +55,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from gemcut.errors import TrainingError
+from gemcut.tasks import Task, resolve_task, task_named
 
 GB = 1024**3
 SAMPLE_RECORDS = 1024  # training records tokenized to learn the token lengths (all of them when there are fewer)
@@ -179,11 +180,10 @@ def _rss() -> int:
     return 0
 
 
-def resolve_task(cfg, kind: str | None) -> str:
-    kind_ = cfg.objective.kind
-    if kind_ == "auto":
-        return "classify" if kind == "label" else "causal_lm"
-    return "causal_lm" if kind_ in ("dpo", "ppo", "grpo") else kind_
+def timed_task(task: Task) -> Task:
+    """The task whose loss the probe times: the run's own, except that PPO and GRPO are timed as the causal-LM
+    loss on their records (their generation is not timed; see the module docstring)."""
+    return task_named("causal_lm") if task.rollouts else task
 
 
 def approximate_activations(model, batch: int, length: int, bytes_per_value: int, trained_from_block: int | None) -> int:
@@ -282,7 +282,7 @@ def _sample(records, n: int, seed: int) -> list[dict]:
 def _data(cfg, task_of, tokenizer_for) -> _Data:
     """Prepare the run's data, tokenize a sample of it and scale the counts (see the module docstring).
 
-    `task_of(kind)` resolves the task; `tokenizer_for(kind, labels)` loads the model and returns its tokenizer."""
+    `task_of(kind)` resolves the Task; `tokenizer_for(kind, labels)` loads the model and returns its tokenizer."""
     from gemcut.data.prepare import prepare
     from gemcut.data.templates import ChatTemplate
     from gemcut.data.tokenize import resolve_label_names, tokenize_records
@@ -299,7 +299,7 @@ def _data(cfg, task_of, tokenizer_for) -> _Data:
         labels = list(prepared.labels or resolve_label_names(list(train_records), cfg.data.labels))
     tokenizer = tokenizer_for(kind, labels)
     template = None
-    if prepared.kind in ("prompt_completion", "messages", "preference") or (kind == "label" and task == "causal_lm"):
+    if task.chat_template(kind, bool(cfg.data.template)) == "required":  # as the run renders them (gemcut/tasks.py)
         template = ChatTemplate.from_tokenizer(tokenizer, cfg.data.template, cfg.data.system_prompt)
     n_train_records = counts.get("train", len(train_records))
     sample = _sample(train_records, SAMPLE_RECORDS, cfg.train.seed)
@@ -319,7 +319,6 @@ def _data(cfg, task_of, tokenizer_for) -> _Data:
 def _prepare_for_training(model, cfg, precision: str, task: str):
     """The changes `gemcut train` makes to the loaded model that change its speed or memory."""
     from gemcut.models.fast import apply_fast
-    from gemcut.tasks import task_named
     from gemcut.train.bf16 import store_frozen_linears_in_bf16
 
     apply_fast(model, task_named(task), cfg.train)
@@ -357,17 +356,18 @@ def estimate(cfg, *, probe: bool = True, probe_steps: int = 3) -> Estimate:
     precision = resolve_precision(cfg.train.precision, torch.device(device))
     loaded: dict = {}
 
-    def task_of(kind):
-        return resolve_task(cfg, kind)
+    def task_of(kind) -> Task:
+        return timed_task(resolve_task(cfg.objective.kind, kind))
 
     def load(kind, labels):
         task = task_of(kind)
         t0 = time.perf_counter()
         torch.manual_seed(cfg.train.seed)
-        model, tokenizer = load_base(cfg.model, task, num_labels=None if labels else (2 if task == "classify" else None),
-                                     label_names=labels if task == "classify" else None)
-        model = _prepare_for_training(apply_adapter(model, cfg.adapter, task), cfg, precision, task).to(device)
-        loaded.update(model=model, tokenizer=tokenizer, task=task, seconds=time.perf_counter() - t0)
+        classifier = task.head == "classifier"
+        model, tokenizer = load_base(cfg.model, task.name, num_labels=None if labels else (2 if classifier else None),
+                                     label_names=labels if classifier else None)
+        model = _prepare_for_training(apply_adapter(model, cfg.adapter, task.name), cfg, precision, task.name).to(device)
+        loaded.update(model=model, tokenizer=tokenizer, task=task.name, seconds=time.perf_counter() - t0)
         return tokenizer
 
     data = None
@@ -460,12 +460,12 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
         return _finish(cfg, model, task, device, total, trainable, weights_bytes, grad_bytes, optimizer_bytes, activations,
                        "approximate", runtime, available, batch_shape, steps, precision, notes)
 
-    from gemcut.data.collate import collate_causal, collate_classify
     from gemcut.objectives import build_objective
-    from gemcut.tasks import task_named
+    from gemcut.train.batches import collator_for
 
+    spec = timed_task(task_named(task))
     padded = "padding_free" not in applied(model)
-    collate = collate_causal if task == "causal_lm" else collate_classify
+    collate = collator_for(spec, tokenizer.pad_token_id)
     if lengths:
         # The plan's examples: all of them, or (sampled data) as many drawn from the sample as the run will have.
         drawn = (random.Random(cfg.train.seed).choices(range(len(examples)), k=max(1, data.n_train))
@@ -483,17 +483,17 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
     else:
         g = torch.Generator().manual_seed(cfg.train.seed)
         ids = torch.randint(0, len(tokenizer), (B, L), generator=g).tolist()
-        rows = [{"input_ids": r, "labels": r} if task == "causal_lm" else {"input_ids": r, "label": 0} for r in ids]
+        rows = [random_row(spec, r) for r in ids]
         batch_shape = (B, L)
         probe_cost = largest_cost = batch_tokens([L] * B, padded)
         step_costs = [probe_cost * cfg.train.grad_accum]
     to_device = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
-    batch = to_device(collate(rows, tokenizer.pad_token_id))
+    batch = to_device(collate(rows))
     # Two rows at least, so that the warm-up takes the code paths of a batch (a shared prompt prefix needs two).
-    warm = to_device(collate(rows[:max(2, len(rows) // 4)], tokenizer.pad_token_id))
+    warm = to_device(collate(rows[:max(2, len(rows) // 4)]))
 
     labels = data.labels if data is not None else None
-    objective = build_objective(task_named(task), cfg, labels=labels, train_examples=[r for r in rows if "label" in r])
+    objective = build_objective(spec, cfg, labels=labels, train_examples=[r for r in rows if "label" in r])
     params = list(model.parameters())
     in_precision = autocast(precision, device)
     saved = 0
@@ -538,7 +538,7 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
         val_cost *= data.n_validation / len(val)
         n_evals = evaluations(steps, cfg.train.eval_every)
         parts["validation"] = n_evals * val_cost * forward_seconds / probe_cost
-        if task == "causal_lm" and data.kind in ("messages", "prompt_completion") and cfg.train.sample_prompts:
+        if spec.samples and data.kind in ("messages", "prompt_completion") and cfg.train.sample_prompts:
             from gemcut.train.samples import SAMPLE_MAX_NEW_TOKENS
 
             n_prompts = min(cfg.train.sample_prompts, data.n_validation)
@@ -559,6 +559,15 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
         est.time_parts = parts
         est.total_seconds = sum(parts.values())
     return est
+
+
+def random_row(task: Task, ids: list[int]) -> dict:
+    """A training example of `task`'s batches made of the token ids `ids` (the probe without data)."""
+    if task.batches == "classify":
+        return {"input_ids": ids, "label": 0}
+    if task.batches == "preference":
+        return {f"{side}_{field}": ids for side in ("chosen", "rejected") for field in ("input_ids", "labels")}
+    return {"input_ids": ids, "labels": ids}
 
 
 def _finish(cfg, model, task, device, total, trainable, weights_bytes, grad_bytes, optimizer_bytes, activations, source,
