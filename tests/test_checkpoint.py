@@ -16,7 +16,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from train_helpers import (
-    TINY_RUN, causal_examples, collate_causal, config, deterministic, fit_examples, llama, tiny_run, train_losses,
+    TINY_RUN,
+    causal_examples,
+    collate_causal,
+    config,
+    deterministic,
+    fit_examples,
+    llama,
+    tiny_run,
+    train_losses,
 )
 
 from gemcut import run_folder
