@@ -264,7 +264,16 @@ def test_grpo_run_end_to_end_with_a_classifier_reward(tmp_path):
     assert len(samples[0]["prompt"].split()) == 3  # prompt_words
     for checkpoint in ("final", "step-2"):
         loaded = load_run(run_dir, checkpoint)
-        assert loaded.task == "grpo" and hasattr(loaded.model, "disable_adapter")
+        assert loaded.task == "grpo" and hasattr(loaded.model, "disable_adapter") and loaded.value_head is None
+    # PPO: the value head is saved with the policy, in checkpoints and final/, and load_run attaches it
+    ppo = rl.model_copy(update={"objective": rl.objective.model_copy(update={"kind": "ppo"}),
+                                "output": rl.output.model_copy(update={"name": "ppo"})})
+    ppo_dir = train(ppo)
+    assert (ppo_dir / "final" / "value_head.safetensors").is_file()
+    heads = [load_run(ppo_dir, checkpoint).value_head for checkpoint in ("final", "step-2", "step-1")]
+    assert all(h is not None for h in heads) and heads[0].proj.weight.abs().sum() > 0  # trained off its zero start
+    torch.testing.assert_close(heads[0].state_dict(), heads[1].state_dict())  # final/ is the last step's
+    assert not torch.equal(heads[1].proj.weight, heads[2].proj.weight)
     # a classifier used as a reward without a label names the labels it has
     from gemcut.objectives.reward_functions import load_reward
 

@@ -61,6 +61,7 @@ class LoadedRun:
     base_name: str
     path: Path | None = None
     meta: dict = field(default_factory=dict)
+    value_head: Any = None  # PPO runs: the value head trained beside the policy (gemcut/models/value_head.py)
 
 
 def _torch_dtype(name: str):
@@ -332,6 +333,12 @@ def _load_run(run_dir: Path, checkpoint: str, trust_remote_code: bool) -> Loaded
                 prepare_classifier(model, model_cfg.pooling, where)
         tokenizer = load_tokenizer(where, trust_remote_code=model_cfg.trust_remote_code)
         template = ChatTemplate.load(where, tokenizer) if (where / TEMPLATE_JSON).is_file() else None
+        value_head = None
+        if spec.value_head:
+            from gemcut.models.numerics import unwrap_peft
+            from gemcut.models.value_head import load_value_head
+
+            value_head = load_value_head(where, unwrap_peft(model).config.hidden_size)
     else:
         where = find_checkpoint(run_dir, checkpoint)
         config = read_config(where)  # a damaged file names the checkpoint and the problem
@@ -352,7 +359,15 @@ def _load_run(run_dir: Path, checkpoint: str, trust_remote_code: bool) -> Loaded
             labels = [model.config.id2label[i] for i in range(num_labels)]
         # The same wrapping training used, so the checkpoint's parameter names line up.
         model = apply_adapter(model, AdapterConfig(**config["adapter"]), task)
-        load_trainable(model, where)
+        value_head = None
+        if spec.value_head:  # PPO's checkpoints hold the policy's weights and `value_head.*`
+            from gemcut.models.value_head import PolicyWithValueHead
+
+            trained = PolicyWithValueHead(model)
+            load_trainable(trained, where)
+            value_head = trained.value_head
+        else:
+            load_trainable(model, where)
         template = None
         for candidate in (where, run_dir / "final", run_dir):
             if (candidate / TEMPLATE_JSON).is_file():
@@ -367,9 +382,10 @@ def _load_run(run_dir: Path, checkpoint: str, trust_remote_code: bool) -> Loaded
 
     apply_fast(model, spec, TrainConfig(fast=config.get("train", {}).get("fast", True), fast_dropout=False))
     model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    for module in (model, value_head):
+        for p in module.parameters() if module is not None else ():
+            p.requires_grad_(False)
     base = meta.get("base_model") or config.get("model", {}).get("name", "?")
     return LoadedRun(model=model, tokenizer=tokenizer, template=template, labels=labels, task=task,
-                     config=config, base_name=base, path=where, meta=meta)
+                     config=config, base_name=base, path=where, meta=meta, value_head=value_head)
 
