@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from gemcut.config import RunConfig, load_config
-from gemcut.train.checkpoint import latest_checkpoint
+from gemcut.run_folder import latest_checkpoint
 
 PRESETS = {"generate": "quickstart.yaml", "classify": "quickstart_classify.yaml"}
 

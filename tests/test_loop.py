@@ -14,7 +14,6 @@ import pytest
 import torch
 from accelerate import Accelerator
 from train_helpers import (
-    fit_examples,
     bert,
     causal_examples,
     class_examples,
@@ -22,6 +21,7 @@ from train_helpers import (
     collate_classify,
     config,
     deterministic,
+    fit_examples,
     llama,
     train_losses,
 )
@@ -29,11 +29,11 @@ from train_helpers import (
 from gemcut.errors import TrainingError
 from gemcut.objectives import CausalLM, Classify
 from gemcut.run_folder import best_checkpoint, complete_checkpoints, latest_checkpoint
-from gemcut.train.bf16 import store_frozen_linears_in_bf16
 from gemcut.train.batches import epoch_order
+from gemcut.train.bf16 import store_frozen_linears_in_bf16
 from gemcut.train.loop import backward_step
-from gemcut.train.validation import Validation, macro_f1_from_confusion
 from gemcut.train.schedule import lr_multiplier, warmup_steps_for
+from gemcut.train.validation import Validation, macro_f1_from_confusion
 
 # Recorded from the fixed runs below (fp32, 1 thread, deterministic algorithms); a change in the loop's
 # numerics, data order, schedule or objective shows up here.

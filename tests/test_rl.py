@@ -275,9 +275,8 @@ def test_grpo_run_end_to_end_with_a_classifier_reward(tmp_path):
     torch.testing.assert_close(heads[0].state_dict(), heads[1].state_dict())  # final/ is the last step's
     assert not torch.equal(heads[1].proj.weight, heads[2].proj.weight)
     # a classifier used as a reward without a label names the labels it has
-    from gemcut.objectives.reward_functions import load_reward
-
     from gemcut.errors import ConfigError
+    from gemcut.objectives.reward_functions import load_reward
 
     with pytest.raises(ConfigError, match="positive"):
         load_reward(rl.objective.rl.model_copy(update={"reward_label": None}))

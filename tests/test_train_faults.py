@@ -19,7 +19,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny import CORPUS, save_tiny_llama, tiny_llama, tiny_tokenizer
 from train_helpers import (
-    fit_examples,
     TINY_RUN,
     bert,
     causal_examples,
@@ -28,6 +27,7 @@ from train_helpers import (
     collate_classify,
     config,
     deterministic,
+    fit_examples,
     llama,
     tiny_run,
     train_losses,

@@ -1,13 +1,15 @@
 """A whole training run: prepare -> load -> adapt -> tokenize -> fit -> save, into `runs/<name>/`.
 
     gemcut train examples/sft_chatterbot.yaml train.max_steps=20
-    python -c "from gemcut import load_config, train; train(load_config('examples/sft_chatterbot.yaml'))"
+    python -c "from gemcut import load_config, run_training; run_training(load_config('examples/sft_chatterbot.yaml'))"
 
-`train(config, resume=False) -> Path` is the Python entry point the job worker and the benchmark call;
-`train_run` is the same run, returning how it ended too (the CLI's exit status). The run folder gets: `config.yaml` (resolved), `data/` (cleaned splits), `data_report.json` (cleaning
-and tokenization counts), `gemcut_run.json` (what `load_run` needs for checkpoints), `metrics.jsonl`,
-`samples.jsonl`, `tb/`, `checkpoints/`, `final/` (adapter or model, tokenizer, template, labels) and
-`manifest.json` (package versions, data and config hashes, file hashes of `final/`, how the run ended).
+`train(config, resume=False) -> Path` (`gemcut.run_training` at the package root) is the Python entry point;
+`train_run` is the same run, returning how it ended too (the CLI's exit status). The task is resolved once,
+from the task table (gemcut/tasks.py), and everything below reads its row. The run folder gets: `config.yaml`
+(resolved), `data/` (cleaned splits), `data_report.json` (cleaning and tokenization counts), `gemcut_run.json`
+(what `load_run` needs for checkpoints), `metrics.jsonl`, `samples.jsonl`, `tb/`, `checkpoints/`, `final/`
+(adapter or model, tokenizer, template, labels; PPO's value head) and `manifest.json` (package versions, data
+and config hashes, file hashes of `final/`, the speed-ups applied, how the run ended).
 
 With `resume`, nothing is written into the run folder until the checkpoint is shown intact and made from
 this data and config: a refused resume leaves the folder describing the run that happened. A run that

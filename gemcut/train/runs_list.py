@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from gemcut.train.checkpoint import latest_checkpoint
+from gemcut.run_folder import latest_checkpoint
 
 
 @dataclass
