@@ -90,6 +90,15 @@ def load_tokenizer(source, *, trust_remote_code: bool = False, revision: str | N
     return tokenizer
 
 
+def load_encoder(source, *, dtype="auto", trust_remote_code: bool = False):
+    """(model, tokenizer) of a plain encoder folder, without a task head (what /v1/embeddings serves):
+    safetensors only, remote code only when the caller allows it."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(source, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    return model, load_tokenizer(source, trust_remote_code=trust_remote_code)
+
+
 def dropout_overrides(source, p: float, *, trust_remote_code: bool = False, revision: str | None = None) -> dict[str, float]:
     """Config fields of `source` that hold a dropout probability, each set to `p`, as `from_pretrained` kwargs.
 

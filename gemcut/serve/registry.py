@@ -287,13 +287,11 @@ class ModelRegistry:
     def _load_encoder(self, path: Path | str, name: str, source: str) -> ServedModel:
         """A plain encoder folder, for /v1/embeddings: pooled as its checkpoint says (sentence-transformers'
         modules.json, or a recorded classifier_pooling), else by the mean of its tokens."""
-        from transformers import AutoModel, AutoTokenizer
-
+        from gemcut.models.load import load_encoder
         from gemcut.models.pooling import checkpoint_pooling
 
-        trust = self.settings.trust_remote_code
-        model = AutoModel.from_pretrained(path, dtype=torch.float32 if self.device.type == "cpu" else "auto", use_safetensors=True,
-                                          trust_remote_code=trust).to(self.device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+        model, tokenizer = load_encoder(path, dtype=torch.float32 if self.device.type == "cpu" else "auto",
+                                        trust_remote_code=self.settings.trust_remote_code)
+        model = model.to(self.device).eval()
         return ServedModel(name, None, model, tokenizer, None, context_length(model, tokenizer), source=source,
                            pooling=checkpoint_pooling(model, path) or "mean")
