@@ -124,19 +124,28 @@ class ModelConfig(Section):
     revision: str | None = Field(None, description="Hub revision (commit, tag or branch).")
     trust_remote_code: bool = Field(False, description="Allow code from the model repository to run. Off unless you trust it.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("float32", description="Dtype the weights are kept in; training uses train.precision for compute.")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="Attention kernel.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field("auto", description="Attention kernel. auto: flash_attention_2 where it can run (a CUDA GPU, the flash_attn package, bf16 weights or a QLoRA base), else sdpa; flash_attention_2 asked for where it cannot run is an error that names the fix (docs/models.md).")
     dropout: float | None = Field(None, ge=0, lt=1, description="Set every dropout probability of the model (hidden, attention, classifier) to this; null keeps the checkpoint's.")
     pooling: Literal["auto", "cls", "mean"] = Field("auto", description="Encoder classifiers: read the first token (cls) or the mean of the tokens (mean); auto follows the checkpoint (sentence-transformers models pool by mean).")
 
 
 class AdapterConfig(Section):
-    method: Literal["lora", "freeze", "full"] = Field("lora", description="lora: low-rank adapters; freeze: train only the last N blocks and the head; full: every weight.")
+    method: Literal["lora", "qlora", "freeze", "full"] = Field("lora", description="lora: low-rank adapters; qlora: LoRA in bf16 on a base loaded in 4 bits through bitsandbytes (a CUDA GPU only); freeze: train only the last N blocks and the head; full: every weight.")
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
     target_modules: str | list[str] = Field("all-linear", description="Modules that get adapters: 'all-linear' or a list of names.")
     dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     train_last_n_layers: int = Field(2, ge=0, description="For method=freeze: how many final blocks train (the head always trains).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="For method=qlora: the 4-bit data type of the frozen base (nf4, NormalFloat4, is QLoRA's).")
+    double_quant: bool = Field(True, description="For method=qlora: quantize the 4-bit blocks' scales too (about 0.37 bits a weight saved, Dettmers et al., 2023).")
+
+    def base_quantization(self) -> dict | None:
+        """How the base model is loaded for this adapter: {"bits": 4, "quant_type", "double_quant"} for
+        qlora, None (the checkpoint's own weights) otherwise. `gemcut.models.load.load_base(quantization=...)`."""
+        if self.method != "qlora":
+            return None
+        return {"bits": 4, "quant_type": self.quant_type, "double_quant": self.double_quant}
 
 
 class DPOConfig(Section):
@@ -173,11 +182,29 @@ class EarlyStoppingConfig(Section):
     patience: int | None = Field(None, ge=1, description="Evaluations without improvement before stopping; None disables.")
 
 
+class FSDPConfig(Section):
+    sharding: Literal["full", "grad_op"] = Field("full", description="What FSDP2 shards between uses: full (parameters, gradients and optimizer state; parameters gathered again for the backward), grad_op (parameters stay gathered from forward to backward: more memory, less communication).")
+    offload: bool = Field(False, description="Keep sharded parameters and optimizer state in CPU memory between uses (GPU runs whose model does not fit otherwise).")
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: Literal[1, 2, 3] = Field(2, description="ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.")
+    offload: bool = Field(False, description="ZeRO-Offload: optimizer state (and at stage 3 parameters) in CPU memory.")
+
+
+class DistributedConfig(Section):
+    strategy: Literal["auto", "ddp", "fsdp2", "deepspeed"] = Field("auto", description="How processes share the work when the run is launched on several (torchrun or accelerate launch): ddp replicates the model; fsdp2 shards it (torch FSDP2); deepspeed uses ZeRO. auto: ddp. One process ignores it.")
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    timeout_s: int = Field(600, ge=10, description="Seconds a collective may wait for the other processes before the run stops with an error naming the last good checkpoint (a process that died or hangs).")
+
+
 class TrainConfig(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training split (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
-    batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    batch_size: int = Field(8, ge=1, description="Examples per optimizer step over all processes (the global batch; RL: prompts per iteration). The same config trains the same way on any number of processes.")
+    micro_batch_size: int | None = Field(None, ge=1, description="Examples per forward pass on each process; the step's examples are split into micro-batches of this size, dealt round-robin to the processes, and their gradients accumulated. None: the global batch split evenly over the processes (no accumulation).")
+    distributed: DistributedConfig = Field(default_factory=lambda: DistributedConfig())
     activation_checkpointing: bool = Field(False, description="Recompute each block's activations in the backward pass instead of keeping them: less memory, about a third more compute.")
     fast: bool = Field(True, description="The exact speed-ups of gemcut/models/fast/ (padding-free and first-token encoders, cheaper dropout draws); false runs transformers' own forwards, with the same results (docs/models.md).")
     fast_dropout: bool = Field(True, description="Draw dropout masks from 16 random bits per element instead of torch's Bernoulli sampler: the same keep probability (p rounded to 2^-16), about a third of the time per dropout site on a CPU; false restores torch's nn.Dropout (gemcut/models/fast/fast_dropout.py).")

@@ -103,8 +103,9 @@ def _left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, device) -> tuple
     return ids.to(device), mask.to(device)
 
 
-def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Pick one token per row from last-position logits [B, V]."""
+def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
+                 generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """Pick one token per row from last-position logits [B, V]; `generator` may be one per row."""
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -116,6 +117,9 @@ def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float, generat
         sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     # Sampling on the CPU keeps a seeded run identical across devices.
+    if isinstance(generator, list):  # a row's draws depend on its own seed only, not on its batch
+        probs = probs.cpu()
+        return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g).squeeze(-1) for i, g in enumerate(generator)]).to(logits.device)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
@@ -346,9 +350,12 @@ def _check(max_new_tokens: int, temperature: float, top_p: float, presence_penal
         raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}")
 
 
-def _generator(temperature: float, seed: int | None) -> torch.Generator | None:
+def _generator(temperature: float, seed: int | Sequence[int] | None) -> torch.Generator | list[torch.Generator] | None:
+    """The sampling generator: one for the batch, or one per row when `seed` is a list (one seed per prompt)."""
     if temperature == 0:
         return None
+    if isinstance(seed, Sequence):
+        return [torch.Generator(device="cpu").manual_seed(int(s)) for s in seed]
     generator = torch.Generator(device="cpu")
     generator.manual_seed(seed if seed is not None else int(torch.seed()))
     return generator
@@ -361,7 +368,7 @@ def _eos_set(model, tokenizer, eos_ids) -> set[int]:
 
 
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, eos_ids=None,
+             top_p: float = 1.0, seed: int | Sequence[int] | None = None, stop: list[str] | None = None, eos_ids=None,
              batch_size: int | None = None, answers: list[tuple[list[int], list[bool]]] | None = None,
              presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None,
              constraints: list[Constraint | None] | None = None, logprobs: int | None = None) -> list[GenerationResult]:
@@ -373,7 +380,9 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
         prompt_ids: one list of token ids per prompt, already templated (see `generate_messages`).
         temperature: 0 means greedy; > 0 samples from softmax(logits / temperature).
         top_p: nucleus sampling mass (only with temperature > 0).
-        seed: seeds the sampling generator; the same seed, prompts and batch_size give the same output.
+        seed: seeds the sampling generator; the same seed, prompts and batch_size give the same output. A list
+            of seeds, one per prompt, gives each row a generator of its own: a prompt's completion then does not
+            depend on which other prompts share its batch (RL on any number of processes).
         stop: strings that end a completion; the text is cut before the first one.
         eos_ids: ids that end a completion; default: the tokenizer's and the model's eos ids.
         batch_size: prompts per forward batch; None runs all prompts as one batch.
@@ -395,6 +404,8 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
     if constraints is not None and len(constraints) != len(prompt_ids):
         raise ValueError(f"constraints needs one entry (or None) per prompt: {len(constraints)} for {len(prompt_ids)} prompts")
     eos_set = _eos_set(model, tokenizer, eos_ids)
+    if isinstance(seed, Sequence) and len(seed) != len(prompt_ids):
+        raise ValueError(f"seed needs one value per prompt: {len(seed)} for {len(prompt_ids)} prompts")
     generator = _generator(temperature, seed)
     was_training = model.training
     model.eval()
@@ -403,7 +414,8 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
         results: list[GenerationResult] = []
         for start in range(0, len(prompt_ids), size):
             rows = prompt_ids[start:start + size]
-            pick = _Picker(len(rows), temperature=temperature, top_p=top_p, generator=generator, eos_ids=eos_set,
+            rows_generator = generator[start:start + size] if isinstance(generator, list) else generator
+            pick = _Picker(len(rows), temperature=temperature, top_p=top_p, generator=rows_generator, eos_ids=eos_set,
                            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias,
                            constraints=None if constraints is None else constraints[start:start + size], logprobs=logprobs)
             results.extend(_generate_batch(model, tokenizer, rows, max_new_tokens=max_new_tokens, pick=pick,

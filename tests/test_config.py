@@ -30,7 +30,7 @@ def test_wrong_type_names_field_and_value():
 
 def test_literal_lists_allowed_values():
     with pytest.raises(ConfigError) as e:
-        load_config(None, ["adapter.method=qlora"])
+        load_config(None, ["adapter.method=prefix_tuning"])
     msg = str(e.value)
     assert "adapter.method" in msg and "'lora'" in msg and "'full'" in msg
 

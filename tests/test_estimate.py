@@ -87,16 +87,16 @@ def test_the_plan_is_the_batches_fit_takes(tmp_path, grouped):
         seen.append([index[id(ex)] for ex in batch])
         return collate_causal(batch)
 
-    cfg = config(max_steps=8, batch_size=3, grad_accum=2, seed=3, group_by_length=grouped)
+    cfg = config(max_steps=8, batch_size=6, micro_batch_size=3, seed=3, group_by_length=grouped)
     fit_examples(llama(), CausalLM(), examples, recording, config=cfg, run_dir=tmp_path)
-    plan = plan_steps([len(ex["input_ids"]) for ex in examples], batch_size=3, grad_accum=2, steps=8, seed=3, grouped=grouped)
+    plan = plan_steps([len(ex["input_ids"]) for ex in examples], batch_size=6, micro_batch_size=3, steps=8, seed=3, grouped=grouped)
     assert [mb for step in plan for mb in step] == seen
     assert [len(step) for step in plan] == [2, 2, 2, 1, 2, 2, 2, 1]
 
 
 def test_evaluations_and_steps_count_like_fit():
     assert evaluations(12, 6) == 2 and evaluations(10, 3) == 4 and evaluations(10, None) == 1 and evaluations(3, 5) == 1
-    cfg = config(batch_size=4, grad_accum=2, epochs=1.5)
+    cfg = config(batch_size=8, micro_batch_size=4, epochs=1.5)
     assert total_steps(cfg, 33) == math.ceil(1.5 * 5) and total_steps(config(max_steps=7), None) == 7
     assert total_steps(config(), None) is None
 

@@ -71,7 +71,7 @@ def test_batch_8x1_equals_1x8_with_accumulation(tmp_path):
     # and through the whole loop: three optimizer steps, batch 8 x 1 vs batch 1 x 8
     for batch, accum in ((8, 1), (1, 8)):
         fit_examples(llama(), CausalLM(), causal_examples(24), collate_causal, run_dir=tmp_path / f"b{batch}",
-            config=config(max_steps=3, batch_size=batch, grad_accum=accum, group_by_length=False))
+            config=config(max_steps=3, batch_size=batch * accum, micro_batch_size=batch, group_by_length=False))
     assert list(train_losses(tmp_path / "b8").values()) == pytest.approx(list(train_losses(tmp_path / "b1").values()), rel=1e-5)
 
 
@@ -111,7 +111,7 @@ class Scripted(Validation):
     def __init__(self, losses):
         self.losses = iter(losses)
 
-    def __call__(self, model):
+    def __call__(self, model, group):
         return {"val_loss": next(self.losses), "val_targets": 1}, []
 
 

@@ -282,12 +282,13 @@ def test_grpo_run_end_to_end_with_a_classifier_reward(tmp_path):
         load_reward(rl.objective.rl.model_copy(update={"reward_label": None}))
 
 
-# Per-iteration (loss, reward mean, KL, gradient norm) of 3 iterations, fp32, made by the RL loop before it
-# became a batch source of the one loop (gemcut before issue 19, train/rl.py:fit_rl): the one loop gives the
-# same figures.
+# Per-iteration (loss, reward mean, KL, gradient norm) of 3 iterations, fp32, with each completion sampled from
+# a seed of its own (rollouts.row_seeds, so that any number of processes draws the same samples). With one
+# seed per batch, the one loop gave exactly the figures of the separate RL loop it replaced (train/rl.py;
+# see this test at commit a7f33f7).
 PINNED = {
-    "grpo": [(-0.039017, 0.416667, 0.0, 0.143381), (-0.030973, 1.25, -0.005228, 0.181485), (-0.034593, 0.583333, 0.206049, 0.249303)],
-    "ppo": [(0.058976, 0.416667, 0.0, 0.339445), (0.563793, 1.166667, -0.016114, 0.964021), (0.186291, 0.666667, 0.09806, 0.548923)],
+    "grpo": [(-0.043438, 1.083333, 0.0, 0.17162), (-0.040159, 1.583333, 0.066045, 0.172827), (-0.047456, 0.416667, 0.30543, 0.336163)],
+    "ppo": [(0.499421, 1.083333, 0.0, 0.703169), (0.965388, 1.666667, 0.016816, 1.603677), (0.069245, 0.416667, 0.221475, 0.475682)],
 }
 
 
@@ -296,7 +297,7 @@ def test_pinned_per_iteration_figures(algo, tmp_path):
     policy, tok = make_policy()
     cfg = RunConfig.model_validate({
         "objective": {"kind": algo, "rl": {"group_size": 4, "max_new_tokens": 6, "kl_coef": 0.01, "ppo_epochs": 2}},
-        "train": {"max_steps": 3, "batch_size": 3, "grad_accum": 2, "lr": 1e-2, "schedule": "constant", "warmup_steps": 0,
+        "train": {"max_steps": 3, "batch_size": 3, "micro_batch_size": 2, "lr": 1e-2, "schedule": "constant", "warmup_steps": 0,
                   "precision": "fp32"},
         "output": {"dir": str(tmp_path)}})
     fit_rl(policy, tok, prompt_inputs([{"text": p} for p in PROMPTS], tok), count_reward, algo=algo, config=cfg, run_dir=tmp_path / "r")

@@ -36,4 +36,5 @@ def train(config: str = typer.Argument(..., help="YAML run file (see examples/).
         sys.exit(130)
     if outcome.stopped == "interrupted":  # the checkpoint is saved and the resume command printed
         sys.exit(128 + signal.Signals[outcome.reason].value)
-    typer.echo(str(outcome.run_dir))
+    if outcome.main:  # one line for the run, however many processes trained it
+        typer.echo(str(outcome.run_dir))

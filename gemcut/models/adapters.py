@@ -1,10 +1,16 @@
-"""Ways to update a model: LoRA/DoRA adapters, freezing all but the last N blocks, or full training.
+"""Ways to update a model: LoRA/DoRA adapters (QLoRA on a 4-bit base), freezing all but the last N blocks, or full training.
 
     python -m pytest -q tests/test_models_adapters.py
 
 - `lora`: peft LoRA (Hu et al., 2021, arXiv:2106.09685) on `adapter.target_modules` ("all-linear" = every
   linear layer except the output head), optionally DoRA (Liu et al., 2024, arXiv:2402.09353). For
   classification and reward models the new head trains in full (peft `modules_to_save`).
+- `qlora`: QLoRA (Dettmers et al., 2023, arXiv:2305.14314): the same LoRA, in bf16, on a base that
+  `gemcut.models.load.load_base(quantization=adapter.base_quantization())` loaded in 4 bits (NF4 through
+  bitsandbytes, CUDA only). peft's `prepare_model_for_kbit_training` first freezes the base and keeps its
+  unquantized parameters (norms, embeddings) in fp32; gemcut's own `train.activation_checkpointing`
+  decides recomputation, not peft. The saved adapter is an ordinary LoRA adapter: runs load it on the
+  unquantized base (gemcut/models/load.py `load_run`).
 - `freeze`: transfer learning. Every weight is frozen except the last `adapter.train_last_n_layers`
   transformer blocks and what follows them (final norm, pooler, head). A head tied to the input embeddings
   (SmolLM2's lm_head) stays frozen with them.
@@ -76,9 +82,18 @@ def apply_adapter(model: nn.Module, cfg, task: str) -> nn.Module:
         return model
     if cfg.method == "freeze":
         return _freeze(model, cfg.train_last_n_layers)
-    if cfg.method != "lora":
-        raise ConfigError(f"adapter.method={cfg.method!r} is not one of lora, freeze, full")
+    if cfg.method not in ("lora", "qlora"):
+        raise ConfigError(f"adapter.method={cfg.method!r} is not one of lora, qlora, freeze, full")
     from peft import LoraConfig, TaskType, get_peft_model
+
+    if cfg.method == "qlora":
+        if not getattr(model, "is_loaded_in_4bit", False):
+            raise ConfigError("adapter.method=qlora needs the base model loaded in 4 bits: load it with "
+                              "gemcut.models.load.load_base(..., quantization=adapter.base_quantization())")
+        from peft import prepare_model_for_kbit_training
+
+        # Recomputation is train.activation_checkpointing's choice (non-reentrant, so frozen inputs are fine).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
     targets = cfg.target_modules
     if isinstance(targets, str) and targets != "all-linear":
@@ -120,8 +135,10 @@ def _short(n: int) -> str:
 def trainable_summary(model: nn.Module, cfg) -> str:
     """One line for the log, e.g. "LoRA r=16: 4.9M of 139M trainable (3.5%)"."""
     trainable, total = count_parameters(model)
-    if cfg.method == "lora":
+    if cfg.method in ("lora", "qlora"):
         what = f"{'DoRA' if cfg.dora else 'LoRA'} r={cfg.r}"
+        if cfg.method == "qlora":
+            what = f"Q{what} on a 4-bit {cfg.quant_type} base"
     elif cfg.method == "freeze":
         name, n_blocks, n_last = getattr(model, "_gemcut_freeze", ("blocks", "?", cfg.train_last_n_layers))
         what = f"freeze (last {n_last} of {n_blocks} blocks + head)"

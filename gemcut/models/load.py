@@ -2,10 +2,13 @@
 
     python -m pytest -q tests/test_models_load.py
 
-- `load_base(cfg.model, task)`: resolve the name (gemcut/models/resolve.py), load the tokenizer and the
-  model of the task's head (the task table, gemcut/tasks.py; `model_class`): AutoModelForCausalLM, or
-  AutoModelForSequenceClassification with a new head of `num_labels` classes (classify) or 1 score (reward). Safetensors only; remote code only
-  when `model.trust_remote_code`; decoders get a pad token (their EOS) because batches are padded.
+- `load_base(cfg.model, task, quantization=cfg.adapter.base_quantization())`: resolve the name
+  (gemcut/models/resolve.py), load the tokenizer and the model of the task's head (the task table,
+  gemcut/tasks.py; `model_class`): AutoModelForCausalLM, or AutoModelForSequenceClassification with a new
+  head of `num_labels` classes (classify) or 1 score (reward). Safetensors only; remote code only when
+  `model.trust_remote_code`; decoders get a pad token (their EOS) because batches are padded. The attention
+  kernel is `resolve_attn_implementation`'s; `quantization` (adapter.method=qlora) loads the base in 4 bits
+  through bitsandbytes on this process's GPU, and is refused with the fix where CUDA or bitsandbytes is missing.
 - `save_final(model, tokenizer, template, out_dir, labels=..., meta=...)`: `final/` holds the adapter
   (peft format) or the full model, the tokenizer (its chat template set to the one used in training),
   `template.json` + `chat_template.jinja`, `labels.json`, and `gemcut_run.json` (base model, task, adapter
@@ -13,7 +16,8 @@
 - `load_run(run_dir, checkpoint, trust_remote_code=False)`: `final`, `best`, `last` or `step-N`. For an
   adapter run it loads the base model then the adapter; for a checkpoint (which holds only the trainable
   weights, see gemcut/run_folder.py) it rebuilds base + adapter from the checkpoint's `config.yaml`
-  and copies the saved weights in. Eval, export and serve all load runs through this. Whether the folder's
+  and copies the saved weights in. A QLoRA run loads the same way, its adapter on the unquantized base (the
+  original weights, not their 4-bit rounding). Eval, export and serve all load runs through this. Whether the folder's
   own Python may run is the caller's choice, never the folder's (docs/security.md).
 """
 
@@ -114,20 +118,107 @@ def dropout_overrides(source, p: float, *, trust_remote_code: bool = False, revi
     return {k: p for k, v in fields.items() if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))}
 
 
-def load_base(cfg, task: str, num_labels: int | None = None,
-              label_names: list[str] | None = None) -> tuple[Any, Any]:
+FLASH_ATTENTION_FIX = ("install flash-attn on a CUDA machine (pip install flash-attn --no-build-isolation), "
+                       "or set model.attn_implementation=auto (sdpa where flash attention cannot run)")
+QLORA_FIX = "install bitsandbytes on a CUDA machine (pip install bitsandbytes), or use adapter.method=lora"
+
+
+def flash_attention_missing() -> str | None:
+    """What flash_attention_2 lacks on this machine (a CUDA GPU, the flash_attn package), or None."""
+    import importlib.util
+
+    import torch
+
+    lacks = [what for what, missing in (
+        ("no CUDA GPU (torch.cuda.is_available() is False)", not torch.cuda.is_available()),
+        ("the flash_attn package is not installed", importlib.util.find_spec("flash_attn") is None),
+    ) if missing]
+    return " and ".join(lacks) or None
+
+
+def qlora_missing() -> str | None:
+    """What a 4-bit QLoRA base lacks on this machine (a CUDA GPU with bf16, bitsandbytes), or None."""
+    import importlib.util
+
+    import torch
+
+    lacks = []
+    if not torch.cuda.is_available():
+        lacks.append("no CUDA GPU (torch.cuda.is_available() is False)")
+    elif not torch.cuda.is_bf16_supported():
+        lacks.append(f"{torch.cuda.get_device_name()} does not compute in bf16 (QLoRA's compute dtype; Ampere or newer)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        lacks.append("the bitsandbytes package is not installed")
+    return " and ".join(lacks) or None
+
+
+def resolve_attn_implementation(requested: str, dtype, *, task: Task, quantized: bool = False) -> str:
+    """The attention kernel a model is loaded with, for `model.attn_implementation` = `requested`.
+
+    auto is flash_attention_2 only where it runs and pays: a CUDA GPU, the flash_attn package, a decoder
+    (classifiers keep sdpa: their pooling and padding-free paths read the attention mask, gemcut/models/pooling.py)
+    and half-precision weights (`dtype` bf16/fp16, or a 4-bit base computing in bf16); else sdpa. An explicit
+    flash_attention_2 where it cannot run is a ConfigError naming what is missing and the fix."""
+    import torch
+
+    if requested == "auto":
+        half = quantized or dtype in (torch.bfloat16, torch.float16)
+        return "flash_attention_2" if half and not task.classifier and flash_attention_missing() is None else "sdpa"
+    if requested == "flash_attention_2":
+        missing = flash_attention_missing()
+        if missing:
+            raise ConfigError(f"model.attn_implementation=flash_attention_2 cannot run here: {missing}; {FLASH_ATTENTION_FIX}")
+    return requested
+
+
+def _checkpoint_dtype(source, cfg):
+    """The dtype `cfg.dtype` loads the weights in; for "auto", the one the checkpoint's config.json names."""
+    if cfg.dtype != "auto":
+        return _torch_dtype(cfg.dtype)
+    from transformers import AutoConfig
+
+    kwargs = {"revision": cfg.revision} if isinstance(source, str) and cfg.revision else {}
+    return getattr(AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **kwargs), "dtype", None)
+
+
+def four_bit_kwargs(quantization: dict) -> dict[str, Any]:
+    """`from_pretrained` kwargs that load the base in 4 bits (QLoRA, Dettmers et al., 2023, arXiv:2305.14314):
+    bitsandbytes NF4 (or FP4) weights, optionally double-quantized scales, bf16 compute. Refused with the fix
+    where CUDA or bitsandbytes is missing."""
+    missing = qlora_missing()
+    if missing:
+        raise ConfigError(f"adapter.method=qlora cannot run here: {missing}. QLoRA loads the base model in 4 bits "
+                          f"through bitsandbytes, which needs a CUDA GPU; {QLORA_FIX}")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization["quant_type"],
+                                bnb_4bit_use_double_quant=quantization["double_quant"],
+                                bnb_4bit_compute_dtype=torch.bfloat16)
+    # bitsandbytes quantizes the weights as they reach the GPU: each process loads onto its own
+    # (LOCAL_RANK under torchrun and accelerate launch, 0 for one process).
+    return {"quantization_config": config, "device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}}
+
+
+def load_base(cfg, task: str, num_labels: int | None = None, label_names: list[str] | None = None,
+              quantization: dict | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) of the pre-trained model named by `cfg` (ModelConfig), ready for the task named `task`.
 
     For classify, the head has `num_labels` outputs (or len(label_names)) and id2label/label2id are set; for
     reward it has one output. The new head is initialised from torch's global RNG: seed before calling.
+    `quantization` is `AdapterConfig.base_quantization()`: None loads the checkpoint's weights as they are,
+    {"bits": 4, ...} loads them in 4 bits for QLoRA (`four_bit_kwargs`), then `apply_adapter` adds the LoRA.
     """
     spec = task_named(task)
     source = resolve_model(cfg.name, cfg.revision)
     tokenizer = load_tokenizer(source, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     kwargs: dict[str, Any] = {
-        "dtype": _torch_dtype(cfg.dtype), "attn_implementation": cfg.attn_implementation,
-        "trust_remote_code": cfg.trust_remote_code, "use_safetensors": True,
+        "dtype": _torch_dtype(cfg.dtype), "trust_remote_code": cfg.trust_remote_code, "use_safetensors": True,
+        "attn_implementation": resolve_attn_implementation(cfg.attn_implementation, _checkpoint_dtype(source, cfg),
+                                                           task=spec, quantized=quantization is not None),
     }
+    if quantization is not None:
+        kwargs |= four_bit_kwargs(quantization)
     if isinstance(source, str) and cfg.revision:
         kwargs["revision"] = cfg.revision
     if cfg.dropout is not None:
@@ -332,9 +423,9 @@ def _load_run(run_dir: Path, checkpoint: str, trust_remote_code: bool) -> Loaded
             base, _ = load_base(model_cfg, task, label_names=labels if spec.head == "classifier" else None)
             model = PeftModel.from_pretrained(base, where)
         else:
+            attn = resolve_attn_implementation(model_cfg.attn_implementation, _checkpoint_dtype(where, model_cfg), task=spec)
             kwargs: dict[str, Any] = {"dtype": _torch_dtype(model_cfg.dtype), "use_safetensors": True,
-                                      "attn_implementation": model_cfg.attn_implementation,
-                                      "trust_remote_code": model_cfg.trust_remote_code}
+                                      "attn_implementation": attn, "trust_remote_code": model_cfg.trust_remote_code}
             model = model_class(spec).from_pretrained(where, **kwargs)
             if spec.classifier:
                 from gemcut.models.pooling import prepare_classifier
@@ -366,8 +457,12 @@ def _load_run(run_dir: Path, checkpoint: str, trust_remote_code: bool) -> Loaded
                                      label_names=labels if spec.head == "classifier" else None)
         if spec.head == "classifier" and labels is None:
             labels = [model.config.id2label[i] for i in range(num_labels)]
-        # The same wrapping training used, so the checkpoint's parameter names line up.
-        model = apply_adapter(model, AdapterConfig(**config["adapter"]), task)
+        # The same wrapping training used, so the checkpoint's parameter names line up; a QLoRA run's adapter
+        # goes on the unquantized base (the same names: peft wraps the 4-bit and the plain linears alike).
+        adapter = AdapterConfig(**config["adapter"])
+        if adapter.method == "qlora":
+            adapter = adapter.model_copy(update={"method": "lora"})
+        model = apply_adapter(model, adapter, task)
         value_head = None
         if spec.value_head:  # PPO's checkpoints hold the policy's weights and `value_head.*`
             from gemcut.models.value_head import PolicyWithValueHead

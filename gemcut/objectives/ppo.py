@@ -52,13 +52,21 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, adv + values
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Zero mean, unit variance over the masked entries (masked-out entries become 0)."""
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, moments=None) -> torch.Tensor:
+    """Zero mean, unit variance over the masked entries (masked-out entries become 0). `moments`, when given,
+    adds up the [count, sum, sum of squares] over all the processes of a run (the mean and variance are
+    then those of the whole step's tokens), computed in float64."""
     m = mask.float()
-    n = m.sum().clamp(min=1)
-    mean = (x * m).sum() / n
-    var = (((x - mean) * m) ** 2).sum() / n
-    return (x - mean) * torch.rsqrt(var + eps) * m
+    if moments is None:
+        n = m.sum().clamp(min=1)
+        mean = (x * m).sum() / n
+        var = (((x - mean) * m) ** 2).sum() / n
+        return (x - mean) * torch.rsqrt(var + eps) * m
+    xd, md = x.double(), m.double()
+    n, total, squares = moments(torch.stack([md.sum(), (xd * md).sum(), (xd * xd * md).sum()])).tolist()
+    mean = total / max(n, 1.0)
+    var = max(squares / max(n, 1.0) - mean * mean, 0.0)
+    return (x - mean) * float((var + eps) ** -0.5) * m
 
 
 def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor,

@@ -25,6 +25,7 @@ import torch
 from gemcut.config import TrainConfig
 from gemcut.data import collate as C
 from gemcut.tasks import Task
+from gemcut.train.distributed import Group, micro_batch_size
 
 Batch = dict[str, torch.Tensor]
 GROUP_BATCHES = 50  # length grouping sorts windows of this many batches, like HF's megabatches
@@ -39,6 +40,9 @@ class Step:
     step moves the data position. `tokens`: real tokens seen (padding excluded). `metrics`: host numbers
     logged with the step (reward, KL, ...); `samples`: lines for samples.jsonl; `warnings`: printed and logged.
     `trained_tokens`: tokens with a loss, when the objective's targets are not tokens (GRPO counts completions).
+    `tokens` and `trained_tokens` count this process's share; the loop adds them up over the processes.
+    `zero_weight`: this process got none of the step's data (a short last step on many processes) and runs
+    its batches with a loss weight of 0, only so that it joins the step's gradient all-reduce.
     """
 
     updates: list[list[Batch]]
@@ -48,6 +52,7 @@ class Step:
     samples: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     trained_tokens: int | None = None
+    zero_weight: bool = False
 
 
 class BatchSource(Protocol):
@@ -59,10 +64,12 @@ class BatchSource(Protocol):
     def __len__(self) -> int:
         """Examples (or prompts) in one epoch."""
 
-    def examples_per_step(self, world: int) -> int: ...
+    def examples_per_step(self) -> int:
+        """Examples (or prompts) one step takes, over all processes (`train.batch_size`)."""
 
-    def step(self, model: torch.nn.Module, *, epoch: int, index: int, step: int, rank: int, world: int) -> Step:
-        """The step starting at position (epoch, index); `step` is the number of the step about to run."""
+    def step(self, model: torch.nn.Module, *, epoch: int, index: int, step: int, group: Group) -> Step:
+        """This process's share of the step starting at position (epoch, index); `step` is the number of the
+        step about to run."""
 
 
 def example_length(example: dict) -> int:
@@ -89,6 +96,14 @@ def resolve_group_by_length(setting: bool | str, padding_free: bool) -> bool:
     return not padding_free if setting == "auto" else bool(setting)
 
 
+def deal(items: list, size: int, group: Group) -> tuple[list[list], bool]:
+    """(this process's micro-batches, zero_weight): `items` cut into chunks of `size`, dealt round-robin to
+    the processes. A process left without a chunk gets the first one, to run with a loss weight of 0."""
+    chunks = [items[s:s + size] for s in range(0, len(items), size)]
+    mine = group.share(chunks)
+    return (mine, False) if mine or not chunks else ([chunks[0]], True)
+
+
 def collator_for(task: Task, pad_id: int) -> Callable[[list[dict]], Batch]:
     """The collator of the task's batches (the table's `batches`); rollout batches are built by their source."""
     collators = {"causal": C.collate_causal, "classify": C.collate_classify, "preference": C.collate_preference}
@@ -96,32 +111,35 @@ def collator_for(task: Task, pad_id: int) -> Callable[[list[dict]], Batch]:
 
 
 class ExampleSource:
-    """Tokenized examples in the epoch's seeded order: per step, `grad_accum` micro-batches of `batch_size`
-    examples on each process, collated; one update per step."""
+    """Tokenized examples in the epoch's seeded order: per step, `train.batch_size` examples cut into
+    micro-batches (`micro_batch_size`) dealt to the processes, collated; one update per step. Length grouping
+    sorts within windows of micro-batches of the one-process size, so the order does not depend on how many
+    processes share it."""
 
     updates_per_step = 1
 
     def __init__(self, examples: Sequence[dict], collate: Callable[[list[dict]], Batch], train: TrainConfig, *,
                  group_by_length: bool):
-        self.examples, self.collate = examples, collate
-        self.batch_size, self.grad_accum, self.seed, self.grouped = train.batch_size, train.grad_accum, train.seed, group_by_length
+        self.examples, self.collate, self.train = examples, collate, train
+        self.batch_size, self.seed, self.grouped = train.batch_size, train.seed, group_by_length
         self.lengths = [example_length(ex) for ex in examples]
         self._order: tuple[int, list[int]] | None = None  # (epoch, order), drawn once per epoch
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def examples_per_step(self, world: int) -> int:
-        return self.batch_size * self.grad_accum * world
+    def examples_per_step(self) -> int:
+        return self.batch_size
 
     def order(self, epoch: int) -> list[int]:
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_order(self.lengths, seed=self.seed, epoch=epoch, batch_size=self.batch_size,
-                                              group_by_length=self.grouped))
+            self._order = (epoch, epoch_order(self.lengths, seed=self.seed, epoch=epoch,
+                                              batch_size=micro_batch_size(self.train, 1), group_by_length=self.grouped))
         return self._order[1]
 
-    def step(self, model, *, epoch: int, index: int, step: int, rank: int, world: int) -> Step:
-        take = self.order(epoch)[index:index + self.examples_per_step(world)]
-        micro = [take[s:s + self.batch_size] for s in range(0, len(take), self.batch_size)][rank::world]
+    def step(self, model, *, epoch: int, index: int, step: int, group: Group) -> Step:
+        take = self.order(epoch)[index:index + self.batch_size]
+        micro, zero = deal(take, micro_batch_size(self.train, group.world), group)
         batches = [self.collate([self.examples[i] for i in ids]) for ids in micro]
-        return Step([batches], len(take), sum(self.lengths[i] for ids in micro for i in ids))
+        tokens = 0 if zero else sum(self.lengths[i] for ids in micro for i in ids)
+        return Step([batches], len(take), tokens, zero_weight=zero)

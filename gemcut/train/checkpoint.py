@@ -66,6 +66,7 @@ from gemcut.run_folder import (
 TMP_PREFIX = ".tmp-"
 # Settings that may change between a run and its resume without changing what is computed.
 RESUME_MAY_DIFFER = ("train.force", "train.num_threads", "train.log_every", "train.sample_prompts", "train.report_to",
+                     "train.micro_batch_size", "train.distributed.",  # how the same steps are split over processes
                      "eval.", "output.")
 
 
@@ -292,13 +293,15 @@ def forget_after(root: Path, path: Path, best_step: int | None) -> None:
 
 
 def start_or_resume(root: Path, *, resume: bool | str, data_hash: str, config: dict, model: torch.nn.Module, optimizer,
-                    scheduler) -> tuple[TrainState, Path | None]:
+                    scheduler, writer: bool = True) -> tuple[TrainState, Path | None]:
     """A fresh state, or with `resume` (see `resume_point`) that checkpoint's, once it is shown intact and made
-    from this data and config; returns (state, the checkpoint resumed from or None)."""
+    from this data and config; returns (state, the checkpoint resumed from or None). Only the `writer` (the
+    main process of a run on several) removes the checkpoints after the one resumed."""
     if not resume:
         return TrainState(data_hash=data_hash), None
     path = resume_point(root, resume, trainable_parameters(model))
     check_compatible(path, data_hash=data_hash, config=config)
     state = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
-    forget_after(root, path, state.best_step)
+    if writer:
+        forget_after(root, path, state.best_step)
     return state, path

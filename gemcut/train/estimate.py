@@ -220,19 +220,19 @@ def measure_saved_bytes(fn, params) -> tuple[object, int]:
     return out, sum(seen.values())
 
 
-def plan_steps(lengths: list[int], *, batch_size: int, grad_accum: int, steps: int, seed: int,
+def plan_steps(lengths: list[int], *, batch_size: int, micro_batch_size: int, steps: int, seed: int,
                grouped: bool) -> list[list[list[int]]]:
     """The micro-batches (example indices) of each of `steps` optimizer steps, in the order `fit` takes them
-    on one process: `epoch_order` per epoch, `batch_size * grad_accum` examples a step, a new epoch when the
-    data runs out."""
+    on one process: `epoch_order` per epoch, `batch_size` examples a step cut into micro-batches of
+    `micro_batch_size`, a new epoch when the data runs out."""
     from gemcut.train.batches import epoch_order
 
-    per_step, plan, epoch, index, order = batch_size * grad_accum, [], 0, 0, None
+    per_step, plan, epoch, index, order = batch_size, [], 0, 0, None
     for _ in range(steps):
         if order is None:
-            order = epoch_order(lengths, seed=seed, epoch=epoch, batch_size=batch_size, group_by_length=grouped)
+            order = epoch_order(lengths, seed=seed, epoch=epoch, batch_size=micro_batch_size, group_by_length=grouped)
         take = order[index:index + per_step]
-        plan.append([take[s:s + batch_size] for s in range(0, len(take), batch_size)])
+        plan.append([take[s:s + micro_batch_size] for s in range(0, len(take), micro_batch_size)])
         index += len(take)
         if index >= len(lengths):
             epoch, index, order = epoch + 1, 0, None
@@ -250,8 +250,7 @@ def total_steps(cfg, n_examples: int | None) -> int | None:
         return cfg.train.max_steps
     if n_examples is None:
         return None
-    per_step = cfg.train.batch_size * cfg.train.grad_accum
-    return max(1, math.ceil(cfg.train.epochs * math.ceil(n_examples / per_step)))
+    return max(1, math.ceil(cfg.train.epochs * math.ceil(n_examples / cfg.train.batch_size)))
 
 
 def evaluations(steps: int, eval_every: int | None) -> int:
@@ -425,6 +424,7 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
     from gemcut.models.fast import applied
     from gemcut.models.precision import autocast, resolve_precision
     from gemcut.train.batches import example_length, resolve_group_by_length
+    from gemcut.train.distributed import micro_batch_size
 
     device = next(model.parameters()).device.type
     notes = list(notes or [])
@@ -440,7 +440,7 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
     optimizer_bytes = trainable * ADAM_BYTES
 
     precision = resolve_precision(cfg.train.precision, torch.device(device))
-    B, L = cfg.train.batch_size, cfg.data.max_length
+    B, L = micro_batch_size(cfg.train, 1), cfg.data.max_length  # one forward's examples
     n_examples = data.n_train if data is not None else (len(examples) if examples is not None else None)
     steps = total_steps(cfg, n_examples)
     if steps is None:
@@ -471,7 +471,7 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
         drawn = (random.Random(cfg.train.seed).choices(range(len(examples)), k=max(1, data.n_train))
                  if data is not None and data.sampled else range(len(examples)))
         plan_lengths = [lengths[j] for j in drawn]
-        plan = plan_steps(plan_lengths, batch_size=B, grad_accum=cfg.train.grad_accum, steps=steps or 1,
+        plan = plan_steps(plan_lengths, batch_size=cfg.train.batch_size, micro_batch_size=B, steps=steps or 1,
                           seed=cfg.train.seed, grouped=resolve_group_by_length(cfg.train.group_by_length, not padded))
         costs = [[batch_tokens([plan_lengths[i] for i in mb], padded) for mb in step] for step in plan]
         micro = [(c, mb) for step, step_costs in zip(plan, costs) for c, mb in zip(step_costs, step)]
@@ -486,7 +486,7 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
         rows = [random_row(spec, r) for r in ids]
         batch_shape = (B, L)
         probe_cost = largest_cost = batch_tokens([L] * B, padded)
-        step_costs = [probe_cost * cfg.train.grad_accum]
+        step_costs = [probe_cost * math.ceil(cfg.train.batch_size / B)]
     to_device = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
     batch = to_device(collate(rows))
     # Two rows at least, so that the warm-up takes the code paths of a batch (a shared prompt prefix needs two).

@@ -220,3 +220,19 @@ class RunLogger:
         for tracker in self._trackers:
             tracker.finish()
         self._trackers = []
+
+
+class SilentLogger:
+    """What the processes other than the main one log to: nothing (one process writes the run folder)."""
+
+    def print(self, text: str) -> None:
+        pass
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def samples(self, step: int, samples: list[dict]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

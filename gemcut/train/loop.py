@@ -25,19 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from gemcut.config import RunConfig
 from gemcut.errors import TrainingError
-from gemcut.models.precision import autocast, default_device, resolve_precision
+from gemcut.models.precision import autocast, resolve_precision
 from gemcut.objectives.base import Objective
 from gemcut.tasks import Task
 from gemcut.train import checkpoint as ckpt
 from gemcut.train import guard
 from gemcut.train.batches import Batch, BatchSource
 from gemcut.train.bf16 import store_frozen_linears_in_bf16
-from gemcut.train.logging import RunLogger
+from gemcut.train.distributed import Group, lost_processes, start
+from gemcut.train.logging import RunLogger, SilentLogger
 from gemcut.train.optimizer import adamw, param_groups
 from gemcut.train.schedule import build_scheduler, warmup_steps_for
 from gemcut.train.step_log import StepLog
@@ -55,12 +55,14 @@ class FitResult:
     reason: str = ""  # interrupted: the signal ("SIGINT", "SIGTERM"); collapsed: what happened and the fix
 
 
-def backward_step(model, objective: Objective, batches: Sequence[Batch], *, n_step: float, accelerator, precision: str):
+def backward_step(model, objective: Objective, batches: Sequence[Batch], *, n_step: float, accelerator, precision: str,
+                  weight: float = 1.0):
     """Accumulate the gradients of one optimizer update; returns (its loss, the mean over its `n_step` targets;
     the objective's summed metrics).
 
     Every micro-batch's summed loss is divided by the update's total target count before its backward, so the
-    accumulated gradient is that of the mean over all the update's targets, however they are split."""
+    accumulated gradient is that of the mean over all the update's targets, however they are split. `weight`
+    0 runs the batches for the all-reduce alone (a process with no data in a short last step)."""
     step_loss, metrics = torch.zeros((), device=accelerator.device), {}
     for k, batch in enumerate(batches):
         batch = {key: v.to(accelerator.device, non_blocking=True) for key, v in batch.items()}
@@ -69,48 +71,51 @@ def backward_step(model, objective: Objective, batches: Sequence[Batch], *, n_st
         with sync:
             with autocast(precision, accelerator.device):
                 out = objective(model, batch)
-            loss = out.loss_sum / max(n_step, 1)
+            loss = out.loss_sum * weight / max(n_step, 1)
             accelerator.backward(loss)
         step_loss += loss.detach()
         for name in getattr(objective, "logged", ()):
-            metrics[name] = metrics.get(name, 0) + out.metrics[name].detach() / max(n_step, 1)
+            metrics[name] = metrics.get(name, 0) + out.metrics[name].detach() * weight / max(n_step, 1)
     return step_loss, metrics
 
 
 def fit(model: torch.nn.Module, objective: Objective, source: BatchSource, *, config: RunConfig, task: Task, run_dir: Path,
         validation: Validation | None = None, data_hash: str = "", resume: bool | str = False,
-        logger: RunLogger | None = None) -> FitResult:
+        logger: RunLogger | None = None, group: Group | None = None) -> FitResult:
     """Train `model` in place on the steps `source` gives, with `objective`; see the module docstring.
 
-    Writes `run_dir/metrics.jsonl`, `samples.jsonl`, `tb/` and `checkpoints/`. With `resume` (True, or a
+    The main process of `group` (gemcut/train/distributed.py; by default this process alone) writes
+    `run_dir/metrics.jsonl`, `samples.jsonl`, `tb/` and `checkpoints/`. With `resume` (True, or a
     checkpoint's name `step-N`), continues from the newest complete checkpoint, or that one, after checking
     that it is intact and made from this data and config. Under bf16 the frozen linear weights of a LoRA
     model stay in bf16 afterwards (gemcut/train/bf16.py): call the model inside `gemcut.models.precision.autocast`."""
     cfg, t0 = config.train, time.time()
+    group = group or start(cfg)
     set_seed(cfg.seed)
-    acc = Accelerator(cpu=default_device().type == "cpu")
+    acc = group.accelerator
     precision = resolve_precision(cfg.precision, acc.device)
     if precision == "bf16":
         store_frozen_linears_in_bf16(model)
     groups = param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_lr_decay)
     if not groups:
         raise TrainingError("no trainable parameters: check adapter.method and adapter.target_modules")
-    params = [p for g in groups for p in g["params"]]
     optimizer = adamw(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     choices = guard.uniform_choices(model, task)
     collapse_watch = guard.CollapseWatch(choices, cfg.lr) if choices else None
     model, optimizer = acc.prepare(model, optimizer)
-    world, rank, inner = acc.num_processes, acc.process_index, acc.unwrap_model(model)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(source) / source.examples_per_step(world))))
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # FSDP2 replaces them with shards
+    inner = acc.unwrap_model(model)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(source) / source.examples_per_step())))
     updates = total * source.updates_per_step
     scheduler = build_scheduler(optimizer, total_steps=updates, kind=cfg.schedule,
                                 warmup=warmup_steps_for(updates, cfg.warmup_steps, cfg.warmup_ratio))
     root, config_dict = Path(run_dir) / "checkpoints", config.model_dump(mode="json")
     state, last_saved = ckpt.start_or_resume(root, resume=resume, data_hash=data_hash, config=config_dict,
-                                             model=inner, optimizer=optimizer, scheduler=scheduler)
-    log = logger or RunLogger(run_dir, total_steps=total, start_step=state.step, config=config_dict)
-    steps = StepLog(log, state, params, collapse_watch, fix="Lower train.lr, check the data for empty or broken "
-                                                             "examples, or resume from that checkpoint.")
+                                             model=inner, optimizer=optimizer, scheduler=scheduler, writer=group.main)
+    group.barrier()  # the main process may have removed checkpoints after the one resumed
+    log = logger or (RunLogger(run_dir, total_steps=total, start_step=state.step, config=config_dict) if group.main else SilentLogger())
+    steps = StepLog(log, state, params, collapse_watch, group, fix="Lower train.lr, check the data for empty or broken "
+                                                                   "examples, or resume from that checkpoint.")
     metric, mode = config.watched_metric(task)
     stopped = "completed"
 
@@ -119,32 +124,39 @@ def fit(model: torch.nn.Module, objective: Objective, source: BatchSource, *, co
         steps.flush(last_saved)
         if steps.collapsed:  # a model that can no longer learn is not worth a checkpoint
             return
-        last_saved = ckpt.save_checkpoint(root, model=inner, optimizer=optimizer, scheduler=scheduler, state=state,
-                                          config=config_dict, keep_last_n=cfg.keep_last_n, is_best=is_best)
+        if group.main:
+            last_saved = ckpt.save_checkpoint(root, model=inner, optimizer=optimizer, scheduler=scheduler, state=state,
+                                              config=config_dict, keep_last_n=cfg.keep_last_n, is_best=is_best)
+        group.barrier()
+        last_saved = group.broadcast(last_saved)
 
     model.train()
-    with guard.StopSignals() as interrupt:
+    with guard.StopSignals() as interrupt, lost_processes(group, lambda: last_saved):
         try:
             while state.step < total:
                 with autocast(precision, acc.device):
-                    step = source.step(inner, epoch=state.epoch, index=state.index, step=state.step + 1, rank=rank, world=world)
+                    step = source.step(inner, epoch=state.epoch, index=state.index, step=state.step + 1, group=group)
+                weight = 0.0 if step.zero_weight else 1.0
                 losses, norms, sums, lr = [], [], {}, scheduler.get_last_lr()[0]  # the rate the step starts with
-                for batches in step.updates:
-                    counts = [objective.count(b) for b in batches]  # on the host, before any forward
-                    n_step = sum(counts)
-                    if world > 1:  # normalise by the targets of the update on all processes; DDP averages the grads
-                        n_step = int(acc.reduce(torch.tensor(n_step, device=acc.device), "sum")) / world
-                    loss, metrics = backward_step(model, objective, batches, n_step=n_step, accelerator=acc, precision=precision)
+                for u, batches in enumerate(step.updates):
+                    counts = [objective.count(b) * weight for b in batches]  # on the host, before any forward
+                    first = step.trained_tokens if step.trained_tokens is not None else sum(counts)
+                    # This update's targets, and (once a step) its trained and seen tokens, over all processes.
+                    n_step, trained, tokens = group.sum(torch.tensor(
+                        [sum(counts), first * weight if u == 0 else 0, step.tokens if u == 0 else 0], dtype=torch.float64)).tolist()
+                    # Each process divides by the mean target count: DDP averages the processes' gradients.
+                    loss, metrics = backward_step(model, objective, batches, n_step=n_step / group.world, accelerator=acc,
+                                                  precision=precision, weight=weight)
                     # Measured even when not clipping (an infinite bound scales by 1): the guards read it.
                     norms.append(acc.clip_grad_norm_(params, cfg.max_grad_norm or math.inf).detach().float())
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     losses.append(loss)
+                    state.trained_tokens += int(trained)
+                    state.tokens += int(tokens)
                     for k, v in metrics.items():
                         sums[k] = sums.get(k, 0) + v / len(step.updates)
-                state.trained_tokens += sum(counts) if step.trained_tokens is None else step.trained_tokens
-                state.tokens += step.tokens
                 state.step, state.index = state.step + 1, state.index + step.examples
                 if state.index >= len(source):
                     state.epoch, state.index = state.epoch + 1, 0
@@ -162,7 +174,7 @@ def fit(model: torch.nn.Module, objective: Objective, source: BatchSource, *, co
                 if validation is not None and ((cfg.eval_every and state.step % cfg.eval_every == 0) or last):
                     steps.flush(last_saved)
                     with autocast(precision, acc.device):
-                        result, samples = validation(inner)
+                        result, samples = validation(inner, group)
                     if metric not in result:
                         raise TrainingError(f"train.early_stopping.metric={metric!r} is not computed; choose one of {sorted(result)}")
                     value, evaluated = result[metric], True
@@ -177,7 +189,8 @@ def fit(model: torch.nn.Module, objective: Objective, source: BatchSource, *, co
                     es = cfg.early_stopping
                     if es.patience and state.evals_since_best >= es.patience and not last:
                         stopped = "early_stopped"  # at the last step the run simply completed
-                if interrupt.requested:
+                # Every process stops at the same step, whichever one the signal reached first.
+                if group.sum(torch.tensor([1.0 if interrupt.requested else 0.0])).item() > 0:
                     stopped = "interrupted"
                 periodic = cfg.save_every and state.step % cfg.save_every == 0
                 if periodic or last or stopped != "completed" or (evaluated and (improved or not cfg.save_every)):
@@ -198,6 +211,6 @@ def fit(model: torch.nn.Module, objective: Objective, source: BatchSource, *, co
             if logger is None:
                 log.close()
     if stopped == "interrupted":
-        log.print(f"interrupted ({interrupt.requested}): saved {last_saved}")  # the caller prints how to resume
+        log.print(f"interrupted ({interrupt.requested or 'another process'}): saved {last_saved}")  # the caller prints how to resume
     reason = {"interrupted": interrupt.requested or "", "collapsed": steps.collapsed}.get(stopped, "")
     return FitResult(state, stopped, last_saved, ckpt.best_checkpoint(root), precision, time.time() - t0, reason)

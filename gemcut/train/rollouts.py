@@ -13,8 +13,10 @@ batches come from. One step (an "iteration") of `RolloutSource`:
      same model with its adapter disabled) and, for PPO, the value head's estimates;
   5. GRPO: group-standardised rewards as advantages (objectives/grpo.py); PPO: KL-shaped per-token rewards,
      GAE, whitened advantages (objectives/ppo.py);
-  6. hand the loop `rl.ppo_epochs` updates over the same rollouts, each split into `train.grad_accum`
-     micro-batches of whole groups.
+  6. hand the loop `rl.ppo_epochs` updates over the same rollouts, each in micro-batches of whole groups
+     (`train.micro_batch_size` prompts' completions).
+On several processes each samples the groups of its share of the prompts; every completion is seeded by its
+prompt's place in the step (`row_seeds`), so the samples, rewards and advantages are those of one process.
 Each step logs reward mean/std, KL to the reference, entropy, response length and generation time with a few
 samples, and warns when the reward keeps rising while the KL runs past `rl.kl_warn` (reward hacking).
 `RewardValidation` scores held-out prompts for the policy and the reference at each evaluation.
@@ -22,14 +24,13 @@ samples, and warns when the reward keeps rising while the KL runs past `rl.kl_wa
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from gemcut.config import RLConfig, RunConfig
+from gemcut.config import RLConfig, RunConfig, TrainConfig
 from gemcut.errors import TrainingError
 from gemcut.generation import generate
 from gemcut.objectives.dpo import reference
@@ -38,7 +39,8 @@ from gemcut.objectives.ppo import gae, shaped_rewards, whiten
 from gemcut.objectives.reward_functions import RewardFn
 from gemcut.objectives.rollout_forward import rollout_forward
 from gemcut.tasks import Task
-from gemcut.train.batches import Step, epoch_order
+from gemcut.train.batches import Step, deal, epoch_order
+from gemcut.train.distributed import Group, micro_batch_size
 from gemcut.train.validation import Validation
 
 SAMPLES_PER_ITER = 3  # generations written to samples.jsonl each iteration
@@ -96,14 +98,21 @@ def prompt_inputs(records: Sequence[dict], tokenizer, template=None, prompt_word
     return out
 
 
+def row_seeds(seed: int, prompt_positions: Sequence[int], group_size: int) -> list[int]:
+    """One sampling seed per completion: completion k of the prompt at `position` gets its own, so what it
+    samples does not depend on which process, or which batch, it is generated in."""
+    return [(((seed * 1_000_003) + p) * 1_009 + k) % 2**63 for p in prompt_positions for k in range(group_size)]
+
+
 def _policy(model: torch.nn.Module) -> torch.nn.Module:
     """The model that samples: the policy itself, or the policy inside a PolicyWithValueHead."""
     return getattr(model, "policy", model)
 
 
 def collect(policy, tokenizer, prompts: Sequence[dict], reward_fn: RewardFn, *, group_size: int, max_new_tokens: int,
-            temperature: float, top_p: float, seed: int) -> Rollouts:
-    """Sample `group_size` completions of each prompt (consecutive rows form a group) and score them."""
+            temperature: float, top_p: float, seed: int | list[int]) -> Rollouts:
+    """Sample `group_size` completions of each prompt (consecutive rows form a group) and score them. `seed`:
+    one for the batch, or one per completion (`row_seeds`)."""
     rows = [p for p in prompts for _ in range(group_size)]
     results = generate(policy, tokenizer, [p["input_ids"] for p in rows], max_new_tokens=max_new_tokens,
                        temperature=temperature, top_p=top_p, seed=seed)
@@ -157,12 +166,12 @@ class RolloutSource:
     """Prompts in the epoch's seeded order; each step samples, scores and prepares one iteration's rollouts
     (the module docstring). `value_head`: PPO, whose model is a PolicyWithValueHead."""
 
-    def __init__(self, prompts: Sequence[dict], tokenizer, reward_fn: RewardFn, rl: RLConfig, *, batch_size: int,
-                 grad_accum: int, seed: int, value_head: bool):
+    def __init__(self, prompts: Sequence[dict], tokenizer, reward_fn: RewardFn, rl: RLConfig, train: TrainConfig, *,
+                 value_head: bool):
         if not prompts:
             raise TrainingError("no prompts to train on: data.train gave no records")
-        self.prompts, self.tokenizer, self.reward_fn, self.rl = prompts, tokenizer, reward_fn, rl
-        self.per_iter, self.grad_accum, self.seed, self.ppo = min(batch_size, len(prompts)), grad_accum, seed, value_head
+        self.prompts, self.tokenizer, self.reward_fn, self.rl, self.train = prompts, tokenizer, reward_fn, rl, train
+        self.per_iter, self.seed, self.ppo = min(train.batch_size, len(prompts)), train.seed, value_head
         self.updates_per_step = rl.ppo_epochs
         self.lengths = [len(p["input_ids"]) for p in prompts]
         self.history: list[dict] = []
@@ -171,19 +180,22 @@ class RolloutSource:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def examples_per_step(self, world: int) -> int:
+    def examples_per_step(self) -> int:
         return self.per_iter
 
-    def step(self, model, *, epoch: int, index: int, step: int, rank: int, world: int) -> Step:
+    def step(self, model, *, epoch: int, index: int, step: int, group: Group) -> Step:
         rl, dev = self.rl, next(model.parameters()).device
         order = epoch_order(self.lengths, seed=self.seed, epoch=epoch, batch_size=self.per_iter, group_by_length=False)
         take = order[index:index + self.per_iter]
+        # This process's prompts: micro-batches of prompts dealt round-robin; each keeps its place in the step.
+        chunks, zero = deal(list(range(len(take))), micro_batch_size(self.train, group.world), group)
+        places = [i for chunk in chunks for i in chunk]
         t0 = time.time()
         was_training = model.training
         model.eval()
-        ro = collect(_policy(model), self.tokenizer, [self.prompts[i] for i in take][rank::world], self.reward_fn,
+        ro = collect(_policy(model), self.tokenizer, [self.prompts[take[i]] for i in places], self.reward_fn,
                      group_size=rl.group_size, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
-                     top_p=rl.top_p, seed=self.seed * 1_000_003 + step - 1)
+                     top_p=rl.top_p, seed=row_seeds(self.seed * 1_000_003 + step - 1, places, rl.group_size))
         gen_s = time.time() - t0
         batch = ro.batch(dev)
         mask = batch["mask"]
@@ -196,57 +208,85 @@ class RolloutSource:
         batch.update(old_logp=old_logp, ref_logp=ref_logp)
         if self.ppo:
             advantages, returns = gae(shaped_rewards(rewards, old_logp, ref_logp, mask, rl.kl_coef), old_values, mask, rl.gamma, rl.lam)
-            batch.update(advantages=whiten(advantages, mask), returns=returns, old_values=old_values)
+            # Whitened over the whole step's tokens, on every process alike (a zero-weight share adds nothing).
+            weight = 0.0 if zero else 1.0
+            batch.update(advantages=whiten(advantages, mask, moments=lambda m: group.sum(m * weight)), returns=returns,
+                         old_values=old_values)
         else:
             batch.update(advantages=group_advantages(rewards, rl.group_size))
-        # Micro-batches of whole groups; the loop divides each by the whole update's target count.
+        # Micro-batches of whole groups, one per chunk of prompts; the loop divides each by the update's targets.
+        bounds = [0]
+        for chunk in chunks:
+            bounds.append(bounds[-1] + len(chunk) * rl.group_size)
+        micro = [{k: v[a:b] for k, v in batch.items()} for a, b in zip(bounds, bounds[1:])]
         n = ro.ids.shape[0]
-        per_micro = max(1, math.ceil(n // rl.group_size / self.grad_accum)) * rl.group_size
-        micro = [{k: v[s:s + per_micro] for k, v in batch.items()} for s in range(0, n, per_micro)]
         kl = ((old_logp - ref_logp) * mask).sum(-1)  # log pi/ref of each sampled completion
-        metrics = {"reward_mean": float(ro.rewards.mean()), "reward_std": float(ro.rewards.std(unbiased=False)),
-                   "kl": float(kl.mean()), "entropy": float((entropy * mask).sum() / mask.sum().clamp(min=1)),
-                   "response_len": float(mask.sum(-1).mean()), "gen_s": round(gen_s, 3)}
-        self.history.append({"step": step, **metrics})
+        metrics = self._step_metrics(ro, kl, entropy, mask, group, zero)
+        metrics["gen_s"] = round(gen_s, 3)
+        self.history.append({"step": step, **metrics})  # the same on every process
         warnings = []
         warning = reward_hacking_warning(self.history, rl.kl_warn)
         if warning and step - self.warned_at >= HACK_WINDOW:  # once per window, not every iteration
             self.warned_at = step
             warnings.append(warning)
         shown = [{"prompt": ro.prompts[i], "output": ro.completions[i], "reward": float(ro.rewards[i])}
-                 for i in range(0, n, max(1, rl.group_size))[:SAMPLES_PER_ITER]]
-        return Step([micro] * rl.ppo_epochs, len(take), int(ro.attention_mask.sum()), metrics, shown, warnings,
-                    trained_tokens=int(ro.mask.sum()))
+                 for i in range(0, n, max(1, rl.group_size))[:SAMPLES_PER_ITER]] if group.main else []
+        return Step([micro] * rl.ppo_epochs, len(take), 0 if zero else int(ro.attention_mask.sum()), metrics, shown,
+                    warnings, trained_tokens=0 if zero else int(ro.mask.sum()), zero_weight=zero)
+
+    @staticmethod
+    def _step_metrics(ro: Rollouts, kl: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, group: Group,
+                      zero: bool) -> dict[str, float]:
+        """Reward, KL, entropy and length over the whole step's completions, on every process alike."""
+        w = 0.0 if zero else 1.0
+        r = ro.rewards.double()
+        totals = group.sum(torch.tensor([len(r) * w, float(r.sum()) * w, float((r * r).sum()) * w, float(kl.sum()) * w,
+                                         float((entropy * mask).sum()) * w, float(mask.sum()) * w], dtype=torch.float64))
+        n, rsum, rsq, klsum, ent, tokens = totals.tolist()
+        mean = rsum / max(n, 1)
+        return {"reward_mean": mean, "reward_std": max(rsq / max(n, 1) - mean * mean, 0.0) ** 0.5, "kl": klsum / max(n, 1),
+                "entropy": ent / max(tokens, 1), "response_len": tokens / max(n, 1)}
 
 
 class RewardValidation(Validation):
     """Held-out reward of the policy and of the reference (the same model, adapter off) on the same prompts
-    and seed, the KL of the policy's samples to the reference, and a few side-by-side samples."""
+    and seeds, the KL of the policy's samples to the reference, and a few side-by-side samples. On several
+    processes each samples its share of the prompts (each completion seeded by its prompt's place) and the
+    sums are added up."""
 
     def __init__(self, prompts: Sequence[dict], tokenizer, reward_fn: RewardFn, rl: RLConfig, *, seed: int):
         self.prompts, self.tokenizer, self.reward_fn, self.rl, self.seed = prompts, tokenizer, reward_fn, rl, seed
 
     @torch.no_grad()
-    def __call__(self, model) -> tuple[dict[str, float], list[dict]]:
+    def __call__(self, model, group: Group) -> tuple[dict[str, float], list[dict]]:
         rl, policy = self.rl, _policy(model)
+        places = group.share(list(range(len(self.prompts))))
+        weight = 1.0 if places else 0.0
+        places = places or [0]  # a process without a prompt samples the first with weight 0 (same collectives)
+        prompts = [self.prompts[i] for i in places]
         kw = dict(group_size=rl.group_size, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
-                  top_p=rl.top_p, seed=self.seed + VALIDATION_SEED_OFFSET)
+                  top_p=rl.top_p, seed=row_seeds(self.seed + VALIDATION_SEED_OFFSET, places, rl.group_size))
         model.eval()
-        ro = collect(policy, self.tokenizer, self.prompts, self.reward_fn, **kw)
+        ro = collect(policy, self.tokenizer, prompts, self.reward_fn, **kw)
         with reference(policy):
-            ro_ref = collect(policy, self.tokenizer, self.prompts, self.reward_fn, **kw)
+            ro_ref = collect(policy, self.tokenizer, prompts, self.reward_fn, **kw)
         batch = ro.batch(next(policy.parameters()).device)
         logp, _, _ = rollout_forward(policy, batch)
         with reference(policy):
             ref_logp, _, _ = rollout_forward(policy, batch)
         model.train()
         kl = ((logp - ref_logp) * batch["mask"]).sum(-1)
+        r, r_ref = ro.rewards.double(), ro_ref.rewards.double()
+        n, rsum, rsq, ref_sum, kl_sum, tokens = (group.sum(torch.tensor(
+            [len(r), float(r.sum()), float((r * r).sum()), float(r_ref.sum()), float(kl.sum()), float(ro.mask.sum())],
+            dtype=torch.float64) * weight)).tolist()
+        mean = rsum / max(n, 1)
         shown = [{"split": "validation", "prompt": ro.prompts[i], "output": ro.completions[i], "reward": float(ro.rewards[i]),
                   "reference_output": ro_ref.completions[i], "reference_reward": float(ro_ref.rewards[i])}
-                 for i in range(0, len(ro.prompts), max(1, rl.group_size))[:SAMPLES_PER_ITER]]
-        metrics = {"val_reward_mean": float(ro.rewards.mean()), "val_reward_std": float(ro.rewards.std(unbiased=False)),
-                   "val_reward_ref": float(ro_ref.rewards.mean()), "val_kl": float(kl.mean()),
-                   "val_response_len": float(ro.mask.sum(-1).mean()), "val_prompts": len(self.prompts)}
+                 for i in range(0, len(ro.prompts), max(1, rl.group_size))[:SAMPLES_PER_ITER]] if group.main else []
+        metrics = {"val_reward_mean": mean, "val_reward_std": max(rsq / max(n, 1) - mean * mean, 0.0) ** 0.5,
+                   "val_reward_ref": ref_sum / max(n, 1), "val_kl": kl_sum / max(n, 1),
+                   "val_response_len": tokens / max(n, 1), "val_prompts": len(self.prompts)}
         return metrics, shown
 
 
@@ -261,8 +301,7 @@ def rl_training(task: Task, config: RunConfig, policy: torch.nn.Module, tokenize
         raise TrainingError(f"objective.kind={task.name} needs a LoRA policy (the reference is the adapter-disabled model); "
                             "set adapter.method=lora")
     cfg, rl, ppo = config.train, config.objective.rl, task.value_head
-    source = RolloutSource(prompts, tokenizer, reward_fn, rl, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                           seed=cfg.seed, value_head=ppo)
+    source = RolloutSource(prompts, tokenizer, reward_fn, rl, cfg, value_head=ppo)
     validation = None
     if val_prompts:
         validation = RewardValidation(list(val_prompts)[: config.eval.max_examples or None], tokenizer, reward_fn, rl, seed=cfg.seed)

@@ -46,6 +46,7 @@ class TrainOutcome:
     run_dir: Path
     stopped: str  # "completed", "early_stopped" or "interrupted" (a collapse raises)
     reason: str = ""  # interrupted: the signal, "SIGINT" or "SIGTERM"
+    main: bool = True  # the process that wrote the run folder (the others of a run on several return too)
 
 
 def _slug(text: str) -> str:
@@ -149,6 +150,7 @@ def train_run(config: RunConfig, *, resume: bool | str = False, command: list[st
     from gemcut.objectives import build_objective
     from gemcut.run_folder import run_meta, write_run_meta
     from gemcut.train.batches import ExampleSource, collator_for, resolve_group_by_length
+    from gemcut.train.distributed import launch_plan, lost_processes, micro_batch_size, start, strategy_name
     from gemcut.train.loop import fit
     from gemcut.train.samples import sample_fn
     from gemcut.train.validation import LossValidation
@@ -161,21 +163,29 @@ def train_run(config: RunConfig, *, resume: bool | str = False, command: list[st
         from gemcut.train.allocator import keep_freed_memory
 
         keep_freed_memory()  # each step's large tensors reuse warm pages instead of faulting fresh ones in
-    run_dir = run_folder(config, resolve_task(config.objective.kind, config.data.kind), resume=bool(resume))
+    group = start(cfg)  # the processes of the run (one, unless launched by torchrun or accelerate launch)
+    main = group.main  # the one process that writes the run folder
+    # The main process names the folder (a name with the time in it must be the same on every process).
+    run_dir = group.broadcast(run_folder(config, resolve_task(config.objective.kind, config.data.kind), resume=bool(resume)))
     if not resume and latest_checkpoint(run_dir / "checkpoints") is not None:
         raise TrainingError(f"{run_dir} already holds checkpoints; continue it with --resume, or choose another output.name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    say = partial(Console(stderr=True).print, highlight=False, soft_wrap=True, markup=False)  # paths and commands hold [ ]
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    console = partial(Console(stderr=True).print, highlight=False, soft_wrap=True, markup=False)  # paths and commands hold [ ]
+    say = console if main else (lambda *a, **k: None)
     say(f"run folder: {run_dir}")
+    say(launch_plan(cfg, group))
 
     # Resuming, the data is prepared outside the run folder and the checkpoint checked before anything is written.
-    prepared = prepare(config.data, None if resume else run_dir / "data")
+    # Every process prepares the same data (the split is seeded); the main one writes it.
+    prepared = prepare(config.data, None if resume or not main else run_dir / "data")
     if resume:
         check_compatible(resume_point(run_dir / "checkpoints", resume), data_hash=prepared.content_hash,
                          config=config.model_dump(mode="json"))
-        if not (run_dir / "data" / "content_hash.txt").is_file():  # data/ lost since: the same data, written again
+        if main and not (run_dir / "data" / "content_hash.txt").is_file():  # data/ lost since: the same data, written again
             prepared = prepare(config.data, run_dir / "data")
-    (run_dir / "config.yaml").write_text(config.to_yaml())
+    if main:
+        (run_dir / "config.yaml").write_text(config.to_yaml())
     kind = prepared.kind
     task = resolve_task(config.objective.kind, kind)  # the one place a run's task is decided
     set_seed(cfg.seed)  # before load_base: a new classification head is drawn from the global RNG
@@ -217,10 +227,11 @@ def train_run(config: RunConfig, *, resume: bool | str = False, command: list[st
     labels = train_stats.get("label_names", labels)
     val_stats = {**val_stats, "left_out_by_val_max_examples": val_left_out}
     report = {**(prepared.report or {}), "tokenization": {"train": train_stats, "validation": val_stats}}
-    (run_dir / "data_report.json").write_text(json.dumps(report, indent=2, default=str))
-    write_run_meta(run_dir, run_meta(config, task.name, labels))
-    if template is not None:
-        template.save(run_dir)
+    if main:
+        (run_dir / "data_report.json").write_text(json.dumps(report, indent=2, default=str))
+        write_run_meta(run_dir, run_meta(config, task.name, labels))
+        if template is not None:
+            template.save(run_dir)
     say(f"{task.name} on {len(train_ex)} training and {len(val_ex)} validation examples ({kind} records)")
     estimate_info = _check_estimate(config, model, task.name, None if task.rollouts else train_ex, say)
 
@@ -231,10 +242,12 @@ def train_run(config: RunConfig, *, resume: bool | str = False, command: list[st
         collate = collator_for(task, tokenizer.pad_token_id)
         source = ExampleSource(train_ex, collate, cfg, group_by_length=grouped)
         samples = sample_fn(config, kind, val_records, tokenizer, template, labels) if task.samples else None
-        validation = LossValidation(objective, val_ex, collate, batch_size=cfg.batch_size, sample_fn=samples) if val_ex else None
+        validation = LossValidation(objective, val_ex, collate, batch_size=micro_batch_size(cfg, group.world),
+                                    sample_fn=samples) if val_ex else None
         trained = model
-    result = fit(trained, objective, source, config=config, task=task, run_dir=run_dir, validation=validation,
-                 data_hash=prepared.content_hash, resume=resume)
+    with lost_processes(group, lambda: latest_checkpoint(run_dir / "checkpoints")):
+        result = fit(trained, objective, source, config=config, task=task, run_dir=run_dir, validation=validation,
+                     data_hash=prepared.content_hash, resume=resume, group=group)
     stopped, reason, state = result.stopped, result.reason, result.state
     if stopped == "interrupted":
         say(f"stopped by {reason} after step {state.step}; saved {result.last_checkpoint}; "
@@ -242,6 +255,11 @@ def train_run(config: RunConfig, *, resume: bool | str = False, command: list[st
         return TrainOutcome(run_dir, stopped, reason)
 
     final, final_from = None, None
+    if not main:  # the main process saves final/ and the manifest
+        group.barrier()
+        if stopped == "collapsed":
+            raise TrainingError(reason)
+        return TrainOutcome(run_dir, stopped, reason)
     if stopped != "collapsed":  # a collapsed model is not worth a final/: nothing should load it as finished
         final_from = "last"
         best = best_checkpoint(run_dir / "checkpoints")
@@ -260,11 +278,13 @@ def train_run(config: RunConfig, *, resume: bool | str = False, command: list[st
         "reason": reason, "final_from": final_from, "steps": state.step, "tokens": state.tokens,
         "trained_tokens": state.trained_tokens, "best_step": state.best_step, "best_metric": state.best_metric,
         "watched_metric": config.watched_metric(task)[0], "precision": result.precision, "seed": cfg.seed, "fast": fast,
+        "processes": group.world, "strategy": strategy_name(cfg, group),
         "padding_free": "padding_free" in fast, "pooling": pooling, "versions": _versions(), "data_hash": prepared.content_hash,
         "config_sha256": hashlib.sha256(config.to_yaml().encode()).hexdigest(), "estimate": estimate_info,
         "final_files": {str(p.relative_to(final)): _sha256(p) for p in sorted(final.rglob("*")) if p.is_file()} if final else {},
     }
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    group.barrier()
     if stopped == "collapsed":
         raise TrainingError(reason)
     say(f"done: {stopped} after {state.step} steps; model in {final}")

@@ -2,8 +2,10 @@
 
     python -m pytest -q tests/test_loop.py
 
-A validation is a callable `validation(model) -> (metrics, samples)`; the loop calls it every
-`train.eval_every` steps and at the end, inside the run's autocast, and watches one of the metrics
+A validation is a callable `validation(model, group) -> (metrics, samples)`; the loop calls it every
+`train.eval_every` steps and at the end, inside the run's autocast, on every process of the run (each
+scores its share, round-robin, and the sums are added up, so every process gets the same metrics and
+takes the same early-stopping decision), and watches one of the metrics
 (`train.early_stopping.metric`; auto: the task's own, gemcut/tasks.py) for the best checkpoint and early
 stopping. `LossValidation` scores held-out examples with the run's objective; RL runs use
 `gemcut.train.rollouts.RewardValidation`.
@@ -17,13 +19,14 @@ import torch
 
 from gemcut.objectives.base import Objective
 from gemcut.train.batches import Batch, example_length
+from gemcut.train.distributed import Group
 
 
 class Validation:
-    """What the loop calls: `(metrics, samples)` for the model as it is now. It may switch the model to eval
-    mode; it leaves it in train mode."""
+    """What the loop calls: `(metrics, samples)` for the model as it is now, the same on every process of
+    `group`. It may switch the model to eval mode; it leaves it in train mode."""
 
-    def __call__(self, model: torch.nn.Module) -> tuple[dict[str, float], list[dict]]:
+    def __call__(self, model: torch.nn.Module, group: Group) -> tuple[dict[str, float], list[dict]]:
         raise NotImplementedError
 
 
@@ -48,23 +51,30 @@ class LossValidation(Validation):
         self.order = sorted(range(len(examples)), key=lambda i: example_length(examples[i]))  # less padding
 
     @torch.no_grad()
-    def __call__(self, model: torch.nn.Module) -> tuple[dict[str, float], list[dict]]:
+    def __call__(self, model: torch.nn.Module, group: Group) -> tuple[dict[str, float], list[dict]]:
         model.eval()
         device = next(model.parameters()).device
         loss, n, sums = torch.zeros((), device=device), 0, {}
-        for s in range(0, len(self.order), self.batch_size):
-            batch = {k: v.to(device) for k, v in self.collate([self.examples[i] for i in self.order[s:s + self.batch_size]]).items()}
+        batches = [self.order[s:s + self.batch_size] for s in range(0, len(self.order), self.batch_size)]
+        # A process without a batch of its own scores the first with weight 0: every process must name the same
+        # metrics in the same collectives.
+        mine, weight = (group.share(batches), 1) if len(batches) > group.rank else (batches[:1], 0)
+        for ids in mine:
+            batch = {k: v.to(device) for k, v in self.collate([self.examples[i] for i in ids]).items()}
             out = self.objective(model, batch)
-            loss += out.loss_sum.float()
-            n += out.n_targets
+            loss += out.loss_sum.float() * weight
+            n += out.n_targets * weight
             for k, v in out.metrics.items():
-                sums[k] = sums.get(k, 0) + v
-        result = {"val_loss": loss.item() / max(n, 1), "val_targets": n}
+                sums[k] = sums.get(k, 0) + v * weight
+        totals = group.sum(torch.stack([loss.double(), torch.tensor(float(n), dtype=torch.float64, device=device)]))
+        sums = {k: group.sum(torch.as_tensor(v, device=device)) for k, v in sorted(sums.items())}
+        n = int(totals[1].item())
+        result = {"val_loss": totals[0].item() / max(n, 1), "val_targets": n}
         confusion = sums.pop("confusion", None)
         if confusion is not None:
             result["val_macro_f1"] = macro_f1_from_confusion(confusion)
         for k, v in sums.items():  # metric sums become means over the targets; `correct` is accuracy
             result["val_accuracy" if k == "correct" else f"val_{k}"] = float(v) / max(n, 1)
-        samples = self.sample_fn(model) if self.sample_fn is not None else []
+        samples = self.sample_fn(model) if self.sample_fn is not None and group.main else []
         model.train()
         return result, samples
