@@ -187,3 +187,151 @@ def test_cli_models_and_estimate(llama_dir, tmp_path, monkeypatch):
     assert out.exit_code == 0, out.output
     data = json.loads(out.stdout)  # stderr has the model loading's progress bar
     assert data["time_parts"] == {"steps": pytest.approx(3 * data["seconds_per_step"])} and data["estimate_seconds"] > 0
+
+
+def _sharded(processes, *, method="full", available=None, **distributed):
+    """The estimate, without a probe, of a tiny 8-block Llama (blocks outweigh the embedding, as in real models)
+    on `processes` processes: global batch 8, so one process's micro-batch is 8 / processes rows."""
+    from tiny import tiny_llama
+
+    from gemcut.models.adapters import apply_adapter
+    from gemcut.train.estimate import estimate_model
+
+    cfg = RunConfig.model_validate({
+        "model": {"name": "tiny"}, "adapter": {"method": method, "r": 4},
+        "train": {"batch_size": 8, "max_steps": 3, "precision": "fp32", "distributed": distributed},
+        "data": {"max_length": 32}})
+    model = apply_adapter(tiny_llama(layers=8), cfg.adapter, "causal_lm")
+    return estimate_model(cfg, model, "causal_lm", runtime_bytes=0, available_bytes=available or 10 * 1024**3,
+                          processes=processes)
+
+
+def _rows(est):
+    return {row.name: row for row in est.strategies}
+
+
+def _units(model_est):
+    """(R, K) of the tiny Llama counted by hand: embedding (tied head) + final norm; one block."""
+    from tiny import tiny_llama
+
+    m = tiny_llama(layers=8)
+    block = sum(p.numel() for p in m.model.layers[0].parameters()) * 4
+    root = (m.model.embed_tokens.weight.numel() + m.model.norm.weight.numel()) * 4
+    return root, block
+
+
+def test_per_device_memory_follows_each_strategys_formula():
+    """On 4 processes: DDP holds everything plus its gradient buckets; ZeRO-2 shards gradients and optimizer
+    state; ZeRO-3 and FSDP2 also the weights, plus the parameters they gather; activations are those of one
+    process's micro-batch (8 / 4 rows instead of 8)."""
+    one, est = _sharded(1), _sharded(4)
+    W, G, Opt = est.weights_bytes, est.gradients_bytes, est.optimizer_bytes
+    root, block = _units(est)
+    assert (W, G, Opt) == (one.weights_bytes, one.gradients_bytes, one.optimizer_bytes) and W == G
+    assert W == root + 8 * block  # every parameter is in the root or in a block
+    A = int(one.activations_bytes * 2 / 8)
+    assert est.process_micro_batch == 2 and all(row.activations == A for row in est.strategies)
+    rows = _rows(est)
+    assert list(rows) == ["ddp", "fsdp2 full", "fsdp2 grad_op", "zero-1", "zero-2", "zero-3"]
+    q = lambda b: -(-b // 4)  # noqa: E731
+    expect = {  # weights, gradients, optimizer, gathered, buffers
+        "ddp": (W, G, Opt, 0, G),
+        "fsdp2 full": (q(W), q(G), q(Opt), root + 2 * block, 0),
+        "fsdp2 grad_op": (q(W), q(G), q(Opt), W, 0),
+        "zero-1": (W, G, q(Opt), 0, 0),
+        "zero-2": (W, q(G), q(Opt), 0, 0),
+        "zero-3": (q(W), q(G), q(Opt), 2 * max(root, block), 0),
+    }
+    for name, (w, g, o, gathered, buffers) in expect.items():
+        row = rows[name]
+        assert (row.weights, row.gradients, row.optimizer, row.gathered, row.buffers, row.offloaded) == \
+            (w, g, o, gathered, buffers, 0), name
+        assert row.device_bytes == w + g + o + A + gathered + buffers
+    per = {name: row.device_bytes for name, row in rows.items()}
+    assert per["zero-3"] < per["zero-2"] < per["zero-1"] < per["ddp"]
+    assert per["fsdp2 full"] == pytest.approx(per["zero-3"], rel=0.15)
+    assert rows["ddp"].configured and sum(row.configured for row in est.strategies) == 1  # strategy auto is ddp
+
+
+def test_frozen_weights_are_sharded_but_have_no_gradients_or_optimizer_state():
+    est = _sharded(4, method="lora")
+    lora = _rows(est)
+    assert est.gradients_bytes < est.weights_bytes / 4  # LoRA: the base is frozen
+    full, zero2 = lora["fsdp2 full"], lora["zero-2"]
+    assert full.weights == -(-est.weights_bytes // 4) and zero2.weights == est.weights_bytes
+    assert full.gradients == -(-est.gradients_bytes // 4) and full.optimizer == -(-est.optimizer_bytes // 4)
+
+
+def test_offload_moves_the_configured_variants_shards_to_host_memory():
+    est = _sharded(4, strategy="deepspeed", deepspeed={"zero_stage": 3, "offload": True}, fsdp={"offload": True})
+    rows = _rows(est)
+    assert list(rows)[-2:] == ["fsdp2 full + offload", "zero-3 + offload"] and est.configured.name == "zero-3 + offload"
+    for name in ("fsdp2 full", "zero-3"):
+        on, off = rows[name + " + offload"], rows[name]
+        assert (on.weights, on.gradients, on.optimizer) == (0, 0, 0) and on.gathered == off.gathered
+        assert on.offloaded == off.weights + off.gradients + off.optimizer
+    zero2 = _rows(_sharded(4, strategy="deepspeed", deepspeed={"zero_stage": 2, "offload": True}))["zero-2 + offload"]
+    assert zero2.optimizer == 0 and zero2.offloaded == _rows(est)["zero-2"].optimizer  # stage 2 offloads the optimizer only
+
+
+def test_one_process_is_the_single_process_estimate(monkeypatch):
+    """With one process no strategy runs: every row is weights + gradients + optimizer + activations, the
+    figure and verdict of the one-process estimate; the default number of processes is the launcher's."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    est = _sharded(None, strategy="fsdp2", fsdp={"offload": True})
+    assert est.processes == 1 and est.process_micro_batch == 8 and len(est.strategies) == 7
+    for row in est.strategies:
+        assert row.device_bytes == est.required_bytes and (row.gathered, row.buffers, row.offloaded) == (0, 0, 0)
+        assert row.activations == est.activations_bytes
+    tight = _sharded(None, available=est.required_bytes - 1)
+    assert not tight.fits and not any(row.fits for row in tight.strategies) and _sharded(None, available=est.required_bytes).fits
+    assert "per process" not in "\n".join(est.lines()) and "(fsdp2" not in str(est)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _sharded(None).processes == 2
+
+
+def test_the_fit_verdict_flips_where_the_numbers_say(monkeypatch):
+    """On a CPU the processes share this machine's memory: a strategy fits when processes x its bytes do.
+    Between ZeRO-3's need and DDP's, DDP does not fit and ZeRO-3 does, and `fits` is the configured one's."""
+    from gemcut.train.strategy_memory import ModelBytes, strategy_table
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    per = {row.name: row.device_bytes for row in _sharded(4).strategies}
+    between = 4 * (per["zero-3"] + per["ddp"]) // 2
+    ddp = _sharded(4, available=between)
+    zero3 = _sharded(4, available=between, strategy="deepspeed", deepspeed={"zero_stage": 3})
+    assert not ddp.fits and zero3.fits and "does not fit" in str(ddp) and "(zero-3, 4 processes)" in str(zero3)
+    assert {r.name: r.fits for r in ddp.strategies} == {r.name: r.fits for r in zero3.strategies}
+    assert not _rows(ddp)["ddp"].fits and _rows(ddp)["zero-3"].fits
+    assert _sharded(4, available=4 * per["ddp"]).fits and not _sharded(4, available=4 * per["ddp"] - 1).fits
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two nodes of two: this machine holds two of the processes
+    assert _sharded(4, available=2 * per["ddp"]).fits
+    # On a GPU each process has its own device; offloaded bytes go to the host, whose memory they must fit.
+    m = ModelBytes(weights=400, gradients=400, optimizer=800, activations=100, root=40, largest_block=40)
+    row = lambda **kw: next(r for r in strategy_table(m, 4, RunConfig.model_validate(  # noqa: E731
+        {"model": {"name": "x"}, "train": {"distributed": {"strategy": "fsdp2", "fsdp": {"offload": True}}}}).train.distributed,
+        device="cuda", **kw) if r.configured)
+    assert row(available=220, host_available=1600).fits  # device: 100 + 40 + 80 gathered; host: 4 x 400
+    assert not row(available=219, host_available=1600).fits and not row(available=220, host_available=1599).fits
+
+
+def test_cli_prints_the_strategies_for_the_processes(llama_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from gemcut.cli import app, register_commands
+
+    register_commands()
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {{name: {llama_dir}}}\ntrain: {{max_steps: 3, batch_size: 4, "
+                   "distributed: {strategy: fsdp2}}\ndata: {max_length: 16}\n")
+    out = CliRunner().invoke(app, ["estimate", str(cfg), "--no-probe", "--processes", "2"])
+    assert out.exit_code == 0, out.output
+    assert "per process on 2 processes (activations of micro-batches of 2)" in out.output
+    lines = out.output.splitlines()
+    for name in ("ddp", "fsdp2 grad_op", "zero-1", "zero-2", "zero-3"):
+        assert any(line.startswith(f"  {name} ") and line.endswith("fits") for line in lines), name
+    assert any(line.startswith("* fsdp2 full ") for line in lines)
+    out = CliRunner().invoke(app, ["estimate", str(cfg), "--no-probe", "--processes", "2", "--json"])
+    data = json.loads(out.stdout)
+    assert data["processes"] == 2 and [r["name"] for r in data["strategies"] if r["configured"]] == ["fsdp2 full"]
+    assert len(data["strategies"]) == 6 and all(r["device_bytes"] > 0 and r["fits"] for r in data["strategies"])

@@ -15,6 +15,15 @@ Memory, per part:
 `fits` compares weights + gradients + optimizer + activations with the memory available before loading
 (psutil; GPU free memory when training on CUDA).
 
+Processes: `estimate(cfg, processes=N)` (`gemcut estimate CONFIG --processes N`; by default the launcher's
+WORLD_SIZE, else 1) adds `Estimate.strategies`, a row per way of sharing the run over N processes (DDP,
+FSDP2 full and grad_op, ZeRO-1/2/3, offload where configured) with its bytes per process and whether it
+fits, and marks the configured one (`train.distributed`), whose verdict is then `fits`. The formulas are in
+gemcut/train/strategy_memory.py: W, G, O above, divided by N where the strategy shards them, plus the
+parameters it gathers and DDP's gradient buckets, and the activations of one process's micro-batch
+(`micro_batch_size(train, N)` rows instead of `micro_batch_size(train, 1)`). With N = 1 every row is the
+one-process figure above.
+
 Time: the wall time of `gemcut train` on this machine as it is now (a loaded machine gives a longer
 estimate, and a longer run), in parts:
 - prepare, load: measured, by running the same data preparation and loading the same model, with the
@@ -56,6 +65,7 @@ from dataclasses import asdict, dataclass, field
 
 from gemcut.errors import TrainingError
 from gemcut.tasks import Task, resolve_task, task_named
+from gemcut.train.strategy_memory import ModelBytes, StrategyMemory, strategy_table, unit_bytes
 
 GB = 1024**3
 SAMPLE_RECORDS = 1024  # training records tokenized to learn the token lengths (all of them when there are fewer)
@@ -89,6 +99,9 @@ class Estimate:
     time_parts: dict[str, float] | None = None  # seconds of the run by part (see the module docstring)
     probe_passes: dict[str, int] | None = None  # how many times the probe ran the model, by kind of pass
     estimate_seconds: float | None = None  # wall time of `estimate` itself
+    processes: int = 1  # processes the strategies' rows are for
+    process_micro_batch: int | None = None  # examples per forward on each of them (micro_batch_size(train, processes))
+    strategies: list[StrategyMemory] = field(default_factory=list)  # per process, by strategy (strategy_memory.py)
 
     @property
     def required_bytes(self) -> int:
@@ -97,6 +110,26 @@ class Estimate:
     @property
     def total_bytes(self) -> int:
         return self.required_bytes + self.runtime_bytes
+
+    @property
+    def configured(self) -> StrategyMemory | None:
+        """The row of the strategy the config names (`train.distributed`)."""
+        return next((row for row in self.strategies if row.configured), None)
+
+    def strategy_lines(self) -> list[str]:
+        """The per-process table (the configured strategy marked with *), or a hint with one process."""
+        if self.processes == 1:
+            return ["strategies   one process shares nothing (--processes N: DDP, FSDP2 and ZeRO per device)"]
+        shared = f"; on {self.device} the {self.processes} processes share this machine's memory" if self.device == "cpu" else ""
+        cols = ("weights", "gradients", "optimizer", "activations", "gathered", "buffers", "offloaded", "device_bytes")
+        head = ("weights", "grads", "optimizer", "activations", "gathered", "buffers", "offloaded", "per process")
+        out = [f"per process on {self.processes} processes (activations of micro-batches of {self.process_micro_batch}){shared}:",
+               f"  {'strategy':<22}" + "".join(f"{h:>12}" for h in head)]
+        for row in self.strategies:
+            mark = "*" if row.configured else " "
+            out.append(f"{mark} {row.name:<22}" + "".join(f"{_size(getattr(row, c)):>12}" for c in cols)
+                       + f"  {'fits' if row.fits else 'DOES NOT FIT'}")
+        return out
 
     def lines(self) -> list[str]:
         def gb(n: int) -> str:
@@ -111,8 +144,9 @@ class Estimate:
             f"activations  {gb(self.activations_bytes)}  ({self.activations_source}"
             + (f", micro-batch {self.batch_shape[0]}x{self.batch_shape[1]})" if self.batch_shape else ")"),
             f"runtime      {gb(self.runtime_bytes)}  (this process before loading the model)",
-            f"total        {gb(self.total_bytes)} of {gb(self.available_bytes + self.runtime_bytes)} "
-            f"-> {'fits' if self.fits else 'DOES NOT FIT'}",
+            f"total        {gb(self.total_bytes)} of {gb(self.available_bytes + self.runtime_bytes)}"
+            + (f" -> {'fits' if self.fits else 'DOES NOT FIT'}" if self.processes == 1 else " (one process holding all)"),
+            *self.strategy_lines(),
         ]
         if self.seconds_per_step is not None:
             line = f"time         {self.seconds_per_step:.2f} s/step"
@@ -121,13 +155,22 @@ class Estimate:
                 line += ", ".join(f"{k} {_duration(v)}" for k, v in self.time_parts.items()) + ")"
             out.append(line)
         if self.estimate_seconds is not None:
-            out.append(f"estimated in {self.estimate_seconds:.0f} s ("
-                       + ", ".join(f"{n} {k}" for k, n in (self.probe_passes or {}).items()) + " passes)")
+            out.append(f"estimated in {self.estimate_seconds:.0f} s" + (" (" + ", ".join(
+                f"{n} {k}" for k, n in self.probe_passes.items()) + " passes)" if self.probe_passes else ""))
         out += [f"note: {n}" for n in self.notes]
         return out
 
     def __str__(self) -> str:
-        text = (f"{self.summary}; needs {self.required_bytes / GB:.2f} GB of {self.available_bytes / GB:.2f} GB available "
+        needs = f"{self.required_bytes / GB:.2f} GB"
+        if self.processes > 1 and self.configured is not None:
+            row = self.configured
+            if self.device == "cpu":  # the processes share this machine's memory, offloaded or not
+                needs = f"{self.processes} x {(row.device_bytes + row.offloaded) / GB:.2f} GB"
+            else:
+                needs = f"{row.device_bytes / GB:.2f} GB per device"
+            needs += \
+                f" ({self.configured.name}, {self.processes} processes)"
+        text = (f"{self.summary}; needs {needs} of {self.available_bytes / GB:.2f} GB available "
                 f"on {self.device} ({'fits' if self.fits else 'does not fit'})")
         if self.seconds_per_step is not None:
             text += f"; {self.seconds_per_step:.2f} s/step"
@@ -137,6 +180,13 @@ class Estimate:
 
     def to_dict(self) -> dict:
         return asdict(self) | {"required_bytes": self.required_bytes, "total_bytes": self.total_bytes}
+
+
+def _size(n: int) -> str:
+    for unit, size in (("GB", GB), ("MB", 1024**2), ("KB", 1024)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
 
 
 def _duration(seconds: float) -> str:
@@ -332,8 +382,9 @@ def _prepare_for_training(model, cfg, precision: str, task: str):
     return model
 
 
-def estimate(cfg, *, probe: bool = True, probe_steps: int = 3) -> Estimate:
-    """Memory and time estimate of the run described by `cfg` (RunConfig); see the module docstring."""
+def estimate(cfg, *, probe: bool = True, probe_steps: int = 3, processes: int | None = None) -> Estimate:
+    """Memory and time estimate of the run described by `cfg` (RunConfig) on `processes` processes (default:
+    the launcher's WORLD_SIZE, else 1); see the module docstring."""
     import torch
 
     from gemcut.models.adapters import apply_adapter
@@ -380,7 +431,7 @@ def estimate(cfg, *, probe: bool = True, probe_steps: int = 3) -> Estimate:
     est = estimate_model(cfg, loaded["model"], loaded["task"], examples=data.train if data else None,
                          tokenizer=loaded["tokenizer"],
                          probe=probe, probe_steps=probe_steps, runtime_bytes=runtime, available_bytes=available,
-                         notes=notes, data=data, load_seconds=loaded["seconds"])
+                         notes=notes, data=data, load_seconds=loaded["seconds"], processes=processes)
     est.estimate_seconds = time.perf_counter() - t_start
     return est
 
@@ -412,8 +463,9 @@ def _time(fn, device: str) -> float:
 
 def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, probe: bool = False, probe_steps: int = 3,
                    runtime_bytes: int | None = None, available_bytes: int | None = None, notes: list[str] | None = None,
-                   data: _Data | None = None, load_seconds: float = 0.0) -> Estimate:
-    """The estimate for a model already loaded with its adapter (what `gemcut train` checks before fitting).
+                   data: _Data | None = None, load_seconds: float = 0.0, processes: int | None = None) -> Estimate:
+    """The estimate for a model already loaded with its adapter (what `gemcut train` checks before fitting), on
+    `processes` processes (default: the launcher's WORLD_SIZE, else 1: what `gemcut train` runs on).
 
     Without `probe` nothing runs through the model and no batch is built: the activation size is the shape
     approximation at the longest example (or max_length), so it costs nothing and works for every objective.
@@ -424,8 +476,9 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
     from gemcut.models.fast import applied
     from gemcut.models.precision import autocast, resolve_precision
     from gemcut.train.batches import example_length, resolve_group_by_length
-    from gemcut.train.distributed import micro_batch_size
+    from gemcut.train.distributed import launched_processes, micro_batch_size
 
+    processes = processes or launched_processes()
     device = next(model.parameters()).device.type
     notes = list(notes or [])
     available = available_bytes if available_bytes is not None else available_memory(device)
@@ -458,7 +511,8 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
         activations = approximate_activations(model.get_base_model() if hasattr(model, "get_base_model") else model,
                                               batch_shape[0], L, bytes_per_value, trained_from)
         return _finish(cfg, model, task, device, total, trainable, weights_bytes, grad_bytes, optimizer_bytes, activations,
-                       "approximate", runtime, available, batch_shape, steps, precision, notes)
+                       "approximate", runtime, available, batch_shape, steps, precision, notes,
+                       processes)
 
     from gemcut.objectives import build_objective
     from gemcut.train.batches import collator_for
@@ -552,7 +606,7 @@ def estimate_model(cfg, model, task: str, *, examples=None, tokenizer=None, prob
         parts = {"prepare": data.prepare_seconds, "tokenize": data.tokenize_seconds, "load": load_seconds, **parts}
     est = _finish(cfg, model, task, device, total, trainable, weights_bytes, grad_bytes, optimizer_bytes, activations,
                   "measured" if largest_cost == probe_cost else "measured, scaled to the largest micro-batch", runtime,
-                  available, batch_shape, steps, precision, notes)
+                  available, batch_shape, steps, precision, notes, processes)
     est.seconds_per_step = seconds_per_step
     est.probe_passes = passes
     if steps is not None:
@@ -571,15 +625,28 @@ def random_row(task: Task, ids: list[int]) -> dict:
 
 
 def _finish(cfg, model, task, device, total, trainable, weights_bytes, grad_bytes, optimizer_bytes, activations, source,
-            runtime, available, batch_shape, steps, precision, notes) -> Estimate:
+            runtime, available, batch_shape, steps, precision, notes, processes) -> Estimate:
     from gemcut.models.adapters import trainable_summary
+    from gemcut.train.distributed import micro_batch_size
 
-    fits = weights_bytes + grad_bytes + optimizer_bytes + activations <= available
+    # One process's micro-batch at N processes holds fewer rows than the one-process one (the global batch
+    # is split); activations grow with the rows.
+    micro = micro_batch_size(cfg.train, processes)
+    per_process = int(activations * micro / micro_batch_size(cfg.train, 1))
+    root, largest_block = unit_bytes(model)
+    parts = ModelBytes(weights=weights_bytes, gradients=grad_bytes, optimizer=optimizer_bytes, activations=per_process,
+                       root=root, largest_block=largest_block)
+    local = min(processes, int(os.environ.get("LOCAL_WORLD_SIZE") or processes))  # the processes on this machine
+    host = available_memory("cpu") if device != "cpu" and processes > 1 else None
+    table = strategy_table(parts, processes, cfg.train.distributed, device=device, available=available,
+                           host_available=host, local_processes=local)
+    fits = next(row.fits for row in table if row.configured)
     return Estimate(
         model=cfg.model.name, method=cfg.adapter.method, task=task, device=device, total_params=total,
         trainable_params=trainable, weights_bytes=weights_bytes, gradients_bytes=grad_bytes,
         optimizer_bytes=optimizer_bytes, activations_bytes=int(activations), activations_source=source,
         runtime_bytes=runtime, available_bytes=available, fits=fits, batch_shape=tuple(batch_shape), steps=steps,
-        precision=precision, summary=trainable_summary(model, cfg.adapter), notes=notes,
+        precision=precision, summary=trainable_summary(model, cfg.adapter), notes=notes, processes=processes,
+        strategies=table, process_micro_batch=micro,
     )
 
