@@ -168,8 +168,7 @@ class Estimate:
                 needs = f"{self.processes} x {(row.device_bytes + row.offloaded) / GB:.2f} GB"
             else:
                 needs = f"{row.device_bytes / GB:.2f} GB per device"
-            needs += \
-                f" ({self.configured.name}, {self.processes} processes)"
+            needs += f" ({row.name}, {self.processes} processes)"
         text = (f"{self.summary}; needs {needs} of {self.available_bytes / GB:.2f} GB available "
                 f"on {self.device} ({'fits' if self.fits else 'does not fit'})")
         if self.seconds_per_step is not None:
