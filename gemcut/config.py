@@ -193,7 +193,7 @@ class DeepSpeedConfig(Section):
 
 
 class DistributedConfig(Section):
-    strategy: Literal["auto", "ddp", "fsdp2", "deepspeed"] = Field("auto", description="How processes share the work when the run is launched on several (torchrun or accelerate launch): ddp replicates the model; fsdp2 shards it (torch FSDP2); deepspeed uses ZeRO. auto: ddp. One process ignores it.")
+    strategy: Literal["auto", "ddp", "fsdp2", "deepspeed"] = Field("auto", description="How processes share the work when the run is launched on several (torchrun or accelerate launch): ddp replicates the model; fsdp2 shards parameters, gradients and optimizer state (torch FSDP2); deepspeed (ZeRO) is refused for now (docs/distributed.md). auto: ddp. One process ignores it.")
     fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     timeout_s: int = Field(600, ge=10, description="Seconds a collective may wait for the other processes before the run stops with an error naming the last good checkpoint (a process that died or hangs).")
@@ -288,7 +288,7 @@ class RunConfig(Section):
         es = self.train.early_stopping
         if es.metric.endswith("loss") and es.mode == "max":
             raise ValueError(f"train.early_stopping: metric {es.metric!r} is a loss but mode is 'max'; set train.early_stopping.mode=min")
-        if self.objective.kind != "auto" and TASKS[self.objective.kind].reference and self.adapter.method != "lora":
+        if self.objective.kind != "auto" and TASKS[self.objective.kind].reference and self.adapter.method not in ("lora", "qlora"):
             raise ValueError(f"objective.kind={self.objective.kind} needs adapter.method=lora (the reference is the adapter-disabled model); got {self.adapter.method!r}")
         return self
 

@@ -150,3 +150,29 @@ def test_gpu_bench_exits_with_one_line_without_cuda():
     assert proc.returncode == 0, out
     assert "Traceback" not in out and len(out.splitlines()) == 1
     assert "CUDA" in out and "bench/gpu.py" in out
+
+
+def test_packed_rows_run_as_one_row_under_flash_attention_and_give_the_same_logits():
+    """transformers' flash path separates packed documents only in a batch of one row, so the causal-LM
+    objective hands it one row of all the packed rows' tokens; that row computes what the rows do alone
+    (checked here with sdpa's block-diagonal mask, which holds for any batch)."""
+    from types import SimpleNamespace
+
+    import torch
+    from tiny import tiny_llama, tiny_tokenizer
+
+    from gemcut.objectives.causal_lm import packed_as_one_row
+
+    model = tiny_llama(tiny_tokenizer()).eval()
+    ids = torch.randint(5, 300, (3, 12), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([list(range(5)) + list(range(7)), list(range(12)), list(range(4)) * 3])
+    inputs = {"input_ids": ids, "position_ids": positions}
+    forward = lambda x: model(**x, use_cache=False).logits  # noqa: E731
+    flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))  # what dispatch reads
+    seen = []
+    with torch.no_grad():
+        rows = forward(inputs)
+        one_row = packed_as_one_row(flash, inputs, lambda x: seen.append(tuple(x["input_ids"].shape)) or forward(x))
+        assert packed_as_one_row(model, inputs, lambda x: seen.append(tuple(x["input_ids"].shape)) or forward(x)) is not None
+    assert seen == [(1, 36), (3, 12)]  # flash: one row; sdpa: the rows as they are
+    torch.testing.assert_close(one_row, rows, rtol=1e-5, atol=1e-5)

@@ -3,9 +3,9 @@
     python -m pytest -q tests/test_rl.py
 
 `PolicyWithValueHead(policy)` is what a PPO run trains and checkpoints: the LoRA policy plus a linear value
-head V(h_t) = w . h_t + b. Its parameters are named as the policy's own (so a checkpoint lines up with the
-LoRA model `load_run` rebuilds) plus `value_head.*`; `final/value_head.safetensors` holds the head of a
-finished run, and `load_run` attaches it again (`LoadedRun.value_head`).
+head V(h_t) = w . h_t + b, its parameters named `policy.*` and `value_head.*` (`load_run` rebuilds the same
+wrapper to read a PPO checkpoint); `final/value_head.safetensors` holds the head of a finished run, and
+`load_run` attaches it again (`LoadedRun.value_head`).
 """
 
 from __future__ import annotations
@@ -56,11 +56,6 @@ class PolicyWithValueHead(torch.nn.Module):
     def forward(self, **inputs) -> PolicyOutput:
         out = self.policy(**inputs, output_hidden_states=True)
         return PolicyOutput(out.logits, self.value_head(out.hidden_states[-1]))
-
-    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
-        # The policy's own names, not `policy.*`: a checkpoint holds the same names as a plain LoRA run's.
-        yield from self.policy.named_parameters(prefix, recurse, remove_duplicate)
-        yield from self.value_head.named_parameters(prefix + "value_head", recurse, remove_duplicate)
 
     def disable_adapter(self):
         """The reference model: the policy with its adapter off (see gemcut/objectives/dpo.py's `reference`)."""

@@ -53,10 +53,27 @@ def _target_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return mask
 
 
+def packed_as_one_row(model: torch.nn.Module, inputs: dict[str, torch.Tensor], forward) -> torch.Tensor:
+    """`forward(inputs)`, with packed rows under flash attention run as one row of B x T tokens.
+
+    transformers' flash-attention path keeps packed documents apart (variable-length kernels from the position
+    ids) only for a batch of one row; with more, the documents of a row attend to each other. Every packed row
+    starts a document at position 0, so one long row of them computes exactly what the rows would alone."""
+    config = getattr(unwrap_peft(model), "config", None)
+    flash = getattr(config, "_attn_implementation", None) == "flash_attention_2"
+    if not flash or "position_ids" not in inputs or "attention_mask" in inputs or inputs["input_ids"].shape[0] == 1:
+        return forward(inputs)
+    rows, width = inputs["input_ids"].shape
+    out = forward({k: v.reshape(1, -1) for k, v in inputs.items()})
+    return out.view(rows, width, *out.shape[2:])
+
+
 def _decoder_and_head(model: torch.nn.Module):
     """(decoder, lm_head) when the head can run on selected positions only; None otherwise."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return None  # DDP's gradient hooks need the wrapped forward to run
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, (torch.nn.parallel.DistributedDataParallel, FSDPModule)):
+        return None  # DDP's gradient hooks and FSDP2's parameter gathering need the wrapped forward to run
     inner = unwrap_peft(model)
     config = getattr(inner, "config", None)
     if getattr(config, "model_type", None) not in _PLAIN_HEAD_TYPES:
@@ -108,12 +125,12 @@ class CausalLM:
                               **{cache_argument(decoder): cache})
                 hidden = out.last_hidden_state[:, :-1][mask[:, shared:]]
             else:
-                hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][mask]
+                hidden = packed_as_one_row(decoder, inputs, lambda x: decoder(**x, use_cache=False).last_hidden_state)[:, :-1][mask]
             if type(head) is torch.nn.Linear and head.bias is None:  # a plain head (not adapted): never hold all logits
                 return ObjectiveOutput(chunked_linear_cross_entropy(hidden, head.weight, targets, token_weight), int(targets.numel()), {})
             logits = head(hidden)
         else:
-            logits = model(**inputs, use_cache=False).logits[:, :-1][mask]
+            logits = packed_as_one_row(model, inputs, lambda x: model(**x, use_cache=False).logits)[:, :-1][mask]
         token_loss = token_nll(logits, targets)  # fp32 softmax
         if token_weight is not None:
             token_loss = token_loss * token_weight.to(token_loss.dtype)

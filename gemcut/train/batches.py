@@ -41,8 +41,9 @@ class Step:
     logged with the step (reward, KL, ...); `samples`: lines for samples.jsonl; `warnings`: printed and logged.
     `trained_tokens`: tokens with a loss, when the objective's targets are not tokens (GRPO counts completions).
     `tokens` and `trained_tokens` count this process's share; the loop adds them up over the processes.
-    `zero_weight`: this process got none of the step's data (a short last step on many processes) and runs
-    its batches with a loss weight of 0, only so that it joins the step's gradient all-reduce.
+    `weights`: one per micro-batch of an update (default all 1). A weight of 0 marks a filler: a micro-batch
+    run only so that this process makes as many forward and backward passes as the others (a short last
+    step on many processes; FSDP2 gathers parameters at every pass), adding nothing to the loss.
     """
 
     updates: list[list[Batch]]
@@ -52,7 +53,10 @@ class Step:
     samples: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     trained_tokens: int | None = None
-    zero_weight: bool = False
+    weights: list[float] | None = None
+
+    def weights_of(self, batches: list) -> list[float]:
+        return self.weights if self.weights is not None else [1.0] * len(batches)
 
 
 class BatchSource(Protocol):
@@ -96,12 +100,15 @@ def resolve_group_by_length(setting: bool | str, padding_free: bool) -> bool:
     return not padding_free if setting == "auto" else bool(setting)
 
 
-def deal(items: list, size: int, group: Group) -> tuple[list[list], bool]:
-    """(this process's micro-batches, zero_weight): `items` cut into chunks of `size`, dealt round-robin to
-    the processes. A process left without a chunk gets the first one, to run with a loss weight of 0."""
+def deal(items: list, size: int, group: Group, *, even: bool = True) -> tuple[list[list], list[float]]:
+    """(this process's micro-batches, their weights): `items` cut into chunks of `size`, dealt round-robin to
+    the processes. `even`: every process gets as many chunks as the first, the missing ones filled with the
+    first chunk at weight 0; else only a process left without any gets that filler."""
     chunks = [items[s:s + size] for s in range(0, len(items), size)]
     mine = group.share(chunks)
-    return (mine, False) if mine or not chunks else ([chunks[0]], True)
+    want = -(-len(chunks) // group.world) if even else max(1, len(mine))
+    fillers = want - len(mine) if chunks else 0
+    return mine + [chunks[0]] * fillers, [1.0] * len(mine) + [0.0] * fillers
 
 
 def collator_for(task: Task, pad_id: int) -> Callable[[list[dict]], Batch]:
@@ -139,7 +146,7 @@ class ExampleSource:
 
     def step(self, model, *, epoch: int, index: int, step: int, group: Group) -> Step:
         take = self.order(epoch)[index:index + self.batch_size]
-        micro, zero = deal(take, micro_batch_size(self.train, group.world), group)
+        micro, weights = deal(take, micro_batch_size(self.train, group.world), group)
         batches = [self.collate([self.examples[i] for i in ids]) for ids in micro]
-        tokens = 0 if zero else sum(self.lengths[i] for ids in micro for i in ids)
-        return Step([batches], len(take), tokens, zero_weight=zero)
+        tokens = sum(self.lengths[i] for ids, w in zip(micro, weights) if w for i in ids)
+        return Step([batches], len(take), tokens, weights=weights)

@@ -67,6 +67,7 @@ TMP_PREFIX = ".tmp-"
 # Settings that may change between a run and its resume without changing what is computed.
 RESUME_MAY_DIFFER = ("train.force", "train.num_threads", "train.log_every", "train.sample_prompts", "train.report_to",
                      "train.micro_batch_size", "train.distributed.",  # how the same steps are split over processes
+                     "model.attn_implementation",  # the same attention, computed by another kernel
                      "eval.", "output.")
 
 
@@ -89,8 +90,41 @@ class TrainState:
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train, by name, as contiguous CPU tensors (what safetensors stores)."""
+    """The parameters that train, by name, as contiguous CPU tensors (what safetensors stores). A model sharded
+    by FSDP2 is gathered whole: every process must call it; the whole tensors arrive on the main process (the
+    others get an empty dict)."""
+    if _sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {n: t.contiguous() for n, t in full.items() if n in names}
     return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 shards the model's parameters (they are DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _raw(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+
+
+def optimizer_state_dict(model: torch.nn.Module, optimizer) -> dict:
+    """The optimizer's state keyed by parameter name, whole (gathered from FSDP2's shards: every process must
+    call it), so that a checkpoint resumes on any number of processes and under any strategy."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, _raw(optimizer), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def gather(model: torch.nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """(trainable weights, optimizer state), whole: what `save_checkpoint` writes. Every process of a run calls
+    it (FSDP2 gathers the shards); the main one writes."""
+    return trainable_state_dict(model), optimizer_state_dict(model, optimizer)
 
 
 def _load_pt(file: Path, mmap: bool = False) -> Any:
@@ -150,8 +184,11 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def save_checkpoint(root: Path, *, model: torch.nn.Module, optimizer, scheduler, state: TrainState,
-                    config: dict, keep_last_n: int, is_best: bool = False) -> Path:
-    """Write `root/step-<state.step>` atomically, mark it best if asked, prune to `keep_last_n` (+ best)."""
+                    config: dict, keep_last_n: int, is_best: bool = False,
+                    gathered: tuple[dict[str, torch.Tensor], dict] | None = None) -> Path:
+    """Write `root/step-<state.step>` atomically, mark it best if asked, prune to `keep_last_n` (+ best).
+    `gathered`: `gather(model, optimizer)` already made (on several processes, by all of them)."""
+    weights, optimizer_state = gathered if gathered is not None else gather(model, optimizer)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(TMP_PREFIX + "*"):  # left by a process killed while saving
@@ -159,8 +196,8 @@ def save_checkpoint(root: Path, *, model: torch.nn.Module, optimizer, scheduler,
     name = f"step-{state.step}"
     tmp = root / (TMP_PREFIX + name)
     tmp.mkdir()
-    save_file(trainable_state_dict(model), str(tmp / WEIGHTS), metadata={"step": str(state.step)})
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_file(weights, str(tmp / WEIGHTS), metadata={"step": str(state.step)})
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state), indent=2))
@@ -230,9 +267,20 @@ def check_compatible(path: Path, *, data_hash: str, config: dict) -> None:
 
 def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, scheduler) -> TrainState:
     """Restore weights, optimizer, scheduler and RNG states in place; return the training position."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
     path = Path(path)
-    load_trainable(model, path)
-    optimizer.load_state_dict(read_checkpoint_file(path, "optimizer.pt", _load_pt))
+    if _sharded(model):  # each process keeps its shard of the whole weights
+        set_model_state_dict(model, read_weights(path, trainable_parameters(model)),
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        load_trainable(model, path)
+    saved = read_checkpoint_file(path, "optimizer.pt", _load_pt)
+    try:
+        set_optimizer_state_dict(model, _raw(optimizer), optim_state_dict=saved, options=StateDictOptions(full_state_dict=True))
+    except (KeyError, ValueError, RuntimeError) as e:  # a state for other parameters (or from an older gemcut)
+        raise CheckpointError(f"{path}: optimizer.pt does not fit this model's trainable parameters ({e}); "
+                              "resume from another checkpoint or start a new run") from e
     scheduler.load_state_dict(read_checkpoint_file(path, "scheduler.pt", _load_pt))
     set_rng_state(read_checkpoint_file(path, "rng.pt", _load_pt))
     fields = read_state(path)

@@ -36,7 +36,7 @@ from gemcut.train import checkpoint as ckpt
 from gemcut.train import guard
 from gemcut.train.batches import Batch, BatchSource
 from gemcut.train.bf16 import store_frozen_linears_in_bf16
-from gemcut.train.distributed import Group, lost_processes, start
+from gemcut.train.distributed import Group, lost_processes, shard, sharded, start, whole
 from gemcut.train.logging import RunLogger, SilentLogger
 from gemcut.train.optimizer import adamw, param_groups
 from gemcut.train.schedule import build_scheduler, warmup_steps_for
@@ -56,15 +56,16 @@ class FitResult:
 
 
 def backward_step(model, objective: Objective, batches: Sequence[Batch], *, n_step: float, accelerator, precision: str,
-                  weight: float = 1.0):
+                  weights: Sequence[float] | None = None):
     """Accumulate the gradients of one optimizer update; returns (its loss, the mean over its `n_step` targets;
     the objective's summed metrics).
 
     Every micro-batch's summed loss is divided by the update's total target count before its backward, so the
-    accumulated gradient is that of the mean over all the update's targets, however they are split. `weight`
-    0 runs the batches for the all-reduce alone (a process with no data in a short last step)."""
+    accumulated gradient is that of the mean over all the update's targets, however they are split. A weight
+    of 0 runs a filler batch for the collectives alone (gemcut/train/batches.py, `Step.weights`)."""
     step_loss, metrics = torch.zeros((), device=accelerator.device), {}
-    for k, batch in enumerate(batches):
+    weights = weights or [1.0] * len(batches)
+    for k, (batch, weight) in enumerate(zip(batches, weights)):
         batch = {key: v.to(accelerator.device, non_blocking=True) for key, v in batch.items()}
         # DDP: all-reduce the gradients once, after the last micro-batch
         sync = contextlib.nullcontext() if k == len(batches) - 1 else accelerator.no_sync(model)
@@ -92,18 +93,21 @@ def fit(model: torch.nn.Module, objective: Objective, source: BatchSource, *, co
     cfg, t0 = config.train, time.time()
     group = group or start(cfg)
     set_seed(cfg.seed)
-    acc = group.accelerator
+    acc, fsdp2 = group.accelerator, sharded(cfg, group)
     precision = resolve_precision(cfg.precision, acc.device)
-    if precision == "bf16":
+    if precision == "bf16" and not fsdp2:  # FSDP2 gathers a block's parameters in one dtype
         store_frozen_linears_in_bf16(model)
+    choices = guard.uniform_choices(model, task)
+    collapse_watch = guard.CollapseWatch(choices, cfg.lr) if choices else None
+    if fsdp2:
+        shard(model.to(acc.device), cfg, group)  # before the optimizer, which then holds the shards
     groups = param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_lr_decay)
     if not groups:
         raise TrainingError("no trainable parameters: check adapter.method and adapter.target_modules")
     optimizer = adamw(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    choices = guard.uniform_choices(model, task)
-    collapse_watch = guard.CollapseWatch(choices, cfg.lr) if choices else None
-    model, optimizer = acc.prepare(model, optimizer)
-    params = [p for g in optimizer.param_groups for p in g["params"]]  # FSDP2 replaces them with shards
+    if not fsdp2:  # DDP (or one process): accelerate wraps the model
+        model, optimizer = acc.prepare(model, optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     inner = acc.unwrap_model(model)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(source) / source.examples_per_step())))
     updates = total * source.updates_per_step
@@ -124,9 +128,11 @@ def fit(model: torch.nn.Module, objective: Objective, source: BatchSource, *, co
         steps.flush(last_saved)
         if steps.collapsed:  # a model that can no longer learn is not worth a checkpoint
             return
+        gathered = ckpt.gather(inner, optimizer)  # every process: FSDP2 gathers its shards
         if group.main:
             last_saved = ckpt.save_checkpoint(root, model=inner, optimizer=optimizer, scheduler=scheduler, state=state,
-                                              config=config_dict, keep_last_n=cfg.keep_last_n, is_best=is_best)
+                                              config=config_dict, keep_last_n=cfg.keep_last_n, is_best=is_best,
+                                              gathered=gathered)
         group.barrier()
         last_saved = group.broadcast(last_saved)
 
@@ -136,19 +142,19 @@ def fit(model: torch.nn.Module, objective: Objective, source: BatchSource, *, co
             while state.step < total:
                 with autocast(precision, acc.device):
                     step = source.step(inner, epoch=state.epoch, index=state.index, step=state.step + 1, group=group)
-                weight = 0.0 if step.zero_weight else 1.0
                 losses, norms, sums, lr = [], [], {}, scheduler.get_last_lr()[0]  # the rate the step starts with
                 for u, batches in enumerate(step.updates):
-                    counts = [objective.count(b) * weight for b in batches]  # on the host, before any forward
+                    weights = step.weights_of(batches)
+                    counts = [objective.count(b) * w for b, w in zip(batches, weights)]  # on the host, before any forward
                     first = step.trained_tokens if step.trained_tokens is not None else sum(counts)
                     # This update's targets, and (once a step) its trained and seen tokens, over all processes.
                     n_step, trained, tokens = group.sum(torch.tensor(
-                        [sum(counts), first * weight if u == 0 else 0, step.tokens if u == 0 else 0], dtype=torch.float64)).tolist()
+                        [sum(counts), first if u == 0 else 0, step.tokens if u == 0 else 0], dtype=torch.float64)).tolist()
                     # Each process divides by the mean target count: DDP averages the processes' gradients.
                     loss, metrics = backward_step(model, objective, batches, n_step=n_step / group.world, accelerator=acc,
-                                                  precision=precision, weight=weight)
+                                                  precision=precision, weights=weights)
                     # Measured even when not clipping (an infinite bound scales by 1): the guards read it.
-                    norms.append(acc.clip_grad_norm_(params, cfg.max_grad_norm or math.inf).detach().float())
+                    norms.append(whole(acc.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)).detach().float())
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)

@@ -188,7 +188,8 @@ class RolloutSource:
         order = epoch_order(self.lengths, seed=self.seed, epoch=epoch, batch_size=self.per_iter, group_by_length=False)
         take = order[index:index + self.per_iter]
         # This process's prompts: micro-batches of prompts dealt round-robin; each keeps its place in the step.
-        chunks, zero = deal(list(range(len(take))), micro_batch_size(self.train, group.world), group)
+        chunks, weights = deal(list(range(len(take))), micro_batch_size(self.train, group.world), group, even=False)
+        zero = weights == [0.0]  # this process got no prompt: it samples a filler that adds nothing
         places = [i for chunk in chunks for i in chunk]
         t0 = time.time()
         was_training = model.training
@@ -232,7 +233,7 @@ class RolloutSource:
         shown = [{"prompt": ro.prompts[i], "output": ro.completions[i], "reward": float(ro.rewards[i])}
                  for i in range(0, n, max(1, rl.group_size))[:SAMPLES_PER_ITER]] if group.main else []
         return Step([micro] * rl.ppo_epochs, len(take), 0 if zero else int(ro.attention_mask.sum()), metrics, shown,
-                    warnings, trained_tokens=0 if zero else int(ro.mask.sum()), zero_weight=zero)
+                    warnings, trained_tokens=0 if zero else int(ro.mask.sum()), weights=weights)
 
     @staticmethod
     def _step_metrics(ro: Rollouts, kl: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, group: Group,

@@ -150,7 +150,7 @@ def train_run(config: RunConfig, *, resume: bool | str = False, command: list[st
     from gemcut.objectives import build_objective
     from gemcut.run_folder import run_meta, write_run_meta
     from gemcut.train.batches import ExampleSource, collator_for, resolve_group_by_length
-    from gemcut.train.distributed import launch_plan, lost_processes, micro_batch_size, start, strategy_name
+    from gemcut.train.distributed import launch_plan, lost_processes, micro_batch_size, sharded, start, strategy_name
     from gemcut.train.loop import fit
     from gemcut.train.samples import sample_fn
     from gemcut.train.validation import LossValidation
@@ -193,7 +193,8 @@ def train_run(config: RunConfig, *, resume: bool | str = False, command: list[st
     if kind == "label":  # the declared set, or the sorted labels seen in training (stable ids)
         labels = list(prepared.labels or resolve_label_names(list(prepared.splits["train"]), config.data.labels))
     head_labels = labels if task.head == "classifier" else None
-    model, tokenizer = load_base(config.model, task.name, num_labels=len(head_labels) if head_labels else None, label_names=head_labels)
+    model, tokenizer = load_base(config.model, task.name, num_labels=len(head_labels) if head_labels else None,
+                                 label_names=head_labels, quantization=config.adapter.base_quantization())
     model = apply_adapter(model, config.adapter, task.name)
     fast = apply_fast(model, task, cfg)
     if cfg.activation_checkpointing:
@@ -236,12 +237,17 @@ def train_run(config: RunConfig, *, resume: bool | str = False, command: list[st
     estimate_info = _check_estimate(config, model, task.name, None if task.rollouts else train_ex, say)
 
     objective = build_objective(task, config, labels=labels, train_examples=train_ex)
+    fsdp2 = sharded(cfg, group)
+    if fsdp2 and task.rollouts:  # sampling runs a different number of forwards on each process
+        raise TrainingError(f"objective.kind={task.name} samples from the policy on every process, which a sharded "
+                            "model cannot do in step; use train.distributed.strategy=ddp (RL trains a LoRA adapter)")
     if task.rollouts:
         source, validation, trained = _rollouts(task, config, model, tokenizer, template, train_records, val_records)
     else:
         collate = collator_for(task, tokenizer.pad_token_id)
         source = ExampleSource(train_ex, collate, cfg, group_by_length=grouped)
-        samples = sample_fn(config, kind, val_records, tokenizer, template, labels) if task.samples else None
+        # Samples are generated on the main process alone, which a sharded model cannot do.
+        samples = sample_fn(config, kind, val_records, tokenizer, template, labels) if task.samples and not fsdp2 else None
         validation = LossValidation(objective, val_ex, collate, batch_size=micro_batch_size(cfg, group.world),
                                     sample_fn=samples) if val_ex else None
         trained = model
@@ -264,11 +270,14 @@ def train_run(config: RunConfig, *, resume: bool | str = False, command: list[st
         final_from = "last"
         best = best_checkpoint(run_dir / "checkpoints")
         if cfg.early_stopping.patience and best is not None:
-            load_trainable(trained, best)  # early stopping keeps the best weights, not the last
             final_from = best.name
+        if fsdp2:  # the trained model is in shards: final/ is the whole model, from the checkpoint's whole weights
+            model = _unsharded(run_dir, final_from)
+        elif final_from != "last":
+            load_trainable(trained, best)  # early stopping keeps the best weights, not the last
         meta = {**run_meta(config, task.name, labels), "final_from": final_from}
         final = save_final(model, tokenizer, template, run_dir / "final", labels=labels, meta=meta)
-        if trained is not model:  # PPO: the value head goes with the policy
+        if task.value_head:  # PPO: the value head goes with the policy
             from gemcut.models.value_head import save_value_head
 
             save_value_head(trained.value_head, final)
@@ -289,6 +298,14 @@ def train_run(config: RunConfig, *, resume: bool | str = False, command: list[st
         raise TrainingError(reason)
     say(f"done: {stopped} after {state.step} steps; model in {final}")
     return TrainOutcome(run_dir, stopped, reason)
+
+
+def _unsharded(run_dir: Path, checkpoint: str):
+    """The run's model rebuilt whole on this process (base + adapter, as `load_run` does for a checkpoint) with
+    the gathered weights of `checkpoint` ("last" or "step-N"): what final/ saves after an FSDP2 run."""
+    from gemcut.models.load import load_run
+
+    return load_run(run_dir, checkpoint).model
 
 
 def _rollouts(task: Task, config: RunConfig, policy, tokenizer, template, train_records, val_records):

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from gemcut.objectives.base import Objective
-from gemcut.train.batches import Batch, example_length
+from gemcut.train.batches import Batch, deal, example_length
 from gemcut.train.distributed import Group
 
 
@@ -56,10 +56,10 @@ class LossValidation(Validation):
         device = next(model.parameters()).device
         loss, n, sums = torch.zeros((), device=device), 0, {}
         batches = [self.order[s:s + self.batch_size] for s in range(0, len(self.order), self.batch_size)]
-        # A process without a batch of its own scores the first with weight 0: every process must name the same
-        # metrics in the same collectives.
-        mine, weight = (group.share(batches), 1) if len(batches) > group.rank else (batches[:1], 0)
-        for ids in mine:
+        # Every process scores as many batches (fillers of weight 0 where its share is short): each forward of
+        # a sharded model is a collective, and every process must name the same metrics in the same sums.
+        mine, weights = deal(batches, 1, group)
+        for (ids,), weight in zip(mine, weights):
             batch = {k: v.to(device) for k, v in self.collate([self.examples[i] for i in ids]).items()}
             out = self.objective(model, batch)
             loss += out.loss_sum.float() * weight
