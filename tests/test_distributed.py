@@ -36,8 +36,13 @@ from distributed_helpers import (  # noqa: E402
 
 from gemcut.run_folder import latest_checkpoint  # noqa: E402
 
-# Metrics that measure the machine, not the training: they differ from run to run.
-TIMING = {"tokens_per_s", "trained_tokens_per_s", "elapsed_s"}
+
+def timing(key: str) -> bool:
+    """Metrics that measure the machine, not the training (elapsed_s, gen_s, tokens_per_s): they differ
+    from run to run."""
+    return key.endswith("_s")
+
+
 # Weights after Adam: rtol 1e-5 as for the losses, plus an absolute slack. The processes add the same
 # gradients in another order (each process sums its micro-batch, then gloo sums the processes), so a
 # gradient agrees to about 1e-7 relative; Adam divides each gradient by the root of its running square, so
@@ -74,18 +79,18 @@ def assert_one_writer(run_dir: Path, output: str) -> None:
         assert len(re.findall(rf"^step {step}  epoch ", output, re.MULTILINE)) <= 1, f"step {step} printed twice:\n{output}"
 
 
-def assert_same_metrics(one: dict[int, dict], many: dict[int, dict], steps=None) -> None:
-    """Every metric of every step (of `steps`, default all) equal to rtol 1e-5; counts exactly."""
+def assert_same_metrics(one: dict[int, dict], many: dict[int, dict], steps=None, atol: float = 1e-7) -> None:
+    """Every metric of every step (of `steps`, default all) equal to rtol 1e-5 (and `atol`); counts exactly."""
     steps = sorted(one) if steps is None else list(steps)
     assert set(steps) <= set(one) and set(steps) <= set(many), (sorted(one), sorted(many))
     for step in steps:
         a, b = one[step], many[step]
-        assert set(a) - TIMING == set(b) - TIMING, (step, sorted(a), sorted(b))
-        for key in sorted(set(a) - TIMING):
+        assert set(a) == set(b), (step, sorted(a), sorted(b))
+        for key in sorted(k for k in a if not timing(k)):
             if not isinstance(a[key], float):
                 assert a[key] == b[key], (step, key, a[key], b[key])  # token and target counts, the split
             else:
-                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (step, key, a[key], b[key])
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=atol), (step, key, a[key], b[key])
 
 
 def assert_same_weights(one: Path, many: Path) -> None:
@@ -94,9 +99,9 @@ def assert_same_weights(one: Path, many: Path) -> None:
     torch.testing.assert_close(b, a, rtol=1e-5, atol=WEIGHT_ATOL)
 
 
-def assert_same_training(lab: Lab, one: Path, many: Path) -> None:
-    assert_same_metrics(train_rows(one), train_rows(many))
-    assert_same_metrics(val_rows(one), val_rows(many))
+def assert_same_training(lab: Lab, one: Path, many: Path, atol: float = 1e-7) -> None:
+    assert_same_metrics(train_rows(one), train_rows(many), atol=atol)
+    assert_same_metrics(val_rows(one), val_rows(many), atol=atol)
     assert_same_weights(one, many)
     assert_one_writer(many, lab.outputs.get(many.name, ""))
 
@@ -116,13 +121,17 @@ def test_two_processes_train_like_one(lab, objective):
 def test_grpo_on_two_processes_samples_and_scores_like_one(lab):
     """GRPO with a classifier reward (the 1-process classify run): each completion is sampled from a seed
     of its prompt's place in the step (train/rollouts.py row_seeds), so 2 processes draw the same
-    completions as 1, and the rewards, KL and losses of each step agree."""
+    completions as 1, and the rewards, KL and losses of each step agree.
+
+    The KL (and the entropy) are means of per-token log-probabilities of size ~6, each known to float32's
+    spacing there (4.8e-7): the KL, a small difference of two of them, agrees to ~2e-7 absolute, not to
+    1e-5 relative of itself; hence atol 1e-6. Rewards and losses agree to the last bit here."""
     lab.run("classify-1", "classify.yaml", 1)  # the reward model
     one = lab.run("grpo-1", "grpo.yaml", 1)
     many = lab.run("grpo-2", "grpo.yaml", 2)
     rows = train_rows(many)
     assert sorted(rows) == [1, 2, 3] and all("reward_mean" in r for r in rows.values())
-    assert_same_training(lab, one, many)
+    assert_same_training(lab, one, many, atol=1e-6)
 
 
 def test_a_two_process_run_resumes_on_one_process(lab):
