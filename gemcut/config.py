@@ -350,6 +350,12 @@ def _allowed_keys(model: type[BaseModel], path: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+# Keys that gemcut once had, with what to write instead.
+REPLACED = {("train", "grad_accum"): "train.grad_accum is gone: train.batch_size is now the whole step's batch over all "
+                                     "processes; write train.batch_size=<old batch_size x grad_accum> and "
+                                     "train.micro_batch_size=<old batch_size>"}
+
+
 def format_validation_error(err: ValidationError, source: str = "config") -> str:
     """One line per problem: field path, what was given, what is allowed, and a did-you-mean."""
     lines = []
@@ -357,7 +363,9 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
         loc = tuple(x for x in e["loc"])
         dotted = ".".join(str(x) for x in loc) or "(root)"
         given = e.get("input")
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and loc in REPLACED:
+            lines.append(f"{source}: {REPLACED[loc]}")
+        elif e["type"] == "extra_forbidden":
             allowed = _allowed_keys(RunConfig, loc)
             near = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
             hint = f"; did you mean {'.'.join(str(x) for x in loc[:-1] + (near[0],))!r}?" if near else ""

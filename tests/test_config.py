@@ -50,3 +50,11 @@ def test_yaml_error_has_line(tmp_path):
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_examples_validate(path):
     load_config(path)
+
+
+def test_a_replaced_key_says_what_to_write_instead():
+    from gemcut.config import validate
+
+    with pytest.raises(ConfigError, match=r"train.grad_accum is gone: .*train.batch_size=<old batch_size x grad_accum> and "
+                                          r"train.micro_batch_size=<old batch_size>"):
+        validate({"train": {"batch_size": 4, "grad_accum": 2}}, "run.yaml")
