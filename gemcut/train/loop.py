@@ -5,8 +5,10 @@
 It knows neither the data nor the objective. Each step it asks its batch source (gemcut/train/batches.py:
 tokenized examples; gemcut/train/rollouts.py: RL rollouts) for the step at the run's data position, and makes
 the step's optimizer updates: every micro-batch's summed loss is divided by the target count of the *whole*
-update (on all processes), so batch 8 x 1 and batch 1 x 8 with accumulation give the same update. accelerate
-underneath (so `accelerate launch` runs the same function under DDP), AdamW over the trainable parameters,
+update (on all processes), so batch 8 x 1 and batch 1 x 8 with accumulation, or 1 and 2 processes, give the
+same update. On several processes (torchrun or accelerate launch; gemcut/train/distributed.py) accelerate wraps
+the model in DDP, or FSDP2 shards it; only the main process writes; an interrupt stops every process at the
+same step; a peer that dies ends the run naming the last good checkpoint. AdamW over the trainable parameters,
 warmup + cosine/linear/constant schedule, gradient clipping. Losses, gradient norms and the largest trainable
 weight stay on the device until a log step or a save, where the guard checks them (gemcut/train/guard.py): a
 NaN or inf stops the run naming the step and the last good checkpoint (no checkpoint holds a poisoned update),
