@@ -47,7 +47,8 @@ def timing(key: str) -> bool:
 # gradients in another order (each process sums its micro-batch, then gloo sums the processes), so a
 # gradient agrees to about 1e-7 relative; Adam divides each gradient by the root of its running square, so
 # on a weight whose gradient is near zero (|g| ~ Adam's eps 1e-8) that rounding becomes a visible share of
-# an update of size lr (1e-2). A few such steps leave differences of ~1e-6 on weights of size ~1e-2-1.
+# an update of size lr (1e-2). Measured after 4 steps: largest differences 2.5e-6 (LoRA SFT), 3e-7 (DPO),
+# 4.6e-6 (the BERT classifier, full fine-tuning), 1.3e-6 (FSDP2, full), on weights of size ~1e-2 to 1.
 WEIGHT_ATOL = 1e-5
 
 
