@@ -83,14 +83,20 @@ def write_inputs(folder: Path) -> Path:
 
 
 def command(config: str, overrides: list[str], *, processes: int = 1, port: int | None = None,
-            nodes: tuple[int, int] | None = None, resume: bool = False) -> list[str]:
+            nodes: tuple[int, int] | None = None, resume: bool = False, accelerate: bool = False) -> list[str]:
     """The command line of one launcher. processes=1 without `nodes` is plain `python -m gemcut train`
     (no launcher at all: the run every other is compared with); otherwise torchrun with `processes` per
-    node, and `nodes`=(count, this node's rank) for one launcher of a run over several "nodes"."""
+    node, and `nodes`=(count, this node's rank) for one launcher of a run over several "nodes"; or, with
+    `accelerate`, `accelerate launch --multi_gpu` (which is torchrun underneath, on CPUs as on GPUs:
+    its --cpu flag would start a single process unless MPI launches the others)."""
     gemcut = ["-m", "gemcut", "train", config, *overrides, *(["--resume"] if resume else [])]
     if processes == 1 and nodes is None:
         return [sys.executable, *gemcut]
     count, rank = nodes or (1, 0)
+    if accelerate:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", str(count),
+                "--machine_rank", str(rank), "--num_processes", str(processes * count), "--main_process_ip", "127.0.0.1",
+                "--main_process_port", str(port or free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", *gemcut]
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(count), "--node_rank", str(rank),
             "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()),
             "--monitor_interval", "0.1", *gemcut]

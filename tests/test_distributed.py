@@ -119,6 +119,18 @@ def test_two_processes_train_like_one(lab, objective):
     assert_same_training(lab, one, many)
 
 
+def test_accelerate_launch_trains_like_one_process(lab):
+    """`accelerate launch --multi_gpu --num_processes 2 -m gemcut train` (accelerate's launcher, CPUs here):
+    the same run as one process."""
+    one = lab.run("sft-1", "sft.yaml", 1)
+    name = "sft-2-accelerate"
+    rc, output = launch(lab.folder, "sft.yaml", [f"output.name={name}"], processes=2, accelerate=True)
+    assert rc == 0, output[-6000:]
+    assert "launch plan: 2 processes on 1 node (ddp, gloo, cpu)" in output
+    lab.outputs[name] = output
+    assert_same_training(lab, one, lab.folder / "runs" / name)
+
+
 def test_grpo_on_two_processes_samples_and_scores_like_one(lab):
     """GRPO with a classifier reward (the 1-process classify run): each completion is sampled from a seed
     of its prompt's place in the step (train/rollouts.py row_seeds), so 2 processes draw the same
