@@ -235,21 +235,76 @@ def timed_task(task: Task) -> Task:
     return task_named("causal_lm") if task.rollouts else task
 
 
-def approximate_activations(model, batch: int, length: int, bytes_per_value: int, trained_from_block: int | None) -> int:
-    """Saved-for-backward bytes of one micro-batch, from the model's shape (see the module docstring)."""
+def approximate_activations(model, batch: int, length: int, bytes_per_value: int, trained_from_block: int | None,
+                            plan: str | None = None) -> int:
+    """Saved-for-backward bytes of one micro-batch, from the model's shape (see the module docstring), under the
+    activation plan `plan` (gemcut/models/fast/recompute.py; default: the one `model` runs). Per token and block:
+    - none: ~(10*hidden + 4*intermediate) values;
+    - selective: the fp32 inputs of the two norms, q, k, v, the attention output and o_proj's input, gate and up:
+      (3*hidden + 2*kv + 2*intermediate) values + 8*hidden bytes (smollm2-135m, measured: 16 KB of 29 KB);
+    - full: the block's fp32 input, plus one block's none-plan activations while it is recomputed."""
+    from gemcut.models.fast.recompute import plan_of
+
     c = model.config
     h = getattr(c, "hidden_size", 0)
     inter = getattr(c, "intermediate_size", 4 * h)
+    heads = getattr(c, "num_attention_heads", 1) or 1
+    kv = h * (getattr(c, "num_key_value_heads", None) or heads) // heads
     layers = getattr(c, "num_hidden_layers", 0)
     active = layers - (trained_from_block or 0)
-    per_token = active * (10 * h + 4 * inter)
+    plan = plan or plan_of(model)
+    kept = (10 * h + 4 * inter) * bytes_per_value
+    if plan == "selective":
+        kept = (3 * h + 2 * kv + 2 * inter) * bytes_per_value + 8 * h
+    per_token = active * kept
+    if plan == "full":
+        per_token = active * 4 * h + (10 * h + 4 * inter) * bytes_per_value
     logits = batch * length * getattr(c, "vocab_size", 0) * 4 * 2 if hasattr(c, "vocab_size") and getattr(c, "is_decoder", True) else 0
-    return batch * length * per_token * bytes_per_value + logits
+    return batch * length * per_token + logits
+
+
+def choose_activation_plan(cfg, model, task: str) -> tuple[str, str]:
+    """(plan, why): the activation plan `train.activation_checkpointing` asks for (false: none, true: full,
+    selective). For auto: the fastest of none, selective, full (selective only where the model has it) whose
+    estimate (no probe: micro-batches at data.max_length) fits train.memory_budget_gb, else the memory available
+    now; full when none fits. `model` is loaded with its adapter, no plan applied yet."""
+
+    from gemcut.models.fast.recompute import PLANS, selective_missing
+    from gemcut.models.precision import resolve_precision
+    from gemcut.train.distributed import launched_processes, micro_batch_size
+
+    setting = cfg.train.activation_checkpointing
+    if setting != "auto":
+        plan = {True: "full", False: "none"}.get(setting, setting)
+        return plan, f"train.activation_checkpointing={str(setting).lower()}"
+    est = estimate_model(cfg, model, task)
+    budget = int(cfg.train.memory_budget_gb * GB) if cfg.train.memory_budget_gb else est.available_bytes
+    source = "train.memory_budget_gb" if cfg.train.memory_budget_gb else "the memory available"
+    precision = resolve_precision(cfg.train.precision, next(model.parameters()).device)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    trained_from = None
+    if cfg.adapter.method == "freeze":
+        from gemcut.models.adapters import find_blocks
+
+        trained_from = len(find_blocks(model)[1]) - cfg.adapter.train_last_n_layers
+    micro = micro_batch_size(cfg.train, launched_processes())
+    others = est.required_bytes - est.activations_bytes
+    needs = {}
+    for plan in PLANS:
+        if plan == "selective" and selective_missing(model):
+            continue
+        needs[plan] = others + approximate_activations(base, micro, cfg.data.max_length, 2 if precision == "bf16" else 4,
+                                                       trained_from, plan=plan)
+        if needs[plan] <= budget:
+            return plan, (f"auto: the fastest plan that fits {budget / GB:.2f} GB ({source}); it needs about "
+                          f"{needs[plan] / GB:.2f} GB")
+    return "full", (f"auto: no plan fits {budget / GB:.2f} GB ({source}); full, the smallest, needs about "
+                    f"{needs['full'] / GB:.2f} GB")
 
 
 def measure_saved_bytes(fn, params) -> tuple[object, int]:
-    """Run `fn()` and sum the unique storages autograd saves for backward (parameters excluded)."""
-    import torch
+    """Run `fn()` and sum the unique storages autograd saves for backward (parameters excluded); inside a
+    selectively recomputed layer, what it keeps instead of the tensors it recomputes."""
 
     param_ptrs = {p.untyped_storage().data_ptr() for p in params}
     seen: dict[int, int] = {}
@@ -264,7 +319,9 @@ def measure_saved_bytes(fn, params) -> tuple[object, int]:
             pass
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    from gemcut.models.fast.recompute import observed_saves
+
+    with observed_saves(pack):  # saved_tensors_hooks that see inside selectively recomputed layers too
         out = fn()
     return out, sum(seen.values())
 
@@ -367,15 +424,11 @@ def _data(cfg, task_of, tokenizer_for) -> _Data:
 def _prepare_for_training(model, cfg, precision: str, task: str):
     """The changes `gemcut train` makes to the loaded model that change its speed or memory."""
     from gemcut.models.fast import apply_fast
+    from gemcut.models.fast.recompute import apply_plan
     from gemcut.train.bf16 import store_frozen_linears_in_bf16
 
     apply_fast(model, task_named(task), cfg.train)
-    if cfg.train.activation_checkpointing and getattr(model, "supports_gradient_checkpointing", True):
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 renamed it
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    apply_plan(model, choose_activation_plan(cfg, model, task)[0])
     if precision == "bf16":
         store_frozen_linears_in_bf16(model)
     return model

@@ -126,14 +126,17 @@ def _template(task: Task, kind: str, config: RunConfig, tokenizer):
     return None
 
 
-def _enable_activation_checkpointing(model, config: RunConfig) -> None:
-    if not getattr(model, "supports_gradient_checkpointing", True):
-        raise TrainingError(f"{config.model.name} does not support activation checkpointing; set train.activation_checkpointing=false")
-    # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings under LoRA are fine.
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 renamed it
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+def _enable_activation_checkpointing(model, config: RunConfig, task: str, say) -> str:
+    """Apply the activation plan train.activation_checkpointing asks for (auto: the one the estimate picks within
+    train.memory_budget_gb; gemcut/train/estimate.py) and return it: "none", "selective" or "full"."""
+    from gemcut.models.fast.recompute import apply_plan
+    from gemcut.train.estimate import choose_activation_plan
+
+    plan, why = choose_activation_plan(config, model, task)
+    apply_plan(model, plan)
+    if config.train.activation_checkpointing is not False:
+        say(f"activation checkpointing: {plan} ({why})")
+    return plan
 
 
 def train_run(config: RunConfig, *, resume: bool | str = False, command: list[str] | None = None) -> TrainOutcome:
@@ -197,8 +200,7 @@ def train_run(config: RunConfig, *, resume: bool | str = False, command: list[st
                                  label_names=head_labels, quantization=config.adapter.base_quantization())
     model = apply_adapter(model, config.adapter, task.name)
     fast = apply_fast(model, task, cfg)
-    if cfg.activation_checkpointing:
-        _enable_activation_checkpointing(model, config)
+    checkpointing = _enable_activation_checkpointing(model, config, task.name, say)
     say(trainable_summary(model, config.adapter))
     grouped = resolve_group_by_length(cfg.group_by_length, "padding_free" in fast)
     if fast:
@@ -287,6 +289,7 @@ def train_run(config: RunConfig, *, resume: bool | str = False, command: list[st
         "reason": reason, "final_from": final_from, "steps": state.step, "tokens": state.tokens,
         "trained_tokens": state.trained_tokens, "best_step": state.best_step, "best_metric": state.best_metric,
         "watched_metric": config.watched_metric(task)[0], "precision": result.precision, "seed": cfg.seed, "fast": fast,
+        "activation_checkpointing": checkpointing,
         "processes": group.world, "strategy": strategy_name(cfg, group),
         "padding_free": "padding_free" in fast, "pooling": pooling, "versions": _versions(), "data_hash": prepared.content_hash,
         "config_sha256": hashlib.sha256(config.to_yaml().encode()).hexdigest(), "estimate": estimate_info,

@@ -1,6 +1,6 @@
 """Exact speed tricks for training, behind one switch: `train.fast`.
 
-    python -m pytest -q tests/test_fast.py tests/test_first_token.py tests/test_padding_free.py tests/test_fast_dropout.py
+    python -m pytest -q tests/test_fast.py tests/test_first_token.py tests/test_padding_free.py tests/test_fast_dropout.py tests/test_recompute.py
 
 Each trick replaces the forward of some transformers module instances with code that computes the same
 thing faster, and each has a test that the logits and gradients are unchanged:
@@ -10,6 +10,7 @@ thing faster, and each has a test that the logits and gradients are unchanged:
 | `padding_free` | padding_free.py  | BERT/RoBERTa/XLM-R/ELECTRA classifiers      | the linear layers never see padding        |
 | `first_token`  | first_token.py   | the same, when the head reads the 1st token | the last layer at position 0 only          |
 | `fast_dropout` | fast_dropout.py  | every model with dropout                    | a cheaper mask draw, same keep probability |
+| `selective`    | recompute.py     | Llama, Mistral, Qwen2/3 decoders            | memory: norms and SiLU recomputed, not kept |
 
 `apply_fast(model, task, train_cfg)` is the one way in: with `train.fast` on it applies what fits the model
 and task (`fast_dropout` only with `train.fast_dropout` too) and returns the names of the tricks the model
@@ -18,6 +19,10 @@ transformers' own forwards (tests/test_fast.py: the same logits, gradients and t
 `applied(model)` says which tricks a model runs, for code that must know (a padding-free model needs no
 length-grouped batches). Mean pooling is not a trick: it is a head (gemcut/models/pooling.py), installed
 by the loader whatever `train.fast` says; choose it before calling `apply_fast`.
+
+`selective` is not one of TRICKS: it trades a little time for memory, so `train.activation_checkpointing`
+chooses it, with the other activation plans (none, full), through `recompute.apply_plan`, whatever
+`train.fast` says; `recompute.plan_of(model)` says which plan a model runs, and the run's manifest records it.
 
 The tricks call parts of transformers' modules by name; each module's RELIES_ON lists them and
 `apply_fast` raises FastPathError naming the trick and the missing attribute when a transformers release
