@@ -159,6 +159,8 @@ def test_a_two_process_run_resumes_on_one_process(lab):
     rc, output = launch(lab.folder, "sft.yaml", [f"output.name={resumed.name}"], processes=1, resume=True)
     assert rc == 0, output[-6000:]
     assert "launch plan: 1 process" in output
+    # it continued from step-2, not from the start (which would also give steps 1-4 near the straight run's)
+    assert "resumed from step 2 " in output, output[-6000:]
     rows = train_rows(resumed)
     assert sorted(rows) == [1, 2, 3, 4]  # the metrics read as one run
     assert_same_metrics(train_rows(straight), rows, steps=[3, 4])
@@ -241,6 +243,7 @@ def test_sigkill_of_one_rank_stops_the_run_by_name_and_it_resumes_exactly(lab):
 
     rc, resumed_output = launch(lab.folder, "sft.yaml", [f"output.name={name}", *settings], processes=2, resume=True)
     assert rc == 0, resumed_output[-6000:]
+    assert f"resumed from step {last.name.split('-')[1]} " in resumed_output, resumed_output[-6000:]
     # the straight run on 2 processes too: over 100 steps at lr 1e-2, the last-bit differences between 1 and 2
     # processes (the sums' order) grow past 1e-5 (LoRA's B starts at zero, so Adam first sees near-zero
     # gradients); the same processes repeat the same sums, so the resumed run must match this one exactly
