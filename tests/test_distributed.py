@@ -255,6 +255,22 @@ def test_sigkill_of_one_rank_stops_the_run_by_name_and_it_resumes_exactly(lab):
     assert_one_writer(run_dir, resumed_output)
 
 
+@pytest.mark.parametrize(("config", "overrides", "says"), [
+    ("sft.yaml", ["train.distributed.strategy=deepspeed"], "train.distributed.strategy=deepspeed is not supported yet; use fsdp2"),
+    ("grpo.yaml", ["train.distributed.strategy=fsdp2"], "use train.distributed.strategy=ddp"),
+], ids=["deepspeed", "fsdp2-grpo"])
+def test_a_strategy_that_cannot_run_is_refused_with_the_fix(lab, config, overrides, says):
+    """DeepSpeed (no engine path yet) and FSDP2 under GRPO (sampling runs a different number of forwards
+    on each process) stop before the first step with the strategy to use, rather than running another one
+    silently or hanging."""
+    if config == "grpo.yaml":
+        lab.run("classify-1", "classify.yaml", 1)  # the reward model
+    rc, output = launch(lab.folder, config, [f"output.name=refused-{overrides[0].rsplit('=', 1)[1]}", *overrides],
+                        processes=2, timeout=180)
+    assert rc != 0 and says in output, output[-6000:]
+    assert not re.search(r"^step 1 ", output, re.MULTILINE)
+
+
 def test_fsdp2_full_fine_tuning_on_two_processes_trains_like_one(lab):
     """train.distributed.strategy=fsdp2 (torch's fully_shard through accelerate) with every weight
     trained: the sharded run's losses and its consolidated final/ are the 1-process run's."""
