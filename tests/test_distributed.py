@@ -73,8 +73,10 @@ def lab(tmp_path_factory) -> Lab:
 
 
 def assert_one_writer(run_dir: Path, output: str) -> None:
-    """Each metric line written once (one process writes metrics.jsonl) and each step printed once."""
+    """Each metric line written once (one process writes metrics.jsonl), each step printed once, and the run
+    folder's path (the command's result line) printed once."""
     keys = [(r["step"], r.get("split")) for r in metric_rows(run_dir)]
+    assert len(re.findall(rf"^{re.escape(str(run_dir))}$", output, re.MULTILINE)) <= 1, f"run folder printed twice:\n{output}"
     assert len(keys) == len(set(keys)), f"duplicated metric lines in {run_dir}/metrics.jsonl: {keys}"
     for step in {k[0] for k in keys if k[1] is None}:
         assert len(re.findall(rf"^step {step}  epoch ", output, re.MULTILINE)) <= 1, f"step {step} printed twice:\n{output}"

@@ -260,14 +260,14 @@ def train_run(config: RunConfig, *, resume: bool | str = False, command: list[st
     if stopped == "interrupted":
         say(f"stopped by {reason} after step {state.step}; saved {result.last_checkpoint}; "
             f"continue with: {resume_command(command, run_dir.name)}")
-        return TrainOutcome(run_dir, stopped, reason)
+        return TrainOutcome(run_dir, stopped, reason, main)
 
     final, final_from = None, None
     if not main:  # the main process saves final/ and the manifest
         group.barrier()
         if stopped == "collapsed":
             raise TrainingError(reason)
-        return TrainOutcome(run_dir, stopped, reason)
+        return TrainOutcome(run_dir, stopped, reason, main)
     if stopped != "collapsed":  # a collapsed model is not worth a final/: nothing should load it as finished
         final_from = "last"
         best = best_checkpoint(run_dir / "checkpoints")
