@@ -246,3 +246,45 @@ def test_frozen_linears_in_bf16_give_the_same_results_under_autocast():
     for name, grad in before[1].items():
         assert torch.equal(grad, after[1][name]), name
     assert store_frozen_linears_in_bf16(llama()) == 0  # not a peft model: untouched
+
+
+class ShareOf:
+    """A process `rank` of `world`, as batch sources see one (gemcut/train/distributed.py's Group)."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+
+    def share(self, items):
+        return items[self.rank::self.world]
+
+
+def test_micro_batches_are_dealt_evenly_with_fillers_of_weight_zero():
+    """Every process makes as many passes (FSDP2 gathers at each); a short share is topped up with the first
+    micro-batch at weight 0, and all real micro-batches are dealt exactly once."""
+    from gemcut.train.batches import deal
+
+    items = list(range(10))  # chunks of 3: [0,1,2] [3,4,5] [6,7,8] [9]
+    shares = [deal(items, 3, ShareOf(r, 3)) for r in range(3)]
+    assert shares[0] == ([[0, 1, 2], [9]], [1.0, 1.0])
+    assert shares[1] == ([[3, 4, 5], [0, 1, 2]], [1.0, 0.0])
+    assert shares[2] == ([[6, 7, 8], [0, 1, 2]], [1.0, 0.0])
+    dealt = sorted(i for chunks, weights in shares for c, w in zip(chunks, weights) if w for i in c)
+    assert dealt == items
+    # RL deals unevenly (sampling cannot run in step anyway): only an empty share gets a filler
+    assert deal(items[:3], 3, ShareOf(1, 2), even=False) == ([[0, 1, 2]], [0.0])
+    assert deal(items, 3, ShareOf(1, 3), even=False) == ([[3, 4, 5]], [1.0])
+
+
+def test_a_filler_micro_batch_adds_nothing_to_loss_or_gradients():
+    acc = Accelerator(cpu=True)
+    examples = causal_examples(8, seed=5)
+    real, filler = collate_causal(examples[:4]), collate_causal(examples[4:])
+    results = []
+    for batches, weights in (([real], None), ([real, filler], [1.0, 0.0])):
+        model = llama()
+        n = CausalLM().count(real)
+        loss, _ = backward_step(model, CausalLM(), batches, n_step=n, accelerator=acc, precision="fp32", weights=weights)
+        results.append((loss, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], msg=name)
