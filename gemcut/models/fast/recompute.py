@@ -86,8 +86,8 @@ class _Recipes:
 
     def __init__(self):
         self.by_storage: dict[int, tuple[weakref.ref, int, _Recipe]] = {}
-        self.norm_outputs: dict[int, tuple] = {}  # by storage: (the output, the norm, its input, the autocast dtype)
-        self.casts: dict[int, torch.Tensor] = {}  # by the norm output's storage: its one cast
+        # by storage: [the output (weakly), the norm, its input, the autocast dtype, its one cast once made]
+        self.norm_outputs: dict[int, list] = {}
 
     def register(self, out: torch.Tensor, fn, *inputs: torch.Tensor) -> torch.Tensor:
         if out.is_contiguous():  # a recomputed tensor is contiguous: views of it line up with the original's
@@ -105,20 +105,21 @@ class _Recipes:
         if torch.is_autocast_enabled(device) and out.dtype in (torch.float32, torch.float16, torch.bfloat16):
             dtype = torch.get_autocast_dtype(device)
             if out.dtype != dtype:
-                self.norm_outputs[out.untyped_storage().data_ptr()] = (weakref.ref(out), norm, norm_input, dtype)
+                # A new entry, cast not made yet: a freed output's storage may come back for the next norm's.
+                self.norm_outputs[out.untyped_storage().data_ptr()] = [weakref.ref(out), norm, norm_input, dtype, None]
 
     def shared_cast(self, x: torch.Tensor) -> torch.Tensor | None:
         entry = self.norm_outputs.get(x.untyped_storage().data_ptr()) if x.layout == torch.strided else None
         if entry is None or entry[0]() is not x:
             return None
-        _, norm, norm_input, dtype = entry
-        if x.untyped_storage().data_ptr() not in self.casts:
+        _, norm, norm_input, dtype, cast = entry
+        if cast is None:
 
             def make(inp):
                 return norm(inp).to(dtype)
 
-            self.casts[x.untyped_storage().data_ptr()] = self.register(x.detach().to(dtype), make, norm_input)
-        return _SharedCast.apply(x, self.casts[x.untyped_storage().data_ptr()])
+            cast = entry[4] = self.register(x.detach().to(dtype), make, norm_input)
+        return _SharedCast.apply(x, cast)
 
     def pack(self, saved: torch.Tensor):
         entry = self.by_storage.get(saved.untyped_storage().data_ptr()) if saved.layout == torch.strided else None
