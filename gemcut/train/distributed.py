@@ -1,14 +1,15 @@
 """The processes of one run: who they are, how they add numbers up, and who writes.
 
-    torchrun --nproc_per_node 2 -m gemcut.cli train examples/distributed_sft.yaml
+    torchrun --nproc_per_node 2 -m gemcut train examples/distributed_sft.yaml
     python -m pytest -q tests/test_distributed.py
 
 `start(train_cfg)` makes the run's accelerate `Accelerator` (so `accelerate launch` and `torchrun` both
 work: accelerate reads the launcher's environment) with the collective timeout of
-`train.distributed.timeout_s` (and DeepSpeed's plugin), and wraps it in a `Group`: this process's rank,
-the number of processes, sums and means over all of them, a barrier, and `main`, the one process that
-writes the run folder (checkpoints, metrics, TensorBoard, final/). One process is a group of one whose
-collectives return their input.
+`train.distributed.timeout_s`, and wraps it in a `Group`: this process's rank, the number of processes,
+sums and means over all of them, a barrier, and `main`, the one process that writes the run folder
+(checkpoints, metrics, TensorBoard, final/). One process is a group of one whose collectives return their
+input. `shard` applies FSDP2 (`strategy: fsdp2`); DDP is accelerate's wrapper, applied by the loop;
+`lost_processes` turns a dead peer into an error naming the last good checkpoint.
 """
 
 from __future__ import annotations
