@@ -14,6 +14,7 @@ stopping. `LossValidation` scores held-out examples with the run's objective; RL
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 
@@ -22,12 +23,11 @@ from gemcut.train.batches import Batch, deal, example_length
 from gemcut.train.distributed import Group
 
 
-class Validation:
+class Validation(Protocol):
     """What the loop calls: `(metrics, samples)` for the model as it is now, the same on every process of
     `group`. It may switch the model to eval mode; it leaves it in train mode."""
 
-    def __call__(self, model: torch.nn.Module, group: Group) -> tuple[dict[str, float], list[dict]]:
-        raise NotImplementedError
+    def __call__(self, model: torch.nn.Module, group: Group) -> tuple[dict[str, float], list[dict]]: ...
 
 
 def macro_f1_from_confusion(flat_counts: torch.Tensor) -> float:
