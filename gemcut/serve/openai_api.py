@@ -32,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gemcut.errors import GemcutError
 from gemcut.generation import MAX_TOP_LOGPROBS, TokenLogprob
+from gemcut.serve.auth import principal_of
 from gemcut.serve.errors import APIError, invalid
 from gemcut.serve.limits import UnicodeChecked
 from gemcut.serve.registry import ServedModel
@@ -207,7 +208,7 @@ class ClassifyRequest(UnicodeChecked, _Body):
 
 
 def _served(request: Request, name: str | None) -> ServedModel:
-    return request.app.state.registry.get(name)
+    return request.app.state.registry.get(name, principal_of(request))
 
 
 def _worker(request: Request):
@@ -297,19 +298,26 @@ def _record(request: Request, *, response_id: str, endpoint: str, served_name: s
 # ---------------------------------------------------------------------------- routes
 
 
+def _model_object(m: ServedModel) -> dict:
+    return {"id": m.name, "object": "model", "created": m.created, "owned_by": m.owner or "gemcut",
+            "task": m.kind, "context_length": m.context_length, **({"labels": m.labels} if m.labels else {})}
+
+
 @router.get("/models")
 def list_models(request: Request) -> dict:
-    models = request.app.state.registry.models.values()
-    return {"object": "list", "data": [
-        {"id": m.name, "object": "model", "created": m.created, "owned_by": "gemcut",
-         "task": m.kind, "context_length": m.context_length, **({"labels": m.labels} if m.labels else {})}
-        for m in models]}
+    registry = request.app.state.registry
+    principal = principal_of(request)
+    listed = [_model_object(m) for m in registry.visible(principal)]
+    lister = getattr(request.app.state, "model_lister", None)  # models that load on first call (the service's)
+    if lister is not None:
+        loaded = {m["id"] for m in listed}
+        listed += [m for m in lister(principal) if m["id"] not in loaded]
+    return {"object": "list", "data": listed}
 
 
 @router.get("/models/{name}")
 def get_model(name: str, request: Request) -> dict:
-    m = _served(request, name)
-    return {"id": m.name, "object": "model", "created": m.created, "owned_by": "gemcut", "task": m.kind, "context_length": m.context_length}
+    return _model_object(_served(request, name))
 
 
 @router.post("/chat/completions")

@@ -30,6 +30,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ import torch
 from gemcut.errors import GemcutError
 from gemcut.models.precision import default_device
 from gemcut.run_folder import RUN_META, read_run_meta
+from gemcut.serve.auth import Principal
 from gemcut.serve.errors import APIError
 from gemcut.serve.settings import ServeSettings
 from gemcut.tasks import Task, task_named
@@ -62,6 +64,7 @@ class ServedModel:
     created: int = field(default_factory=lambda: int(time.time()))
     pooling: str | None = None  # embeddings: "cls" or "mean" (gemcut/models/pooling.py); None: no embeddings
     vocabulary: Any = None  # gemcut.serve.structured.Vocabulary, built on first use
+    owner: str | None = None  # whose it is (a fine-tuning job's owner); None: every key may call it
 
     @property
     def generates(self) -> bool:
@@ -97,6 +100,32 @@ class ServedModel:
                 return self.model.disable_adapter()
             self.model.set_adapter(self.adapter)
         return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Where a lazily served name loads from, and whose it is."""
+
+    source: str
+    owner: str | None = None
+    checkpoint: str = "final"
+
+
+def adopt_adapter(shared, trained, name: str) -> None:
+    """Add the active adapter of `trained` (a PeftModel) to the `shared` PeftModel as adapter `name`; when they
+    are one model (the first of its group), the adapter is renamed."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    adapter = trained.active_adapter
+    if shared is trained and adapter == name:
+        return
+    weights = get_peft_model_state_dict(trained, adapter_name=adapter)
+    shared.add_adapter(name, trained.peft_config[adapter])
+    set_peft_model_state_dict(shared, weights, adapter_name=name)
+    if shared is trained:
+        shared.set_adapter(name)
+        shared.delete_adapter(adapter)
+    shared.to(next(shared.parameters()).device)
 
 
 def context_length(model, tokenizer) -> int:
@@ -141,11 +170,17 @@ class ModelRegistry:
         # Held by the worker while the model computes, and here while models are added: adding an adapter
         # mutates the shared model.
         self.lock = threading.Lock()
+        # Names not loaded at start that may be loaded on first call (the fine-tuning service's models):
+        # name -> Resolved, or None when the name is unknown. Set by gemcut/service/app.py.
+        self.resolver: Callable[[str], Resolved | None] | None = None
+        self._loading = threading.Lock()  # one lazy load at a time: two requests for a new name load it once
 
-    def add(self, source: str, name: str | None = None) -> ServedModel:
-        """Load a run folder, exported folder or model name and serve it under `name` (default: folder name)."""
+    def add(self, source: str, name: str | None = None, *, owner: str | None = None, checkpoint: str = "final") -> ServedModel:
+        """Load a run folder, exported folder or model name and serve it under `name` (default: folder name);
+        `checkpoint` picks a run's kept checkpoint (`step-40`) instead of its final model."""
         with self.lock:
-            served = self._load(source, name)
+            served = self._load(source, name, checkpoint)
+            served.owner = owner
             if served.name in self.models:
                 raise GemcutError(f"two models would both be served as {served.name!r} ({self.models[served.name].source} and {source}); "
                                   "rename one folder")
@@ -154,20 +189,39 @@ class ModelRegistry:
                      served.context_length, source)
             return served
 
-    def get(self, name: str | None) -> ServedModel:
-        """The model served as `name`; a 400 without a name, a 404 naming the served ones for an unknown name."""
+    def get(self, name: str | None, principal: Principal | None = None) -> ServedModel:
+        """The model served as `name`, loaded now if the resolver knows it; a 400 without a name, a 404 naming
+        the served ones for an unknown name or for another owner's model (which is not said to exist)."""
         if not name:
             raise APIError(400, "`model` is required; GET /v1/models lists the served names", param="model", code="missing_model")
         served = self.models.get(name)
-        if served is None:
-            raise APIError(404, f"the model {name!r} does not exist; served models: {', '.join(sorted(self.models)) or 'none'}",
+        if served is None and self.resolver is not None:
+            served = self._load_resolved(name)
+        if served is None or (principal is not None and not principal.may_see(served.owner)):
+            visible = sorted(m.name for m in self.visible(principal))
+            raise APIError(404, f"the model {name!r} does not exist; served models: {', '.join(visible) or 'none'}",
                            param="model", code="model_not_found")
         return served
 
+    def visible(self, principal: Principal | None) -> list[ServedModel]:
+        """The loaded models `principal` may call (all of them without a principal)."""
+        return [m for m in self.models.values() if principal is None or principal.may_see(m.owner)]
+
+    def _load_resolved(self, name: str) -> ServedModel | None:
+        with self._loading:
+            if name in self.models:  # another request loaded it while this one waited
+                return self.models[name]
+            resolved = self.resolver(name)
+            if resolved is None:
+                return None
+            return self.add(resolved.source, name, owner=resolved.owner, checkpoint=resolved.checkpoint)
+
     # ------------------------------------------------------------------ loading
 
-    def _load(self, source: str, name: str | None) -> ServedModel:
+    def _load(self, source: str, name: str | None, checkpoint: str = "final") -> ServedModel:
         path = Path(source).expanduser()
+        if checkpoint != "final":
+            return self._load_run(path, name, checkpoint)
         shared = self._groups.get(source) or self._groups.get(str(path.resolve()))
         if shared is not None:
             # The base of adapters already served: the same weights with adapters switched off, no second copy.
@@ -184,14 +238,14 @@ class ModelRegistry:
 
         return self._load_folder(resolve_model(source), name or source, source)
 
-    def _load_run(self, run_dir: Path, name: str | None) -> ServedModel:
+    def _load_run(self, run_dir: Path, name: str | None, checkpoint: str = "final") -> ServedModel:
         from peft import PeftModel
 
         from gemcut.models.load import load_run
         from gemcut.models.pooling import classifier_pooling
 
         name = name or run_dir.name
-        loaded = load_run(run_dir, trust_remote_code=self.settings.trust_remote_code)
+        loaded = load_run(run_dir, checkpoint, trust_remote_code=self.settings.trust_remote_code)
         task = task_named(loaded.task)
         chat = task.served_as == "chat"
         labels = list(loaded.labels) if loaded.labels else None
@@ -199,18 +253,20 @@ class ModelRegistry:
         if isinstance(model, PeftModel) and chat:
             shared = self._groups.get(loaded.base_name)
             final_dir = run_dir / "final"
-            if shared is None:
+            if checkpoint != "final":
+                # A kept checkpoint holds the adapter inside the trainable state, not as a peft folder: its
+                # weights join the shared base as one more named adapter.
+                if shared is None:
+                    shared = self._adopt_base(model, loaded)
+                adopt_adapter(shared, model, name)
+            elif shared is None:
                 # Rename the adapter to the served name so that later runs cannot collide with "default".
                 old = model.active_adapter
                 if old != name:
                     model.load_adapter(str(final_dir), adapter_name=name)
                     model.set_adapter(name)
                     model.delete_adapter(old)
-                shared = model.to(self.device).eval()
-                self._groups[loaded.base_name] = shared
-                base_path = loaded.meta.get("base_path")
-                if base_path:
-                    self._groups[str(Path(base_path).resolve())] = shared
+                shared = self._adopt_base(model, loaded)
             else:
                 # This run's own copy of the base is dropped when `loaded` goes; the shared base serves it.
                 shared.load_adapter(str(final_dir), adapter_name=name)
@@ -222,6 +278,15 @@ class ModelRegistry:
         return ServedModel(name, task, model, loaded.tokenizer, loaded.template if chat else None,
                            context_length(model, loaded.tokenizer), adapter=adapter, labels=labels, source=str(run_dir),
                            pooling=classifier_pooling(model) if task.classifier else None)
+
+    def _adopt_base(self, model, loaded):
+        """`model` becomes the shared base of every adapter run on `loaded`'s base model."""
+        shared = model.to(self.device).eval()
+        self._groups[loaded.base_name] = shared
+        base_path = loaded.meta.get("base_path")
+        if base_path:
+            self._groups[str(Path(base_path).resolve())] = shared
+        return shared
 
     def _folder_task(self, path: Path | str) -> tuple[Task | None, Any, dict]:
         """(task, transformers config, gemcut_run.json or {}) of a model folder: the task its gemcut_run.json
