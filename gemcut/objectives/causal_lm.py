@@ -12,6 +12,12 @@ does the shift: position t predicts labels[t+1]), `attention_mask` [B,T], option
 (packed documents), optional `loss_weight` [B,T] float, a per-token multiplier of the loss (per-message
 `weight` in `messages` records). Tokens with weight 0 are not targets and are not counted.
 
+Metric `mean_token_accuracy` (logged by the loop for each step, `val_mean_token_accuracy` by validation): the
+number of targets whose argmax prediction is the label, a sum that the loop divides by the step's targets as
+it does the loss, so it is the fraction of the step's trained tokens predicted right (the figure OpenAI's
+fine-tuning metrics call train/valid_mean_token_accuracy). It is read off the logits the loss uses (in the
+chunked head, chunk by chunk), so it costs one argmax and keeps nothing alive.
+
 Speed: for decoder architectures whose logits are exactly `lm_head(last_hidden_state)` the head runs only
 on the target positions. With a 49k vocabulary the head is a fifth of SmolLM2-135M's forward cost and its
 [B,T,V] fp32 logits the largest activation; prompt and padding tokens need neither. The head and the loss
@@ -37,11 +43,12 @@ from gemcut.models.shared_prefix import (
     uses_activation_checkpointing,
 )
 from gemcut.objectives.base import ObjectiveOutput
-from gemcut.objectives.chunked_ce import chunked_linear_cross_entropy
+from gemcut.objectives.chunked_ce import linear_cross_entropy_and_hits
 
 # Architectures whose causal-LM forward is `lm_head(decoder(...).last_hidden_state)` with nothing between
 # (no logit soft-capping or scaling), so computing the head on a subset of positions is exact.
 _PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2"})
+TOKEN_ACCURACY = "mean_token_accuracy"
 
 
 def _target_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -88,6 +95,7 @@ class CausalLM:
 
     task = "causal_lm"
     share_prefix = True  # a class default too, so a subclass that skips __init__ keeps it
+    logged = (TOKEN_ACCURACY,)  # step metrics the loop logs (gemcut/train/loop.py: backward_step)
 
     def __init__(self, share_prefix: bool = True):
         self.share_prefix = share_prefix
@@ -127,11 +135,13 @@ class CausalLM:
             else:
                 hidden = packed_as_one_row(decoder, inputs, lambda x: decoder(**x, use_cache=False).last_hidden_state)[:, :-1][mask]
             if type(head) is torch.nn.Linear and head.bias is None:  # a plain head (not adapted): never hold all logits
-                return ObjectiveOutput(chunked_linear_cross_entropy(hidden, head.weight, targets, token_weight), int(targets.numel()), {})
+                loss_sum, hits = linear_cross_entropy_and_hits(hidden, head.weight, targets, token_weight)
+                return ObjectiveOutput(loss_sum, int(targets.numel()), {TOKEN_ACCURACY: hits})
             logits = head(hidden)
         else:
             logits = packed_as_one_row(model, inputs, lambda x: model(**x, use_cache=False).logits)[:, :-1][mask]
         token_loss = token_nll(logits, targets)  # fp32 softmax
         if token_weight is not None:
             token_loss = token_loss * token_weight.to(token_loss.dtype)
-        return ObjectiveOutput(token_loss.sum(), int(targets.numel()), {})
+        hits = (logits.detach().argmax(dim=-1) == targets).sum()
+        return ObjectiveOutput(token_loss.sum(), int(targets.numel()), {TOKEN_ACCURACY: hits})
