@@ -22,7 +22,18 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fine-tune la
 def register_commands() -> None:
     """Add every command group to `app` (what `main` does first; tests call it before driving `app`)."""
     # Imported for their side effect of adding commands to `app`.
-    from gemcut.cli import config_cmd, data_cmd, eval_cmd, label_cmd, models_cmd, quickstart_cmd, runs_cmd, serve_cmd, train_cmd  # noqa: F401
+    from gemcut.cli import (  # noqa: F401
+        config_cmd,
+        data_cmd,
+        eval_cmd,
+        keys_cmd,
+        label_cmd,
+        models_cmd,
+        quickstart_cmd,
+        runs_cmd,
+        serve_cmd,
+        train_cmd,
+    )
 
 
 def _version(value: bool) -> None:

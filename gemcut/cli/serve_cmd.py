@@ -33,18 +33,26 @@ def serve(
     threads: int | None = typer.Option(None, help="torch CPU threads for the model worker."),
     max_body_bytes: int | None = typer.Option(None, help="Largest request body accepted, in bytes (default 8 MiB); bigger ones get 413."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
+    workers: int | None = typer.Option(None, help="Fine-tuning job workers inside the server (default 1; 0: only `gemcut worker` processes run jobs)."),
+    service_root: str | None = typer.Option(None, "--service-root", help="Folder of uploaded files and job runs, shared by all workers (default $GEMCUT_HOME/service)."),
+    jobs_db: str | None = typer.Option(None, "--jobs-db", help="SQLAlchemy URL of the job store (default SQLite in the service root; postgresql+psycopg://... for several workers)."),
+    max_upload_bytes: int | None = typer.Option(None, help="Largest file POST /v1/files accepts, in bytes (default 512 MiB)."),
 ) -> None:
-    """Serve runs behind an OpenAI-compatible API (FastAPI on uvicorn)."""
+    """Serve runs behind an OpenAI-compatible API (FastAPI on uvicorn), with the fine-tuning service:
+    /v1/files, /v1/fine_tuning/jobs and the dashboard at /dashboard."""
     import uvicorn
+    from sqlalchemy.engine import make_url
 
     from gemcut.netguard import uvicorn_log_config
-    from gemcut.serve.app import create_app
     from gemcut.serve.settings import load_settings
+    from gemcut.service.app import create_service_app
+    from gemcut.service.settings import ServiceSettings
 
-    settings = load_settings(config, models=list(model) or None, host=host, allowed_hosts=allowed_host or None, port=port,
-                             db_url=db, log_prompts=log_prompts,
+    settings = load_settings(config, cls=ServiceSettings, models=list(model) or None, host=host, allowed_hosts=allowed_host or None,
+                             port=port, db_url=db, log_prompts=log_prompts,
                              max_queue=max_queue, max_batch=max_batch, num_threads=threads, max_body_bytes=max_body_bytes,
-                             trust_remote_code=trust_remote_code or None)
+                             trust_remote_code=trust_remote_code or None, workers=workers, service_root=service_root,
+                             jobs_db_url=jobs_db, max_upload_bytes=max_upload_bytes)
     if api_key:
         settings.api_keys = sorted(set(settings.api_keys) | set(api_key))
     if not settings.all_api_keys():
@@ -54,8 +62,10 @@ def serve(
                    "(set GEMCUT_API_KEYS or pass --api-key to choose your own)")
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         typer.secho(f"warning: binding {settings.host} exposes the API beyond this machine", fg="yellow", err=True)
-    application = create_app(settings)
-    typer.echo(f"serving {', '.join(application.state.registry.models)} on http://{settings.host}:{settings.port}/v1")
+    application = create_service_app(settings)
+    served = ", ".join(application.state.registry.models) or "no model yet (fine-tuned ones load on first call)"
+    typer.echo(f"serving {served} on http://{settings.host}:{settings.port}/v1; dashboard: http://{settings.host}:{settings.port}/dashboard\n"
+               f"fine-tuning: {settings.workers} worker(s) here, jobs in {settings.layout().root}, store {make_url(settings.jobs_db()).render_as_string(hide_password=True)}")
     uvicorn.run(application, host=settings.host, port=settings.port, log_level="info", log_config=uvicorn_log_config())
 
 

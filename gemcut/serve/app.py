@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
@@ -35,8 +36,11 @@ from gemcut.serve.worker import Worker
 log = logging.getLogger("gemcut.serve")
 
 
-def create_app(settings: ServeSettings, registry: ModelRegistry | None = None) -> FastAPI:
-    """Build the app: load the models named in `settings.models` (unless a `registry` is given), open the store."""
+def create_app(settings: ServeSettings, registry: ModelRegistry | None = None, background: Sequence = (),
+               streamed: dict[str, tuple[int, str]] | None = None) -> FastAPI:
+    """Build the app: load the models named in `settings.models` (unless a `registry` is given), open the store.
+    `background`: things with start() and stop() that live as long as the server (the service's job workers);
+    `streamed`: upload paths whose bodies stream through with their own size limit (gemcut/serve/limits.py)."""
     if not settings.all_api_keys():
         raise GemcutError(f"no API key configured: set ${API_KEYS_ENV}=key1,key2 or pass --api-key; every route but /health needs one")
     if registry is None:
@@ -52,9 +56,13 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None) -
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         worker.start()
+        for thing in background:
+            thing.start()
         try:
             yield
         finally:
+            for thing in reversed(background):
+                thing.stop()
             worker.stop()
 
     # FastAPI's own /docs and /openapi.json routes would skip the app's dependencies, so they are off and
@@ -63,7 +71,7 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None) -
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings, app.state.metrics, app.state.store = settings, metrics, store
     app.state.registry, app.state.worker = registry, worker
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, on_error=metrics.record_error)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, on_error=metrics.record_error, streamed=streamed)
     install_error_handlers(app, on_error=metrics.record_error)  # added after it, its catch-all wraps the body limit too
     install_host_check(app, settings.host, settings.allowed_hosts)
 

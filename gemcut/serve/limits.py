@@ -30,16 +30,20 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 class BodyLimit:
     """ASGI middleware: 413 in OpenAI's error shape for request bodies over `max_bytes`."""
 
-    def __init__(self, app, max_bytes: int, on_error=None):
+    def __init__(self, app, max_bytes: int, on_error=None, streamed: dict[str, tuple[int, str]] | None = None):
+        """`streamed`: paths whose bodies (file uploads) pass through as they arrive instead of being read whole,
+        each with its own limit and the setting that raises it."""
         self.app, self.max_bytes, self.on_error = app, max_bytes, on_error
+        self.streamed = streamed or {}
 
-    def _too_large(self, size: int | None) -> APIError:
+    def _too_large(self, size: int | None, limit: int, setting: str) -> APIError:
         given = f"is {size} bytes, more than" if size is not None else "is more than"
-        return APIError(413, f"the request body {given} this server accepts ({self.max_bytes} bytes); send less, or start the "
-                             "server with a larger --max-body-bytes (max_body_bytes in a settings file)", code="request_too_large")
+        return APIError(413, f"the request body {given} this server accepts ({limit} bytes); send less, or start the "
+                             f"server with a larger {setting}", code="request_too_large")
 
-    async def _refuse(self, scope, receive, send, size: int | None) -> None:
-        err = self._too_large(size)
+    async def _refuse(self, scope, receive, send, size: int | None, limit: int | None = None,
+                      setting: str = "--max-body-bytes (max_body_bytes in a settings file)") -> None:
+        err = self._too_large(size, limit or self.max_bytes, setting)
         if self.on_error is not None:
             self.on_error(err.status, err.type)
         await error_response(err)(scope, receive, send)
@@ -48,6 +52,8 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = _content_length(scope)
+        if scope.get("path") in self.streamed:
+            return await self._stream(scope, receive, send, length, *self.streamed[scope["path"]])
         if length is not None and length > self.max_bytes:
             return await self._refuse(scope, receive, send, length)
         # Read the whole body here (the JSON routes read it whole anyway), counting as it arrives.
@@ -72,6 +78,21 @@ class BodyLimit:
             return await receive()  # after the body: http.disconnect, as the app expects
 
         await self.app(scope, replay, send)
+
+    async def _stream(self, scope, receive, send, length: int | None, limit: int, setting: str) -> None:
+        if length is not None and length > limit:
+            return await self._refuse(scope, receive, send, length, limit, setting)
+        size = 0
+
+        async def counted():
+            nonlocal size
+            message = await receive()
+            size += len(message.get("body", b""))
+            if size > limit:  # a chunked body that passed the limit: the route has not answered yet
+                raise self._too_large(None, limit, setting)
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def _content_length(scope) -> int | None:

@@ -57,8 +57,9 @@ class ServeSettings(BaseModel):
         return set(self.api_keys) | set(env)
 
 
-def load_settings(path: str | Path | None = None, **overrides) -> ServeSettings:
-    """Read a YAML settings file (optional) and apply keyword overrides that are not None."""
+def load_settings(path: str | Path | None = None, *, cls: type[ServeSettings] = ServeSettings, **overrides) -> ServeSettings:
+    """Read a YAML settings file (optional) and apply keyword overrides that are not None, into `cls` (the
+    fine-tuning service's settings extend these)."""
     raw: dict = {}
     if path is not None:
         p = Path(path)
@@ -69,7 +70,7 @@ def load_settings(path: str | Path | None = None, **overrides) -> ServeSettings:
             raise ConfigError(f"{p}: serve settings are a mapping of keys (models, host, port, ...), got {type(raw).__name__}")
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return ServeSettings.model_validate(raw)
+        return cls.model_validate(raw)
     except ValidationError as err:
         lines = [f"{path or 'serve settings'}: {'.'.join(map(str, e['loc']))}: {e['msg']} (given: {e.get('input')!r})" for e in err.errors()]
         raise ConfigError("\n".join(lines)) from None
