@@ -61,8 +61,7 @@ def create_service_app(settings: ServiceSettings, registry: ModelRegistry | None
     app.state.service = Service(settings, layout, store, keys, registry, checker, workers)
     app.state.key_lookup = keys.lookup
     app.state.model_lister = finetuned.listing
-    app.state.public_prefixes = (dashboard.PREFIX,)
     app.include_router(files_api.router)
     app.include_router(jobs_api.router)
-    app.include_router(dashboard.router)
+    dashboard.install(app)
     return app
