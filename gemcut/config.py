@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -79,6 +80,8 @@ class DataConfig(Section):
     encoding: Encoding = Field("utf-8", description="Encoding tried first (a Python codec name; utf-16 reads the whole file as UTF-16, without fallbacks).")
     fallback_encodings: list[Encoding] = Field(default_factory=lambda: ["cp1252", "latin-1"], description="Encodings tried, in order, when a file is not valid in `encoding`; counted in the report.")
     on_error: Literal["fail", "skip"] = Field("fail", description="On a bad record: stop with its file:line, or skip it and count it in the report.")
+    extra_fields: Literal["error", "keep"] = Field("error", description="Top-level fields a record's kind does not use: error (a likely typo, named with its file:line), or keep them as the record's `item` (OpenAI's reinforcement rows: graders read them as {{item.x}}).")
+    prompts_only: bool = Field(False, description="Records are prompts that RL answers itself: a messages record may end with the user's turn and need no assistant reply. Set automatically for objective.kind grpo and ppo.")
     delimiter: str | None = Field(None, description="CSV/TSV field separator, one character (e.g. ';'); None: a comma for .csv, a tab for .tsv.")
     labels: list[str] | None = Field(None, description="Declared label set for `label` records, in the order of the label ids; others are errors.")
     clean: CleanConfig = Field(default_factory=CleanConfig)
@@ -152,8 +155,76 @@ class DPOConfig(Section):
     beta: float = Field(0.1, gt=0, description="DPO temperature on the implicit reward.")
 
 
+GRADER_TYPES = ("string_check", "text_similarity")
+SIMILARITY_METRICS = ("fuzzy_match", "bleu", "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l")
+# What OpenAI's graders offer and gemcut does not: model and code graders, and metrics that need an embedding
+# model (cosine) or data that is not installed (meteor's WordNet, gleu's nltk).
+REFUSED_GRADER_TYPES = ("multi", "python", "score_model", "label_model")
+REFUSED_METRICS = ("cosine", "gleu", "meteor")
+TEMPLATE = re.compile(r"\{\{\s*(.*?)\s*\}\}")  # {{ sample.output_text }}, {{item.answer}}
+
+
+def template_references(text: str) -> list[str]:
+    """The dotted names a grader template refers to: "{{item.a.b}} vs {{sample.output_text}}" -> ["item.a.b", ...]."""
+    return TEMPLATE.findall(text)
+
+
+def _check_template(text: str, field: str) -> str:
+    for name in template_references(text):
+        head, _, rest = name.partition(".")
+        if (head == "sample" and rest == "output_text") or (head == "item" and rest and all(rest.split("."))):
+            continue
+        raise ValueError(f"template {{{{{name}}}}} in {field} is not one gemcut fills in; use {{{{sample.output_text}}}} (the "
+                         "sampled completion) or {{item.<field>}} (a field of the data row, nested as item.a.b)")
+    return text
+
+
+class GraderConfig(Section):
+    """One of OpenAI's simple graders (the shapes of openai.types.graders), scoring each sampled completion
+    as the RL reward (gemcut/objectives/graders.py)."""
+
+    type: str = Field(description=f"The grader: {' or '.join(GRADER_TYPES)}.")
+    name: str = Field("grader", description="The grader's name (shown in logs).")
+    input: str = Field("{{sample.output_text}}", description="The text graded, a template: {{sample.output_text}} is the completion, {{item.x}} a field of the data row.")
+    reference: str = Field(description="The text it is compared with, a template such as {{item.reference_answer}}.")
+    operation: Literal["eq", "ne", "like", "ilike"] | None = Field(None, description="string_check: eq (equal), ne (not equal), like (input contains reference), ilike (the same, ignoring case); 1.0 when it holds, else 0.0.")
+    evaluation_metric: str | None = Field(None, description=f"text_similarity: {', '.join(SIMILARITY_METRICS)} (a score in [0, 1]).")
+
+    @field_validator("type")
+    @classmethod
+    def _supported_type(cls, value: str) -> str:
+        if value in GRADER_TYPES:
+            return value
+        known = "an OpenAI grader type gemcut does not run" if value in REFUSED_GRADER_TYPES else "not a grader type"
+        raise ValueError(f"type {value!r} is {known}; use {' or '.join(GRADER_TYPES)}")
+
+    @field_validator("evaluation_metric")
+    @classmethod
+    def _supported_metric(cls, value: str | None) -> str | None:
+        if value is None or value in SIMILARITY_METRICS:
+            return value
+        known = "is not supported here" if value in REFUSED_METRICS else "is not a similarity metric"
+        raise ValueError(f"evaluation_metric {value!r} {known}; use {', '.join(SIMILARITY_METRICS)}")
+
+    @field_validator("input", "reference")
+    @classmethod
+    def _known_templates(cls, value: str, info) -> str:
+        return _check_template(value, f"objective.rl.grader.{info.field_name}")
+
+    @model_validator(mode="after")
+    def _fields_of_its_type(self) -> GraderConfig:
+        if self.type == "string_check" and (self.operation is None or self.evaluation_metric is not None):
+            raise ValueError("a string_check grader takes operation (eq, ne, like or ilike) and no evaluation_metric"
+                             + ("" if self.operation is None else "; remove evaluation_metric"))
+        if self.type == "text_similarity" and (self.evaluation_metric is None or self.operation is not None):
+            raise ValueError(f"a text_similarity grader takes evaluation_metric ({', '.join(SIMILARITY_METRICS)}) and no "
+                             "operation" + ("" if self.evaluation_metric is None else "; remove operation"))
+        return self
+
+
 class RLConfig(Section):
     reward_model: str | None = Field(None, description="Run folder of a reward model or classifier used as the reward.")
+    grader: GraderConfig | None = Field(None, description="An OpenAI simple grader (string_check, text_similarity) as the reward, reading each prompt's item fields (data.extra_fields=keep); instead of reward_model.")
     reward_label: str | None = Field(None, description="For a classifier reward: the label whose probability is the reward.")
     group_size: int = Field(4, ge=2, description="Completions per prompt (GRPO group / PPO batch per prompt).")
     max_new_tokens: int = Field(32, ge=1, description="Tokens generated per rollout.")
@@ -167,6 +238,12 @@ class RLConfig(Section):
     ppo_epochs: int = Field(1, ge=1, description="Optimisation passes over each rollout batch.")
     kl_warn: float = Field(10.0, gt=0, description="KL to the reference (nats per completion) above which a still-rising reward triggers a reward-hacking warning.")
     prompt_words: int | None = Field(None, ge=1, description="For text and label records: continue only their first N words (tweet openings, say); None continues the whole text.")
+
+    @model_validator(mode="after")
+    def _one_reward(self) -> RLConfig:
+        if self.reward_model and self.grader is not None:
+            raise ValueError("objective.rl has both reward_model and grader; the reward comes from one of them, so remove the other")
+        return self
 
 
 class ObjectiveConfig(Section):
@@ -291,6 +368,8 @@ class RunConfig(Section):
             raise ValueError(f"train.early_stopping: metric {es.metric!r} is a loss but mode is 'max'; set train.early_stopping.mode=min")
         if self.objective.kind != "auto" and TASKS[self.objective.kind].reference and self.adapter.method not in ("lora", "qlora"):
             raise ValueError(f"objective.kind={self.objective.kind} needs adapter.method=lora (the reference is the adapter-disabled model); got {self.adapter.method!r}")
+        if self.objective.kind != "auto" and TASKS[self.objective.kind].rollouts:
+            self.data.prompts_only = True  # RL samples the replies: its records are prompts
         return self
 
     def watched_metric(self, task: Task) -> tuple[str, str]:
@@ -345,9 +424,12 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def _allowed_keys(model: type[BaseModel], path: tuple) -> list[str]:
     for part in path[:-1]:
         field = model.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        # A section that may be absent (`grader: GraderConfig | None`) lists the keys of the section.
+        annotation = next((a for a in getattr(field.annotation, "__args__", ()) if a is not type(None)), None) if field else None
+        annotation = field.annotation if field is not None and isinstance(field.annotation, type) else annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
-        model = field.annotation
+        model = annotation
     return list(model.model_fields)
 
 

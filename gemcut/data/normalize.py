@@ -15,7 +15,8 @@ string "1" are one label, and each label's spellings are counted (`label_spellin
 User schemas accepted besides the normalised shapes: Alpaca (instruction/input/output -> prompt/completion),
 OpenAI chat fine-tuning records (`name`, assistant `tool_calls` with JSON-string arguments, `tool` messages
 with `tool_call_id`, a record-level `tools` list, content as a list of text parts -> joined, assistant
-`weight` 0/1), OpenAI DPO (input.messages/preferred_output/non_preferred_output -> prompt/chosen/rejected,
+`weight` 0/1; with `data.extra_fields: keep` the other top-level fields of a row, such as a reinforcement
+row's `reference_answer`, are kept as the record's `item`), OpenAI DPO (input.messages/preferred_output/non_preferred_output -> prompt/chosen/rejected,
 or messages/chosen/rejected when the input is more than a system and a user message), a ranked list
 (prompt + completions, best first, or with `rank`/`score`) expanded into every better/worse pair, and a
 `columns:` mapping from gemcut field names to the user's. `kind: text` on conversation, pair or label data
@@ -41,6 +42,8 @@ KNOWN_FIELDS = {
     "instruction", "input", "output", "preferred_output", "non_preferred_output",
 }
 MESSAGE_FIELDS = ("role", "content", "name", "weight", "tool_calls", "tool_call_id")
+# With data.extra_fields=keep, a record's fields that its kind does not use are kept under this key.
+ITEM = "item"
 # Bookkeeping fields that are never data: kept out of training silently by design, and documented so.
 PASSTHROUGH = {"id", "metadata"}
 ROLE_HINTS = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant"}
@@ -80,10 +83,15 @@ class Normalizer:
     """Turns `Row`s into normalised records of one kind. `unused` counts fields a record had but its kind
     does not use (tabular columns are reported per file by the caller)."""
 
-    def __init__(self, kind: str = "auto", columns: dict[str, str] | None = None, labels: list[str] | None = None):
+    def __init__(self, kind: str = "auto", columns: dict[str, str] | None = None, labels: list[str] | None = None, *,
+                 extra_fields: str = "error", prompts_only: bool = False):
         if kind != "auto" and kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}")
+        if extra_fields not in ("error", "keep"):
+            raise ValueError(f"unknown extra_fields policy {extra_fields!r}")
         self.kind = kind
+        self.keep_extra = extra_fields == "keep"  # data.extra_fields: unknown fields become the record's `item`
+        self.prompts_only = prompts_only  # data.prompts_only: RL prompts, a conversation may end with the user
         self.columns = dict(columns or {})
         self.reverse = {user: ours for ours, user in self.columns.items()}
         self.labels = list(labels) if labels else None
@@ -117,7 +125,8 @@ class Normalizer:
         kind = self.resolve_kind(row)
         value = self._map_columns(value, row)
         self._check_same_kind(value, row)
-        self._check_unknown(value, row)
+        if not self.keep_extra:
+            self._check_unknown(value, row)
         natural = infer_kind(value) if kind == "text" else kind
         if natural is None:  # kind text but no field fits any kind: report the missing text
             natural = "text"
@@ -130,6 +139,11 @@ class Normalizer:
             records = [{"text": flatten_to_text(r)} for r in records]
             used = used - {"label"}
         unused = {k for k in value if k not in used and not str(k).startswith("_")}
+        if self.keep_extra and unused:
+            # The row's own fields, as given (a grader reads them as {{item.x}}); each record gets its own copy.
+            item = {k: value[k] for k in value if k in unused}
+            records = [{**r, ITEM: json.loads(json.dumps(item, default=str))} for r in records]
+            unused = set()
         for r in records:
             r["_source"] = row.source
         return records, unused
@@ -279,7 +293,8 @@ class Normalizer:
         flat = self.kind == "text"
         tools = self._tools(value["tools"], row) if value.get("tools") is not None else None
         names = [t["function"]["name"] for t in tools] if tools is not None else None
-        msgs = self._messages(value.get("messages"), row, "messages", need_assistant=not flat, check_order=not flat, tool_names=names)
+        msgs = self._messages(value.get("messages"), row, "messages", need_assistant=not (flat or self.prompts_only),
+                              check_order=not flat, tool_names=names)
         rec: dict[str, Any] = {"messages": msgs}
         if tools is not None:
             rec["tools"] = tools

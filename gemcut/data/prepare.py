@@ -89,7 +89,7 @@ class _Run:
         self.cfg, self.skip_hint = cfg, skip_hint
         names = cfg.train + cfg.validation + cfg.test
         columns = {**default_columns(names), **cfg.columns}
-        self.normalizer = Normalizer(cfg.kind, columns, cfg.labels)
+        self.normalizer = Normalizer(cfg.kind, columns, cfg.labels, extra_fields=cfg.extra_fields, prompts_only=cfg.prompts_only)
         self.cleaner = Cleaner(cfg.clean)
         self.sources: list[SourceStats] = []
         self.errors: Counter = Counter()

@@ -1,11 +1,16 @@
-"""Reward functions for RL: a trained reward model run, or a classifier run's probability of one label.
+"""Reward functions for RL: a trained reward model run, a classifier run's probability of one label, or a grader.
 
     objective: {kind: grpo, rl: {reward_model: runs/sentiment, reward_label: positive}}
-    python -m pytest -q tests/test_rl.py
+    objective: {kind: grpo, rl: {grader: {type: string_check, reference: "{{item.answer}}", operation: eq}}}
+    python -m pytest -q tests/test_rl.py tests/test_graders.py
 
 A reward function maps a batch of rollouts to one float each:
 
     reward_fn(prompts: list[str], completions: list[str], completion_ids: list[list[int]]) -> Tensor [N]
+
+One whose `needs_items` is true is also given `items=`: for each completion, its prompt's data row fields
+(the record's `item`, kept with `data.extra_fields: keep`; None for a record without one). A grader
+(`objective.rl.grader`, gemcut/objectives/graders.py) is such a function.
 
 `load_reward(config.objective.rl)` builds one from a run folder (through `gemcut.models.load.load_run`, the
 one way runs are loaded): a run trained with `objective.kind: reward` (one output) scores prompt and
@@ -28,6 +33,14 @@ from gemcut.models.numerics import classifier_logits
 class RewardFn(Protocol):
     def __call__(self, prompts: Sequence[str], completions: Sequence[str],
                  completion_ids: Sequence[Sequence[int]]) -> torch.Tensor: ...
+
+
+def score(reward_fn: RewardFn, prompts: Sequence[str], completions: Sequence[str], completion_ids: Sequence[Sequence[int]],
+          items: Sequence[dict | None]) -> torch.Tensor:
+    """`reward_fn` on a batch, given the rows' `items` when it reads them (`needs_items`)."""
+    if getattr(reward_fn, "needs_items", False):
+        return reward_fn(prompts, completions, completion_ids, items=items)
+    return reward_fn(prompts, completions, completion_ids)
 
 
 class ClassifierReward:
@@ -71,11 +84,16 @@ def pair_encoder(tokenizer, template=None, max_length: int = 512) -> Callable[[s
 
 
 def load_reward(rl, *, max_length: int = 512) -> RewardFn:
-    """A reward function from `objective.rl`: `reward_model` (a run folder) and, for a classifier,
-    `reward_label`."""
+    """A reward function from `objective.rl`: `grader` (an OpenAI grader), or `reward_model` (a run folder) and,
+    for a classifier, `reward_label`."""
+    if rl.grader is not None:
+        from gemcut.objectives.graders import grader_reward
+
+        return grader_reward(rl.grader)
     if not rl.reward_model:
-        raise ConfigError("objective.rl.reward_model is not set: give the run folder of a reward model, or of a "
-                          "classifier together with objective.rl.reward_label (e.g. positive)")
+        raise ConfigError("objective.rl has no reward: set objective.rl.grader (an OpenAI string_check or text_similarity "
+                          "grader), or objective.rl.reward_model to the run folder of a reward model, or of a classifier "
+                          "together with objective.rl.reward_label (e.g. positive)")
     from gemcut.models.load import load_run
 
     run = load_run(rl.reward_model)

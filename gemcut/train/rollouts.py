@@ -8,7 +8,8 @@ batches come from. One step (an "iteration") of `RolloutSource`:
   1. take `train.batch_size` prompts from the epoch's seeded order (the order every source uses);
   2. sample `rl.group_size` completions of each, all in one batched call to `gemcut.generation.generate`,
      seeded by (train.seed, step) so a resumed run draws the same completions;
-  3. score them with the reward function (gemcut/objectives/reward_functions.py);
+  3. score them with the reward function (gemcut/objectives/reward_functions.py), which may read each
+     prompt's data row (`item`: an OpenAI grader's {{item.x}}, gemcut/objectives/graders.py);
   4. with no gradient: log-probs of the sampled tokens under the policy (pi_old), under the reference (the
      same model with its adapter disabled) and, for PPO, the value head's estimates;
   5. GRPO: group-standardised rewards as advantages (objectives/grpo.py); PPO: KL-shaped per-token rewards,
@@ -36,7 +37,7 @@ from gemcut.generation import generate
 from gemcut.objectives.dpo import reference
 from gemcut.objectives.grpo import group_advantages
 from gemcut.objectives.ppo import gae, shaped_rewards, whiten
-from gemcut.objectives.reward_functions import RewardFn
+from gemcut.objectives.reward_functions import RewardFn, score
 from gemcut.objectives.rollout_forward import rollout_forward
 from gemcut.tasks import Task
 from gemcut.train.batches import Step, deal, epoch_order
@@ -70,7 +71,8 @@ class Rollouts:
 
 
 def prompt_inputs(records: Sequence[dict], tokenizer, template=None, prompt_words: int | None = None) -> list[dict]:
-    """RL prompts from data records: {"prompt": text shown in logs, "input_ids": what the policy continues}.
+    """RL prompts from data records: {"prompt": text shown in logs, "input_ids": what the policy continues,
+    "item": the record's row fields for a grader (None without), "source": its file:line}.
 
     `text` and `label` records are continued as raw text, cut to their first `prompt_words` words when set
     (`objective.rl.prompt_words`: a tweet's opening, say); `prompt_completion` records' prompts and
@@ -94,7 +96,7 @@ def prompt_inputs(records: Sequence[dict], tokenizer, template=None, prompt_word
             ids = tokenizer(shown)["input_ids"]
         if not ids:
             raise TrainingError(f"{rec.get('_source', 'a record')}: the prompt is empty after tokenization")
-        out.append({"prompt": shown, "input_ids": ids})
+        out.append({"prompt": shown, "input_ids": ids, "item": rec.get("item"), "source": rec.get("_source")})
     return out
 
 
@@ -122,7 +124,9 @@ def collect(policy, tokenizer, prompts: Sequence[dict], reward_fn: RewardFn, *, 
         # A completion that ended on end-of-sequence trains that token too, so the policy learns to stop.
         gen.append(list(r.token_ids) + ([eos] if r.finish_reason == "stop" and eos is not None else []))
     texts = [r.text for r in results]
-    rewards = torch.as_tensor(reward_fn([p["prompt"] for p in rows], texts, gen), dtype=torch.float32).reshape(-1).cpu()
+    # Each completion is scored with its own prompt's row (a grader's {{item.x}}).
+    scored = score(reward_fn, [p["prompt"] for p in rows], texts, gen, [p.get("item") for p in rows])
+    rewards = torch.as_tensor(scored, dtype=torch.float32).reshape(-1).cpu()
     if rewards.numel() != len(rows):
         raise TrainingError(f"the reward function returned {rewards.numel()} rewards for {len(rows)} completions")
     if not torch.isfinite(rewards).all():
@@ -302,6 +306,9 @@ def rl_training(task: Task, config: RunConfig, policy: torch.nn.Module, tokenize
         raise TrainingError(f"objective.kind={task.name} needs a LoRA policy (the reference is the adapter-disabled model); "
                             "set adapter.method=lora")
     cfg, rl, ppo = config.train, config.objective.rl, task.value_head
+    check_items = getattr(reward_fn, "check_items", None)
+    if check_items is not None:  # a grader reads fields of each row: a row without one stops the run before sampling
+        check_items([*prompts, *(val_prompts or [])])
     source = RolloutSource(prompts, tokenizer, reward_fn, rl, cfg, value_head=ppo)
     validation = None
     if val_prompts:
