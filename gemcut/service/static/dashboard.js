@@ -137,7 +137,9 @@ async function loadOlderJobs() {
   renderJobs();
 }
 
-function jobTitle(job) { return job.fine_tuned_model || `${job.model} · ${job.id}`; }
+function jobTitle(job) {
+  return job.fine_tuned_model || (job.user_provided_suffix ? `${job.user_provided_suffix} · ${job.model}` : `${job.model} · ${job.id}`);
+}
 
 function progressOf(job) {
   const p = job.gemcut && job.gemcut.progress;
