@@ -11,9 +11,11 @@ would train on (records, bad lines, cleaning, duplicates, encodings) exactly as 
 Files are read as JSON text only: nothing in them is executed or unpickled.
 
 The accepted formats are the pipeline's: OpenAI chat SFT (`messages`, assistant `weight`, `tools`), OpenAI
-DPO (`input` / `preferred_output` / `non_preferred_output`), OpenAI reinforcement rows (messages plus extra
-top-level keys, the grader's `{{item.x}}`: read with `data.extra_fields: keep` where this gemcut has it,
-listed in `counts["item_fields"]`), and gemcut's own kinds (text, label, prompt_completion, preference).
+DPO (`input` / `preferred_output` / `non_preferred_output`), OpenAI reinforcement rows (a conversation that
+may end with the user's turn, plus extra top-level keys for the grader's `{{item.x}}`: read with
+`data.extra_fields: keep` and `data.prompts_only` when the strict reading finds nothing else wrong; their
+names in `counts["item_fields"]`, the conversations without a reply in `counts["without_reply"]`), and
+gemcut's own kinds (text, label, prompt_completion, preference).
 Purpose `fine-tune` takes JSONL only, OpenAI's rule; the client's file name, never the server's storage
 path, appears in every message.
 """
@@ -22,12 +24,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
 from gemcut.config import DataConfig, SplitConfig
 from gemcut.data import report as reportlib
-from gemcut.data.normalize import Normalizer
+from gemcut.data.normalize import ITEM, Normalizer
 from gemcut.data.prepare import prepare
 from gemcut.data.readers import FORMAT_BY_SUFFIX, read_source
 from gemcut.errors import DataError, GemcutError
@@ -40,6 +43,20 @@ OTHER_FORMATS = {suffix: fmt for suffix, fmt in FORMAT_BY_SUFFIX.items() if fmt 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+class RowRules(Enum):
+    """How rows are read: STRICT, as supervised and DPO runs read them (an unknown field is a likely typo; a
+    conversation needs a reply); REINFORCEMENT, as OpenAI's reinforcement rows are written (other top-level
+    fields kept as the row's item for the grader, `data.extra_fields: keep`; a conversation may end with the
+    user's turn, `data.prompts_only`)."""
+
+    STRICT = {}
+    REINFORCEMENT = {"extra_fields": "keep", "prompts_only": True}
+
+
+# Bad-line reasons that reinforcement rows are allowed (an unknown top-level field is also one: see BadLines.add).
+REINFORCEMENT_ONLY_REASONS = ("no_assistant_turn",)
+
+
 @dataclass(frozen=True)
 class UploadCheck:
     """The verdict on one upload. `kind`: the record kind the pipeline found (messages, preference, label,
@@ -49,12 +66,6 @@ class UploadCheck:
     status_details: str | None = None
     kind: str | None = None
     counts: dict[str, Any] = field(default_factory=dict)
-
-
-def keeps_extra_fields() -> bool:
-    """Whether this gemcut's data pipeline can keep extra top-level fields (`data.extra_fields: keep`), which
-    OpenAI's reinforcement rows need for their grader."""
-    return "extra_fields" in DataConfig.model_fields
 
 
 def display_name(filename: str) -> str:
@@ -74,16 +85,18 @@ def validate_upload(path: Path, filename: str, *, purpose: str) -> UploadCheck:
     strict = find_bad_lines(path, shown)
     if strict.rows == 0:
         return _error(f"{shown}: the file holds no records (it is empty or blank); {JSONL_RULE}", counts={"rows": 0})
-    extra = strict.only_extra_fields()
-    if strict.bad and not (extra and keeps_extra_fields()):
-        details = strict.describe(shown)
-        if strict.first_is_not_json():
-            details += f"\n({JSONL_RULE})"
-        if extra:
-            details += ("\n(rows with extra top-level fields, such as reinforcement rows for a grader's {{item.x}}, need "
-                        "data.extra_fields: keep, which this gemcut's data pipeline does not have yet)")
-        return _error(details, kind=strict.kind, counts=strict.counts())
-    return _report(path, shown, keep_extra=bool(extra), extra_fields=extra)
+    if not strict.bad:
+        return _report(path, shown, rows=RowRules.STRICT)
+    if strict.could_be_reinforcement_rows():
+        # Extra fields and conversations without a reply are what OpenAI's reinforcement rows are made of.
+        loose = find_bad_lines(path, shown, RowRules.REINFORCEMENT)
+        if not loose.bad:
+            return _report(path, shown, rows=RowRules.REINFORCEMENT)
+        return _error(loose.describe(shown), kind=loose.kind, counts=loose.counts())
+    details = strict.describe(shown)
+    if strict.first_is_not_json():
+        details += f"\n({JSONL_RULE})"
+    return _error(details, kind=strict.kind, counts=strict.counts())
 
 
 def _error(details: str, *, kind: str | None = None, counts: dict | None = None) -> UploadCheck:
@@ -111,32 +124,30 @@ class BadLines:
     first: list[BadLine] = field(default_factory=list)
     by_reason: dict[str, int] = field(default_factory=dict)
     kind: str | None = None
-    extra_fields: set[str] = field(default_factory=set)  # unknown top-level fields (reason extra_field)
-    other_reasons: bool = False  # a bad line for another reason than an unknown top-level field
+    other_reasons: bool = False  # a bad line that no way of reading rows accepts
 
     def add(self, err: DataError, shown: str) -> None:
         self.bad += 1
         self.by_reason[err.reason] = self.by_reason.get(err.reason, 0) + 1
         top_level_field = err.reason == "extra_field" and err.field is not None and not re.search(r"[.\[]", err.field)
-        if top_level_field:
-            self.extra_fields.add(err.field)
-        else:
+        if not (top_level_field or err.reason in REINFORCEMENT_ONLY_REASONS):
             self.other_reasons = True
         if len(self.first) < SHOWN_BAD_LINES:
             text = str(err)
             prefix = f"{shown}:{err.line}: "
             self.first.append(BadLine(err.line or 0, err.field, err.reason, text.removeprefix(prefix).removeprefix(f"{shown}: ")))
 
-    def only_extra_fields(self) -> list[str]:
-        """The unknown top-level fields, when they are the only problem (rows that could be reinforcement rows)."""
-        return sorted(self.extra_fields) if self.bad and not self.other_reasons else []
+    def could_be_reinforcement_rows(self) -> bool:
+        """Whether every bad line is an unknown top-level field or a conversation without a reply."""
+        return self.bad > 0 and not self.other_reasons
 
     def first_is_not_json(self) -> bool:
         return bool(self.first) and self.first[0].line == 1 and self.first[0].reason == "malformed_json"
 
     def describe(self, shown: str) -> str:
         """`name: 3 of 40 lines are not valid training examples:` and one line per bad line, then the rest counted."""
-        head = f"{shown}: {self.bad} of {self.rows} lines {'is' if self.bad == 1 else 'are'} not valid training examples:"
+        what = "is not a valid training example" if self.bad == 1 else "are not valid training examples"
+        head = f"{shown}: {self.bad} of {self.rows} lines {what}:"
         lines = [head]
         for b in self.first:
             named = b.field and b.field in b.message
@@ -151,11 +162,11 @@ class BadLines:
         return {"rows": self.rows, "bad_lines": self.bad, "bad_by_reason": dict(self.by_reason)}
 
 
-def find_bad_lines(path: Path, shown: str) -> BadLines:
-    """Every line of the JSONL file at `path` read and normalised as training records, with messages naming
-    `shown`; nothing is cleaned or kept (that is `prepare`'s part)."""
+def find_bad_lines(path: Path, shown: str, rows: RowRules = RowRules.STRICT) -> BadLines:
+    """Every line of the JSONL file at `path` read and normalised as training records by `rows`' rules, with
+    messages naming `shown`; nothing is cleaned or kept (that is `prepare`'s part)."""
     found = BadLines()
-    normalizer = Normalizer("auto")
+    normalizer = Normalizer("auto", **rows.value)
     try:
         for row in read_source(path, "jsonl", display=shown, fallbacks=tuple(DataConfig().fallback_encodings)):
             found.rows += 1
@@ -173,27 +184,23 @@ def find_bad_lines(path: Path, shown: str) -> BadLines:
 # ---------------------------------------------------------------- the data report of a good file
 
 
-def upload_data_config(path: Path, *, keep_extra: bool = False) -> DataConfig:
+def upload_data_config(path: Path, rows: RowRules = RowRules.STRICT) -> DataConfig:
     """The data section that checks an upload as a run would read it (JSONL, the pipeline's cleaning), with no
     split: the job decides that. Bad records are skipped and counted, so the report counts all of them."""
-    extra = {"extra_fields": "keep"} if keep_extra else {}
-    return DataConfig(train=[str(path)], format="jsonl", on_error="skip", split=SplitConfig(validation=0, test=0), **extra)
+    return DataConfig(train=[str(path)], format="jsonl", on_error="skip", split=SplitConfig(validation=0, test=0), **rows.value)
 
 
-def _report(path: Path, shown: str, *, keep_extra: bool, extra_fields: list[str]) -> UploadCheck:
-    cfg = upload_data_config(path, keep_extra=keep_extra)
+def _report(path: Path, shown: str, *, rows: RowRules) -> UploadCheck:
     try:
-        prepared = prepare(cfg)
+        prepared = prepare(upload_data_config(path, rows))
     except GemcutError as err:
         return _error(f"{shown}: {_scrub(str(err), path, shown)}")
     report = _scrub(prepared.report, path, shown)
     counts = counts_of(report)
-    if keep_extra:
-        counts["item_fields"] = sorted(extra_fields)
-    if report["errors"]["total"]:  # the strict read found none: bad lines only keep mode sees
-        examples = [e for ex in report["errors"]["examples"].values() for e in ex][:SHOWN_BAD_LINES]
-        return _error("\n".join([f"{shown}: {report['errors']['total']} lines are not valid training examples:", *examples]),
-                      kind=prepared.kind, counts=counts)
+    if rows is RowRules.REINFORCEMENT:
+        records = prepared.splits["train"]
+        counts["item_fields"] = sorted({k for r in records for k in r.get(ITEM, {})})
+        counts["without_reply"] = sum(1 for r in records if "messages" in r and not any(m["role"] == "assistant" for m in r["messages"]))
     return UploadCheck("processed", None, prepared.kind, counts)
 
 
