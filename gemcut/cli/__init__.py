@@ -33,6 +33,7 @@ def register_commands() -> None:
         runs_cmd,
         serve_cmd,
         train_cmd,
+        worker_cmd,
     )
 
 
