@@ -181,7 +181,7 @@ def job_spec(request: Mapping, *, base_model_source: str, training_kind: str, va
     for name, value in given.items():
         _no_second_setting(method_type, name, value, set_by)
 
-    raw = service_defaults(method_type, objective, training_kind, adapter=str(adapter), validation=validation, seed=seed)
+    raw = service_defaults(method_type, objective, training_kind, base_model_source, adapter=str(adapter), validation=validation, seed=seed)
     raw = _with_hyperparameters(raw, method_type, given, base_lr, counts.get("examples"))
     if method_type == "reinforcement":
         _set(raw, ("objective", "rl", "grader"), dict(given["grader"]))
@@ -213,7 +213,7 @@ def _method(request: Mapping) -> tuple[str, dict]:
             why = f"a {mtype} job takes method.{mtype}" if key in METHODS else f"method holds type and {mtype}"
             raise JobSpecError(f"method.{key}: {why}; remove method.{key} (or set method.type to {key})" if key in METHODS
                                else f"method.{key} is not a method field; {why}", f"method.{key}")
-    body = method.get(mtype) or {}
+    body = {} if method.get(mtype) is None else method[mtype]
     if not isinstance(body, Mapping):
         raise JobSpecError(f"method.{mtype} must be an object, got {_short(body)}", f"method.{mtype}")
     allowed = ("hyperparameters", "grader") if mtype == "reinforcement" else ("hyperparameters",)
@@ -411,11 +411,13 @@ def check_kind(mtype: str, objective: str, kind: str, counts: Mapping) -> None:
                            "add the replies, or use method.type reinforcement", "training_file")
 
 
-def service_defaults(mtype: str, objective: str, training_kind: str, *, adapter: str, validation: bool, seed: int) -> dict:
+def service_defaults(mtype: str, objective: str, training_kind: str, base_model_source: str, *, adapter: str, validation: bool,
+                     seed: int) -> dict:
     """What every job of this method starts from, before its hyperparameters and overrides (module docstring)."""
     save_every = SAVE_EVERY["lora" if adapter in ("lora", "qlora") else "full"]
     raw: dict = {
         "data": {"format": "jsonl", "kind": training_kind},
+        "model": {"name": base_model_source},
         "adapter": {"method": "lora"},
         "objective": {"kind": objective},
         "train": {"seed": seed, "save_every": save_every, "keep_last_n": KEEP_LAST_N, "val_max_examples": VAL_MAX_EXAMPLES},
