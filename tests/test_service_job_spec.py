@@ -1,15 +1,20 @@
 """A fine-tuning job request -> a validated run config (gemcut/service/job_spec.py): each method and
-hyperparameter, auto and explicit; gemcut overrides accepted and refused; every JobSpecError's param.
+hyperparameter, auto and explicit; gemcut overrides accepted and refused; every JobSpecError's param; and the
+config of each method, on a file the upload check passed, trains a tiny model (as the worker will run it).
 
     python -m pytest -q tests/test_service_job_spec.py
 """
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from tiny import CORPUS, save_tiny_llama
 
 from gemcut.config import RunConfig
 from gemcut.service.job_spec import LABEL_INSTRUCTION, JobSpecError, job_spec
+from gemcut.service.uploads import validate_upload
 
 GRADER = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}", "reference": "{{item.answer}}", "operation": "eq"}
 KIND_OF = {"supervised": "messages", "dpo": "preference", "reinforcement": "messages"}
@@ -258,3 +263,47 @@ def test_a_request_that_is_not_an_object():
     with pytest.raises(JobSpecError) as info:
         job_spec(["model"], base_model_source="m", training_kind="messages", validation=False, seed_default=0)
     assert info.value.param is None
+
+
+# ---------------------------------------------------------------- upload -> job config -> a run
+
+
+PROMPTS = [f"{line} ({i})" for i, line in enumerate(CORPUS * 3)]
+RUNS = {
+    "supervised": ({"type": "supervised"}, {}, "causal_lm",
+                   [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "ok"}]} for p in PROMPTS]),
+    "label-generative": ({"type": "supervised"}, {}, "causal_lm",
+                         [{"text": p, "label": ("yes", "no")[i % 2]} for i, p in enumerate(PROMPTS)]),
+    "label-classify": ({"type": "supervised"}, {"objective.kind": "classify"}, "classify",
+                       [{"text": p, "label": ("yes", "no")[i % 2]} for i, p in enumerate(PROMPTS)]),
+    "dpo": ({"type": "dpo"}, {}, "dpo",
+            [{"input": {"messages": [{"role": "user", "content": p}]}, "preferred_output": [{"role": "assistant", "content": "yes"}],
+              "non_preferred_output": [{"role": "assistant", "content": "no"}]} for p in PROMPTS]),
+    "reinforcement": (rl(grader={**GRADER, "operation": "like"}), {"objective.rl.max_new_tokens": 4}, "grpo",
+                      [{"messages": [{"role": "user", "content": p}], "answer": "the"} for p in PROMPTS]),
+}
+QUICK = {"train": {"max_steps": 2, "sample_prompts": 0, "num_threads": 1}, "data.max_length": 256, "adapter": {"r": 4, "alpha": 8}}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.mark.parametrize("case", list(RUNS))
+def test_each_methods_config_trains_on_a_checked_upload(tmp_path, tiny_model, case):
+    from gemcut.train.run import train
+
+    method, overrides, task, rows = RUNS[case]
+    upload = tmp_path / "file-uploaded123"  # stored as the service stores it: no suffix
+    upload.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    check = validate_upload(upload, f"{case}.jsonl", purpose="fine-tune")
+    assert check.status == "processed", check.status_details
+    body = {"model": "tiny", "training_file": "file-x", "method": method, "gemcut": {**QUICK, **overrides}}
+    s = job_spec(body, base_model_source=str(tiny_model), training_kind=check.kind, validation=False, seed_default=0,
+                 training_counts=check.counts)
+    config = {**s.config, "data": {**s.config["data"], "train": [str(upload)]}, "output": {"dir": str(tmp_path), "name": case}}
+    run = train(RunConfig.model_validate(config))  # what the worker's `gemcut train job_config.yaml` runs
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert (manifest["stopped"], manifest["task"], manifest["steps"]) == ("completed", task, 2)
+    assert (run / "checkpoints" / "step-2" / "COMPLETE").exists()
