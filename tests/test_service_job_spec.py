@@ -259,6 +259,26 @@ def test_a_file_the_method_cannot_train_on_names_training_file(method, kind, cou
     assert err.param == "training_file" and needs in err.message
 
 
+@pytest.mark.parametrize("method, validation_kind, counts, words", [
+    ({"type": "supervised"}, "preference", None, "validation_file holds preference records, but training_file holds messages"),
+    ({"type": "supervised"}, "messages", {"without_reply": 2}, "2 conversations"),
+    ({"type": "dpo"}, "messages", None, "validation_file holds messages records"),
+])
+def test_a_validation_file_of_another_kind_names_validation_file(method, validation_kind, counts, words):
+    body = {"model": "m", "training_file": "file-a", "validation_file": "file-b", "method": method}
+    with pytest.raises(JobSpecError) as info:
+        job_spec(body, base_model_source="m", training_kind=KIND_OF[method["type"]], validation=True, seed_default=0,
+                 validation_kind=validation_kind, validation_counts=counts)
+    assert info.value.param == "validation_file" and words in info.value.message
+
+
+def test_a_validation_file_of_the_training_kind_is_accepted():
+    body = {"model": "m", "training_file": "file-a", "validation_file": "file-b", "method": rl()}
+    s = job_spec(body, base_model_source="m", training_kind="messages", validation=True, seed_default=0,
+                 validation_kind="messages", validation_counts={"item_fields": ["answer"], "without_reply": 4})
+    assert s.config["train"]["eval_every"] == 20
+
+
 def test_a_request_that_is_not_an_object():
     with pytest.raises(JobSpecError) as info:
         job_spec(["model"], base_model_source="m", training_kind="messages", validation=False, seed_default=0)

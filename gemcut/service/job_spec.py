@@ -152,13 +152,16 @@ def auto_epochs(method: str, training_records: int | None) -> int:
 
 
 def job_spec(request: Mapping, *, base_model_source: str, training_kind: str, validation: bool, seed_default: int,
-             training_counts: Mapping | None = None) -> JobSpec:
+             training_counts: Mapping | None = None, validation_kind: str | None = None,
+             validation_counts: Mapping | None = None) -> JobSpec:
     """The job `request` (the JSON body) as a run config on `base_model_source` (a served model's folder or a
     packaged alias, resolved by the caller from `model`). `training_kind`: the record kind the upload check
     found in training_file; `validation`: whether the request names a validation_file; `seed_default`: the
     seed when the request has none. `training_counts`: the upload check's counts of training_file
     (`UploadCheck.counts`, kept as the file's report), when known: its `examples` size "auto" epochs and
-    batch, and reinforcement rows (`item_fields`, `without_reply`) are refused by the other methods."""
+    batch, and reinforcement rows (`item_fields`, `without_reply`) are refused by the other methods.
+    `validation_kind` and `validation_counts`: the same of validation_file, when there is one: checked the
+    same way, and its kind must be the training file's."""
     if not isinstance(request, Mapping):
         raise JobSpecError(f"the request body must be a JSON object, got {type(request).__name__}")
     for key in request:
@@ -176,6 +179,9 @@ def job_spec(request: Mapping, *, base_model_source: str, training_kind: str, va
     objective = _objective(method_type, kind, set_by)
     counts = training_counts or {}
     check_kind(method_type, objective, kind, counts)
+    if validation_kind is not None:
+        check_validation_kind(training_kind, validation_kind, kind)
+        check_kind(method_type, objective, kind if kind == "text" else validation_kind, validation_counts or {}, "validation_file")
     adapter = set_by.get(("adapter", "method"), "lora")
     base_lr = base_learning_rate(objective, str(adapter))
     for name, value in given.items():
@@ -391,24 +397,34 @@ def _objective(mtype: str, kind: str, set_by: dict) -> str:
     return chosen
 
 
-def check_kind(mtype: str, objective: str, kind: str, counts: Mapping) -> None:
-    """The records in training_file must be ones the method's objective trains on (gemcut/tasks.py), and only
-    a reinforcement job reads rows with item fields or conversations without a reply (`counts`: the upload's)."""
+def check_kind(mtype: str, objective: str, kind: str, counts: Mapping, param: str = "training_file") -> None:
+    """The records of the file `param` names must be ones the method's objective trains on (gemcut/tasks.py),
+    and only a reinforcement job reads rows with item fields or conversations without a reply (`counts`: the
+    upload check's counts of that file)."""
     task = TASKS.get(objective)
     if task is not None and kind not in task.shapes:
         fits = [m for m in METHODS if any(kind in TASKS[o].shapes for o in OBJECTIVES[m] if o in TASKS)]
         fix = f"use method.type {' or '.join(fits)}" if fits else "upload records of one of those kinds"
-        raise JobSpecError(f"training_file holds {kind} records, but a {mtype} job ({objective}) trains on "
-                           f"{', '.join(task.shapes)} records; {fix}", "training_file")
+        raise JobSpecError(f"{param} holds {kind} records, but a {mtype} job ({objective}) trains on "
+                           f"{', '.join(task.shapes)} records; {fix}", param)
     if mtype == "reinforcement":
         return
     if counts.get("item_fields"):
-        raise JobSpecError(f"training_file's records carry fields a {mtype} job does not read ({', '.join(counts['item_fields'])}: "
-                           "extra fields are the items of reinforcement rows, for a grader); remove them, or prefix each with _", "training_file")
+        raise JobSpecError(f"{param}'s records carry fields a {mtype} job does not read ({', '.join(counts['item_fields'])}: "
+                           "extra fields are the items of reinforcement rows, for a grader); remove them, or prefix each with _", param)
     if counts.get("without_reply"):
-        raise JobSpecError(f"training_file has {counts['without_reply']} conversations that end without an assistant reply, so a "
+        raise JobSpecError(f"{param} has {counts['without_reply']} conversations that end without an assistant reply, so a "
                            f"{mtype} job has nothing to learn from them (only a reinforcement job samples replies itself); "
-                           "add the replies, or use method.type reinforcement", "training_file")
+                           "add the replies, or use method.type reinforcement", param)
+
+
+def check_validation_kind(training_kind: str, validation_kind: str, kind: str) -> None:
+    """A run reads one record kind: validation records must be of the training file's (unless data.kind: text
+    flattens both into documents)."""
+    if validation_kind != training_kind and kind != "text":
+        raise JobSpecError(f"validation_file holds {validation_kind} records, but training_file holds {training_kind} records, and "
+                           f"a job validates on records of the kind it trains on; upload {training_kind} records as validation_file",
+                           "validation_file")
 
 
 def service_defaults(mtype: str, objective: str, training_kind: str, base_model_source: str, *, adapter: str, validation: bool,
