@@ -77,7 +77,7 @@ HYPERPARAMETERS = {
     "reinforcement": ("batch_size", "compute_multiplier", "eval_interval", "eval_samples", "learning_rate_multiplier",
                       "n_epochs", "reasoning_effort"),
 }
-# The objectives each method may train (the first is the default) and the record kinds each takes.
+# The objectives each method may train (the first is the default; gemcut/tasks.py says what records each takes).
 OBJECTIVES = {"supervised": ("causal_lm", "classify", "auto"), "dpo": ("dpo",), "reinforcement": ("grpo", "ppo")}
 # The config key each hyperparameter sets: given both ways, the job would say one thing and train another.
 HYPERPARAMETER_KEYS = {
@@ -215,10 +215,11 @@ def _method(request: Mapping) -> tuple[str, dict]:
     if mtype not in METHODS:
         raise JobSpecError(f"method.type must be one of {', '.join(METHODS)}, got {_short(mtype)}", "method.type")
     for key in method:
-        if key != "type" and key != mtype:
-            why = f"a {mtype} job takes method.{mtype}" if key in METHODS else f"method holds type and {mtype}"
-            raise JobSpecError(f"method.{key}: {why}; remove method.{key} (or set method.type to {key})" if key in METHODS
-                               else f"method.{key} is not a method field; {why}", f"method.{key}")
+        if key in METHODS and key != mtype:
+            raise JobSpecError(f"method.{key}: a {mtype} job takes method.{mtype}; remove method.{key} (or set method.type to {key})",
+                               f"method.{key}")
+        if key not in ("type", mtype):
+            raise JobSpecError(f"method.{key} is not a method field; method holds type and {mtype}", f"method.{key}")
     body = {} if method.get(mtype) is None else method[mtype]
     if not isinstance(body, Mapping):
         raise JobSpecError(f"method.{mtype} must be an object, got {_short(body)}", f"method.{mtype}")
