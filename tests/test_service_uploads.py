@@ -167,3 +167,8 @@ def test_a_file_name_cannot_smuggle_a_path_or_control_characters(tmp_path):
     bad = {"messages": [{"role": "usr", "content": "x"}]}
     result = check(stored(tmp_path, [bad]), "../../etc/evil\nname.jsonl")
     assert result.status_details.startswith("evil?name.jsonl: 1 of 1 lines")
+
+
+def test_a_missing_stored_file_is_the_servers_fault_not_the_uploaders(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        validate_upload(tmp_path / "file-gone1234567", "train.jsonl", purpose="fine-tune")

@@ -76,6 +76,8 @@ def display_name(filename: str) -> str:
 
 def validate_upload(path: Path, filename: str, *, purpose: str) -> UploadCheck:
     """Check the uploaded bytes at `path` (the server's own file) as training data; `filename` is the client's."""
+    if not path.is_file():  # the server's fault, not the file's: the caller logs it
+        raise FileNotFoundError(f"the stored upload {path} is missing")
     shown = display_name(filename)
     if purpose != FINE_TUNE:
         return _error(f"{shown}: purpose {purpose!r} is not one this server trains on; upload training data with purpose='fine-tune'")
@@ -108,7 +110,7 @@ def _error(details: str, *, kind: str | None = None, counts: dict | None = None)
 
 @dataclass
 class BadLine:
-    line: int
+    line: int | None
     field: str | None
     reason: str
     message: str  # without the "file:line: " prefix
@@ -126,16 +128,16 @@ class BadLines:
     kind: str | None = None
     other_reasons: bool = False  # a bad line that no way of reading rows accepts
 
-    def add(self, err: DataError, shown: str) -> None:
+    def add(self, err: DataError, shown: str, path: Path) -> None:
         self.bad += 1
         self.by_reason[err.reason] = self.by_reason.get(err.reason, 0) + 1
         top_level_field = err.reason == "extra_field" and err.field is not None and not re.search(r"[.\[]", err.field)
         if not (top_level_field or err.reason in REINFORCEMENT_ONLY_REASONS):
             self.other_reasons = True
         if len(self.first) < SHOWN_BAD_LINES:
-            text = str(err)
+            text = _scrub(str(err), path, shown)  # readers name the file by `shown`, but a missing file by its path
             prefix = f"{shown}:{err.line}: "
-            self.first.append(BadLine(err.line or 0, err.field, err.reason, text.removeprefix(prefix).removeprefix(f"{shown}: ")))
+            self.first.append(BadLine(err.line, err.field, err.reason, text.removeprefix(prefix).removeprefix(f"{shown}: ")))
 
     def could_be_reinforcement_rows(self) -> bool:
         """Whether every bad line is an unknown top-level field or a conversation without a reply."""
@@ -151,7 +153,8 @@ class BadLines:
         lines = [head]
         for b in self.first:
             named = b.field and b.field in b.message
-            lines.append(f"line {b.line}: " + (b.message if named or not b.field else f"field `{b.field}`: {b.message}"))
+            where = f"line {b.line}: " if b.line is not None else ""
+            lines.append(where + (b.message if named or not b.field else f"field `{b.field}`: {b.message}"))
         rest = self.bad - len(self.first)
         if rest:
             reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.by_reason.items(), key=lambda kv: -kv[1]))
@@ -173,10 +176,10 @@ def find_bad_lines(path: Path, shown: str, rows: RowRules = RowRules.STRICT) -> 
             try:
                 normalizer.normalize(row)
             except DataError as err:
-                found.add(err, shown)
+                found.add(err, shown, path)
     except DataError as err:  # a file the reader cannot open at all
         found.rows = max(found.rows, 1)
-        found.add(err, shown)
+        found.add(err, shown, path)
     found.kind = None if normalizer.kind == "auto" else normalizer.kind
     return found
 
