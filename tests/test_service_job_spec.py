@@ -144,6 +144,10 @@ def test_gemcut_overrides_nested_and_dotted_are_applied():
     assert c["data"]["columns"] == {"messages": "conversation"} and c["eval"]["forgetting_data"] is None
 
 
+def test_an_empty_section_overrides_nothing():
+    assert spec({"type": "supervised"}, gemcut={"train": {}, "adapter": {}}).config == spec({"type": "supervised"}).config
+
+
 def test_a_learning_rate_override_is_answered_as_its_multiplier():
     s = spec({"type": "supervised"}, gemcut={"train": {"lr": 1e-3}})
     assert s.config["train"]["lr"] == 1e-3 and s.hyperparameters["learning_rate_multiplier"] == 5.0

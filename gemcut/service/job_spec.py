@@ -331,8 +331,8 @@ def flatten_overrides(gemcut: Any) -> list[tuple[tuple[str, ...], Any]]:
             if not all(parts):
                 raise JobSpecError(f"{GEMCUT}: key {'.'.join(path)!r} has an empty part", _param(path))
             _refuse(path, value)
-            if isinstance(value, Mapping) and value and not _is_mapping_field(path):
-                walk(path, value)
+            if isinstance(value, Mapping) and not _is_mapping_field(path):
+                walk(path, value)  # an empty section sets nothing (it must not wipe the job's own settings)
             else:
                 out.append((path, value))
 
