@@ -271,7 +271,12 @@ function renderJob(job) {
 
   const headline = job.gemcut && job.gemcut.headline;
   $("headline-box").hidden = !headline;
-  if (headline) renderFacts($("headline"), Object.entries(headline).map(([k, v]) => [k.replace(/_/g, " "), headlineValue(v)]));
+  if (headline) {
+    // Rendered generically: whatever fields the eval headline has, with its one-line `text` (when it has one) on top.
+    $("headline-text").textContent = typeof headline.text === "string" ? headline.text : "";
+    const fields = Object.entries(headline).filter(([k]) => k !== "text" && k !== "report");
+    renderFacts($("headline"), fields.map(([k, v]) => [k.replace(/_/g, " "), headlineValue(v)]));
+  }
   $("report-box").hidden = !(job.gemcut && job.gemcut.report);
 
   const chatty = job.status === "succeeded" && Boolean(job.fine_tuned_model);
@@ -286,9 +291,13 @@ function headlineValue(v) {
   return num(v);
 }
 
+const ID_FACTS = new Set(["fine-tuned model", "training file", "validation file", "result files"]);
+
 function renderFacts(dl, pairs) {
   dl.replaceChildren();
-  for (const [k, v] of pairs) dl.append(el("dt", { textContent: k }), el("dd", { textContent: String(v) }));
+  for (const [k, v] of pairs) {
+    dl.append(el("dt", { textContent: k }), el("dd", { textContent: String(v), className: ID_FACTS.has(k) ? "mono" : "" }));
+  }
 }
 
 // Events come newest first, a page at a time (`after` pages back to older ones). Fetch pages until one
