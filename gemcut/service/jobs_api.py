@@ -100,7 +100,9 @@ async def create_job(request: Request) -> dict:
         validation = _ready_file(s, body["validation_file"], principal, "validation_file") if body.get("validation_file") else None
     try:
         spec = job_spec(body, base_model_source=source, training_kind=training.kind, validation=validation is not None,
-                        seed_default=secrets.randbelow(2**31))
+                        seed_default=secrets.randbelow(2**31), training_counts=training.report,
+                        validation_kind=validation.kind if validation else None,
+                        validation_counts=validation.report if validation else None)
     except JobSpecError as err:
         raise APIError(400, err.message, param=err.param, code="invalid_job") from None
     job_id = new_id("ftjob")
