@@ -1,6 +1,7 @@
 """The dashboard end to end in headless Chromium against the real service on 127.0.0.1: sign in (a wrong key
 is refused on the sign-in screen), upload a file (a bad one's error shown as text), create a job on a tiny
-model from the form, watch its loss curve grow, chat with the finished job beside its base, cancel another.
+model from the form, watch its loss curve grow, chat with the finished job beside its base; pause, resume and
+cancel another.
 
     python -m pytest -q tests/test_service_dashboard.py
     GEMCUT_DASHBOARD_SCREENSHOT=docs/img/dashboard.png python -m pytest -q tests/test_service_dashboard.py  # the docs' picture
@@ -199,6 +200,12 @@ def test_dashboard_end_to_end(service, page):
                120, "the second job running with two points")
     before = train_points(page)
     wait_until(page, f"Number(document.querySelector('#loss-chart').dataset.trainPoints) > {before}", 60, "the curve growing")
+    page.click("#job-pause")  # the worker stops at a step boundary, keeping its last checkpoint
+    wait_until(page, f"{text_of('#job-status')} === 'paused'", 60, "the job paused")
+    assert page.locator("#job-pause").is_hidden() and page.locator("#job-resume").is_visible()
+    page.click("#job-resume")
+    wait_until(page, f"{text_of('#job-status')} === 'running'", 120, "the job running again")
+    assert page.locator("#events li", has_text="resumed").count() >= 1, page.locator("#events li").all_inner_texts()[:5]
     page.click("#job-cancel")
     wait_until(page, f"{text_of('#job-status')} === 'cancelled'", 60, "the job cancelled")
     assert page.locator("#job-cancel").is_hidden()
