@@ -16,9 +16,10 @@ Scores, each in [0, 1]:
   like: reference is a substring of input; ilike: the same, ignoring case (str.casefold).
 - text_similarity, by `evaluation_metric`:
   - fuzzy_match: difflib.SequenceMatcher(None, input, reference, autojunk=False).ratio() = 2M / (len(input)
-    + len(reference)), M the characters of the matching blocks (Ratcliff/Obershelp); the standard library's
-    stand-in for rapidfuzz's fuzz.ratio / 100, which counts M by the longest common subsequence instead
-    (the two agree unless blocks cross).
+    + len(reference)), M the characters of the matching blocks (Ratcliff/Obershelp: the longest common block,
+    then the same on each side of it). The standard library's stand-in for rapidfuzz's fuzz.ratio / 100
+    (rapidfuzz is not a dependency), whose M is the longest common subsequence: the same on most strings,
+    lower here when taking the longest block first leaves fewer characters to match on its sides.
   - bleu: sacrebleu's sentence BLEU (13a tokenizer, exponential smoothing) / 100.
   - rouge_1 ... rouge_5, rouge_l: the F-measure of rouge-score's rougeN / rougeL (Porter stemming, as
     `gemcut eval` scores ROUGE).
