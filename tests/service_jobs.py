@@ -23,3 +23,12 @@ def insert_job(sessions: sessionmaker, *, config: dict | None = None, status: st
                            hyperparameters={}, config=config or {}, status=status, run_dir=f"runs/{job_id}",
                            result_files=[], attempts=0, **fields))
     return job_id
+
+
+def empty_tables(engine) -> None:
+    """Delete every row of the service's tables (a PostgreSQL server is shared by the whole test session)."""
+    from gemcut.service.db import Base
+
+    with engine.begin() as conn:
+        for table in reversed(Base.metadata.sorted_tables):
+            conn.execute(table.delete())

@@ -12,7 +12,7 @@ from collections import Counter
 from datetime import timedelta
 
 import pytest
-from service_jobs import insert_job
+from service_jobs import empty_tables, insert_job
 from sqlalchemy.orm import sessionmaker
 
 from gemcut.service.db import JobRow, make_engine, utcnow
@@ -26,9 +26,7 @@ def sessions(request, tmp_path):
     else:
         url = request.getfixturevalue("postgres_url")
     engine = make_engine(url)
-    if request.param == "postgresql":  # one server for the session: every test starts from empty tables
-        with engine.begin() as conn:
-            conn.execute(JobRow.__table__.delete())
+    empty_tables(engine)  # PostgreSQL: one server for the session; every test starts from empty tables
     yield sessionmaker(engine)
     engine.dispose()
 
