@@ -240,8 +240,7 @@ def test_metrics_tail_merges_validation_and_never_repeats_a_step_after_a_resume(
         f.write('{"step": 3, "lo')  # a line being written
     (event,) = tail.read(4)
     assert event.message == "Step 2/4: training loss=2.4000, validation loss=2.6000"
-    assert event.data == {"step": 2, "train_loss": 2.4, "train_mean_token_accuracy": None, "valid_loss": 2.6,
-                          "valid_mean_token_accuracy": 0.2, "total_steps": 4}
+    assert event.data == {"step": 2, "train_loss": 2.4, "valid_loss": 2.6, "valid_mean_token_accuracy": 0.2, "total_steps": 4}
     # A resume from step 1 rewrites the file to step 1's lines and retraces step 2.
     write({"step": 1, "loss": 2.5, "mean_token_accuracy": 0.1}, mode="w")
     assert tail.read(4) == []
@@ -262,5 +261,9 @@ def test_the_error_is_the_runs_own_line_with_file_ids_not_paths(tmp_path):
     log.write_text("error: the estimate predicts this run will not fit in memory\nLower train.batch_size or data.max_length\n")
     error = job_error(log, layout, job, 2)
     assert (error["code"], error["param"]) == ("training_failed", "train.batch_size") and "\nLower" in error["message"]
-    log.write_text("Traceback (most recent call last):\n  File \"x.py\", line 1\nRuntimeError: boom\n")
+    # Only the last attempt's output counts: an earlier attempt's error is not this one's.
+    log.write_text("==== train (attempt 1)\nerror: an older failure\n==== train (attempt 2)\n"
+                   "Traceback (most recent call last):\n  File \"x.py\", line 1\nRuntimeError: boom\n")
     assert job_error(log, layout, job, 1)["message"] == "training exited with status 1: RuntimeError: boom"
+    log.write_text("error: ../../files/file-train000001:3: not JSON\n")  # the path as the run folder's children see it
+    assert job_error(log, layout, job, 2)["message"] == "file-train000001:3: not JSON"

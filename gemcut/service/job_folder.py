@@ -8,8 +8,11 @@
     result_rows(run_dir)                        # the per-step CSV rows of the result file
 
 Only the worker turns file ids into paths (`layout.file_path`): the job's config holds ids, never paths a
-client chose. Uploaded files are stored under their id, without a suffix, so the format is set to JSONL
-(the format of every fine-tuning file) unless the config names one.
+client chose. The paths are relative to the run folder, where the children run (`../../files/file-…`), so
+the config is the same on every machine that mounts the service folder, wherever it mounts it: a job
+started on one worker resumes on another (`--resume` refuses a config that changed). Uploaded files are
+stored under their id, without a suffix, so the format is set to JSONL (the format of every fine-tuning
+file) unless the config names one.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -33,21 +37,29 @@ EVAL_LOG = "eval.log"
 RESULT_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
 CONFIG_KEY = re.compile(r"\b((?:data|model|adapter|objective|train|eval|output)(?:\.[a-z_0-9]+)+)")
 ERROR_LINE = "error: "
+ATTEMPT_MARK = "==== "  # the line the worker writes into a log before each child it starts
 MAX_MESSAGE = 2000
 
 
+def file_in_run(layout: ServiceLayout, job: JobRow, file_id: str) -> str:
+    """An uploaded file's path as the job's children see it from the run folder (their working directory)."""
+    return os.path.relpath(layout.file_path(file_id), layout.run_dir(job.id))
+
+
 def job_config(job: JobRow, layout: ServiceLayout, *, threads: int | None = None) -> dict:
-    """The run config the job trains with: `job.config` with the data files and the run folder resolved."""
+    """The run config the job trains with, run in the run folder: `job.config` with the data files and the run
+    folder filled in (relative to the run folder), and `threads` unless the config sets train.num_threads."""
     config = copy.deepcopy(job.config)
     data = config.setdefault("data", {})
-    data["train"] = [str(layout.file_path(job.training_file))]
+    data["train"] = [file_in_run(layout, job, job.training_file)]
     if job.validation_file:
-        data["validation"] = [str(layout.file_path(job.validation_file))]
+        data["validation"] = [file_in_run(layout, job, job.validation_file)]
     if data.get("format", "auto") == "auto":
         data["format"] = "jsonl"
-    config["output"] = {**config.get("output", {}), "dir": str(layout.runs_dir), "name": job.id}
-    if threads:
-        config.setdefault("train", {}).setdefault("num_threads", threads)
+    config["output"] = {**config.get("output", {}), "dir": "..", "name": job.id}
+    train = config.setdefault("train", {})
+    if threads and not train.get("num_threads"):
+        train["num_threads"] = threads
     return config
 
 
@@ -97,6 +109,8 @@ def job_error(log: Path, layout: ServiceLayout, job: JobRow, exit_code: int) -> 
     else training_failed; `param` the file or the config key the message names."""
     text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
     lines = [line.rstrip() for line in text.splitlines()]
+    marks = [i for i, line in enumerate(lines) if line.startswith(ATTEMPT_MARK)]
+    lines = lines[marks[-1] + 1:] if marks else lines  # this attempt's output only
     starts = [i for i, line in enumerate(lines) if line.startswith(ERROR_LINE)]
     if starts:
         message = "\n".join(lines[starts[-1]:]).removeprefix(ERROR_LINE).strip()
@@ -108,9 +122,10 @@ def job_error(log: Path, layout: ServiceLayout, job: JobRow, exit_code: int) -> 
     for field, file_id in (("training_file", job.training_file), ("validation_file", job.validation_file)):
         if not file_id:
             continue
-        path = str(layout.file_path(file_id))
-        if path in message:
-            message = message.replace(path, file_id)
+        paths = [str(layout.file_path(file_id)), file_in_run(layout, job, file_id)]
+        if any(path in message for path in paths):
+            for path in paths:
+                message = message.replace(path, file_id)
             code, param = f"invalid_{field}", field
             break
     if param is None and (key := CONFIG_KEY.search(message)):

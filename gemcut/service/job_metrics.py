@@ -84,7 +84,7 @@ class MetricsTail:
         if held is None or held["step"] <= self.emitted_through:
             return []
         self.emitted_through = held["step"]
-        data = {**held, "total_steps": self.total_steps}
+        data = {k: v for k, v in {**held, "total_steps": self.total_steps}.items() if v is not None}  # as OpenAI: absent, not null
         of = f"/{self.total_steps}" if self.total_steps else ""
         message = f"Step {held['step']}{of}: training loss={held['train_loss']:.4f}"
         if held["valid_loss"] is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shlex
 import signal
 import sys
 import threading
@@ -36,6 +37,7 @@ from gemcut.run_folder import checkpoint_step, complete_checkpoints, latest_chec
 from gemcut.service.db import CheckpointRow, EventRow, FileRow, JobRow, new_id, utcnow
 from gemcut.service.events import add_event
 from gemcut.service.job_folder import (
+    ATTEMPT_MARK,
     EVAL_LOG,
     JOB_LOG,
     eval_headline,
@@ -163,6 +165,9 @@ class JobRunner:
         """Run `command` to its end while heartbeating: ("exited", status), or how it was stopped early: "cancel",
         "pause" (the API asked) or "stop" (this worker is stopping). Raises JobLost, the child killed."""
         env = {"PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(self.threads)} if self.threads else {})}
+        with (self.run_dir / log_name).open("a", encoding="utf-8") as out:
+            out.write(f"{ATTEMPT_MARK}{shlex.join(command[1:])} (attempt {self.job.attempts}, worker {self.worker_id}, "
+                      f"{utcnow():%Y-%m-%d %H:%M:%S} UTC)\n")
         child = start_child(command, log=self.run_dir / log_name, env=env, cwd=self.run_dir)
         asked, asked_at = None, 0.0
         try:
