@@ -22,7 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 from tiny import CORPUS, save_tiny_llama
 
-from gemcut.service.db import CheckpointRow, EventRow, FileRow, JobRow, make_engine
+from gemcut.service.db import CheckpointRow, EventRow, FileRow, JobRow, make_engine, utcnow
 from gemcut.service.job_folder import job_error
 from gemcut.service.job_metrics import MetricsTail
 from gemcut.service.layout import ServiceLayout
@@ -172,42 +172,62 @@ def sqlite_service(tmp_path):
     engine.dispose()
 
 
-def test_cancel_pause_resume_and_a_bad_file_with_an_in_process_worker(sqlite_service, model_dir, tmp_path):
+def test_stop_hand_back_cancel_pause_resume_and_a_bad_file_with_in_process_workers(sqlite_service, model_dir, tmp_path):
     layout, sessions = sqlite_service
     layout.file_path("file-broken000001").write_text(
         '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n{"messages": 3}\n')
-    cancelled = insert_job(sessions, config=job_config(model_dir, steps=100000), training_file=TRAINING_FILE)
+    long = insert_job(sessions, config=job_config(model_dir, steps=100000), training_file=TRAINING_FILE)
     paused = insert_job(sessions, config=job_config(model_dir, steps=40), training_file=TRAINING_FILE)
     broken = insert_job(sessions, config=job_config(model_dir), training_file="file-broken000001")
-    worker = JobWorker(sessions, layout, worker_id="local", max_jobs=3, lease_s=5, poll_s=0.25, threads=1).start()
+    first = JobWorker(sessions, layout, worker_id="first", max_jobs=3, lease_s=5, poll_s=0.25, threads=1).start()
+    second = JobWorker(sessions, layout, worker_id="second", max_jobs=2, lease_s=5, poll_s=0.25, threads=1)
+
+    def checkpointed(job_id):
+        return lambda: list((layout.run_dir(job_id) / "checkpoints").glob("step-*/COMPLETE"))
+
+    def ended(job_id):
+        return lambda: job_row(sessions, job_id).status not in ("queued", "running")
+
+    def checkpoints_listed_as_on_disk(job_id):
+        with sessions() as s:
+            listed = s.scalars(select(CheckpointRow.folder).where(CheckpointRow.job_id == job_id)).all()
+        on_disk = sorted(p.parent.name for p in (layout.run_dir(job_id) / "checkpoints").glob("step-*/COMPLETE"))
+        return on_disk and sorted(listed) == on_disk
+
     try:
-        def checkpointed(job_id):
-            return lambda: list((layout.run_dir(job_id) / "checkpoints").glob("step-*/COMPLETE"))
-        wait_until(checkpointed(cancelled), 90, "the long job's first checkpoint")
         wait_until(checkpointed(paused), 90, "the paused job's first checkpoint")
         with sessions() as s, s.begin():
-            s.get(JobRow, cancelled).requested = "cancel"
             s.get(JobRow, paused).requested = "pause"
-        asked = time.monotonic()
-        wait_until(lambda: job_row(sessions, cancelled).status == "cancelled", 20, "the cancel")
-        assert time.monotonic() - asked < 10  # within a few seconds, at a step boundary
         wait_until(lambda: job_row(sessions, paused).status == "paused", 20, "the pause")
-        for job_id in (cancelled, paused):  # the run stopped, and its last checkpoint is kept and listed
-            assert not processes_running(str(layout.run_dir(job_id) / "job_config.yaml"))
-            with sessions() as s:
-                listed = s.scalars(select(CheckpointRow.folder).where(CheckpointRow.job_id == job_id)).all()
-            on_disk = sorted(p.parent.name for p in (layout.run_dir(job_id) / "checkpoints").glob("step-*/COMPLETE"))
-            assert on_disk and sorted(listed) == on_disk
-        assert job_row(sessions, cancelled).finished_at is not None
-        assert messages(sessions, cancelled)[-1].startswith("Fine-tuning job cancelled; its last checkpoint (step ")
-        paused_at = job_row(sessions, paused).progress["step"]
-        assert 0 < paused_at < 40
+        wait_until(ended(broken), 60, "the broken job to end")
+        wait_until(checkpointed(long), 90, "the long job's first checkpoint")
+        # A worker that stops hands its job back at a step boundary: the next worker resumes it at once.
+        first.stop(timeout=60)
+        row = job_row(sessions, long)
+        assert row.status == "running" and row.lease_until <= utcnow() and messages(sessions, long)[-1].startswith("Worker first is stopping")
+        assert not processes_running(str(layout.run_dir(long) / "job_config.yaml"))
+        second.start()
+        wait_until(lambda: any(m.startswith("Resumed from checkpoint step") for m in messages(sessions, long)), 30, "the resume")
         with sessions() as s, s.begin():  # what POST .../resume does
             s.get(JobRow, paused).status = "queued"
-        wait_until(lambda: job_row(sessions, paused).status not in ("queued", "running"), 120, "the resumed job to end")
-        wait_until(lambda: job_row(sessions, broken).status not in ("queued", "running"), 60, "the broken job to end")
+        resumed_at = job_row(sessions, long).progress["step"]
+        wait_until(lambda: job_row(sessions, long).progress["step"] > resumed_at + 5, 60, "the resumed job's steps")
+        with sessions() as s, s.begin():
+            s.get(JobRow, long).requested = "cancel"
+        asked = time.monotonic()
+        wait_until(lambda: job_row(sessions, long).status == "cancelled", 20, "the cancel")
+        assert time.monotonic() - asked < 10  # within a few seconds, at a step boundary
+        wait_until(ended(paused), 120, "the resumed job to end")
     finally:
-        worker.stop(timeout=60)
+        first.stop(timeout=60)
+        second.stop(timeout=60)
+    assert [m for m in messages(sessions, long) if m.startswith("Resumed")] == [
+        f"Resumed from checkpoint step {resumed_at} after worker first stopped heartbeating"]
+    assert job_row(sessions, long).finished_at is not None and job_row(sessions, long).worker == "second"
+    assert messages(sessions, long)[-1].startswith("Fine-tuning job cancelled; its last checkpoint (step ")
+    assert not processes_running(str(layout.run_dir(long) / "job_config.yaml"))
+    assert checkpoints_listed_as_on_disk(long) and checkpoints_listed_as_on_disk(paused)
+    assert metrics_steps(sessions, long) == list(range(1, job_row(sessions, long).progress["step"] + 1))
     row = job_row(sessions, paused)
     assert row.status == "succeeded", row.error
     assert any(m.startswith("Resumed from checkpoint step") and m.endswith("after pause") for m in messages(sessions, paused))
