@@ -14,6 +14,7 @@ import time
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from train_helpers import (
     TINY_RUN,
@@ -123,6 +124,19 @@ def test_resume_refuses_other_data_or_config(tmp_path):
                           config=config(max_steps=1, log_every=5, force=True).model_dump(mode="json"))
     with pytest.raises(TrainingError, match="no complete checkpoint"):
         fit_examples(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path / "empty", config=config(max_steps=1), resume=True)
+
+
+def test_a_checkpoint_from_before_a_new_config_field_still_resumes(tmp_path):
+    """A field added to the config since a checkpoint was saved reads as its default, not as a difference."""
+    deterministic()
+    fit_examples(llama(), CausalLM(), causal_examples(), collate_causal, run_dir=tmp_path, data_hash="a", config=config(max_steps=1))
+    latest = run_folder.latest_checkpoint(tmp_path / "checkpoints")
+    saved = yaml.safe_load((latest / "config.yaml").read_text())
+    del saved["data"]["extra_fields"], saved["train"]["fast"]  # as an older gemcut wrote it
+    (latest / "config.yaml").write_text(yaml.safe_dump(saved))
+    ckpt.check_compatible(latest, data_hash="a", config=config(max_steps=1).model_dump(mode="json"))
+    with pytest.raises(TrainingError, match=r"train\.fast: checkpoint True, now False"):
+        ckpt.check_compatible(latest, data_hash="a", config=config(max_steps=1, fast=False).model_dump(mode="json"))
 
 
 def test_prune_keeps_best_and_newest(tmp_path):

@@ -244,6 +244,19 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _as_today(saved: dict) -> dict:
+    """A checkpoint's config as this gemcut reads it: fields added since it was saved take their defaults, so
+    an upgrade alone never refuses a resume (a config that no longer validates is compared as it is)."""
+    from pydantic import ValidationError
+
+    from gemcut.config import RunConfig
+
+    try:
+        return RunConfig.model_validate(saved).model_dump(mode="json")
+    except (ValidationError, ValueError, TypeError):
+        return saved
+
+
 def check_compatible(path: Path, *, data_hash: str, config: dict) -> None:
     """Refuse to resume from `path` when the data or the training-relevant config differ."""
     path = Path(path)
@@ -253,7 +266,7 @@ def check_compatible(path: Path, *, data_hash: str, config: dict) -> None:
             f"{path}: the training data changed since this checkpoint (data hash {state.get('data_hash')!r}, "
             f"now {data_hash!r}); resume needs the same data, or start a new run with another output.name"
         )
-    saved = _flatten(read_config(path))
+    saved = _flatten(_as_today(read_config(path)))
     now = _flatten(config)
     differ = [k for k in sorted(set(saved) | set(now))
               if saved.get(k) != now.get(k) and not k.startswith(RESUME_MAY_DIFFER)]
