@@ -61,3 +61,10 @@ def test_a_revoked_key_gets_401_and_the_dashboard_page_needs_none(tmp_path):
     import asyncio
 
     assert asyncio.run(calls()) == (200, 401, 200, 401)
+
+
+def test_a_job_store_whose_driver_is_missing_names_the_package(tmp_path):
+    from gemcut.service.db import make_engine
+
+    with pytest.raises(GemcutError, match=r"needs the Python package 'pg8000': pip install 'gemcut\[postgres\]'"):
+        make_engine("postgresql+pg8000://gemcut@127.0.0.1/jobs")

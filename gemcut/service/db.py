@@ -16,6 +16,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from gemcut.dbfiles import make_private
+from gemcut.errors import GemcutError
 
 
 def utcnow() -> datetime:
@@ -152,6 +153,10 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.close()
     else:
-        engine = create_engine(url, pool_pre_ping=True)
+        try:
+            engine = create_engine(url, pool_pre_ping=True)
+        except ModuleNotFoundError as missing:  # the database's driver, e.g. psycopg for postgresql+psycopg://
+            raise GemcutError(f"the job store {url.split('://', 1)[0]}:// needs the Python package {missing.name!r}: "
+                              "pip install 'gemcut[postgres]' (psycopg) for PostgreSQL") from None
     Base.metadata.create_all(engine)
     return engine
