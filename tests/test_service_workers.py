@@ -105,7 +105,7 @@ def processes_running(needle: str) -> list[int]:
 
 
 def start_worker(url: str, root: Path, name: str, log: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "gemcut", "worker", "--db", url, "--root", str(root), "--worker-id", name,
+    command = [sys.executable, "-m", "gemcut", "worker", "--jobs-db", url, "--service-root", str(root), "--worker-id", name,
                "--lease", "3", "--poll", "0.5", "--threads", "1"]
     with log.open("ab") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)

@@ -1,9 +1,9 @@
 """`gemcut worker`: claim fine-tuning jobs from the service's job store and run them, until Ctrl-C or SIGTERM.
 
     gemcut worker                                              # the default service folder and its SQLite store
-    gemcut worker --db postgresql+psycopg://gemcut@db-host/gemcut --root /shared/gemcut-service --max-jobs 2
+    gemcut worker --jobs-db postgresql+psycopg://gemcut@db-host/gemcut --service-root /shared/gemcut-service --max-jobs 2
 
-Several workers (on this machine or others sharing one PostgreSQL and one --root) split the queue between
+Several workers (on this machine or others sharing one PostgreSQL and one --service-root) split the queue between
 them; a worker that dies loses its jobs to the others after --lease seconds, and they resume them from the
 last checkpoint. Ctrl-C or SIGTERM stops the running jobs at a step boundary (each saves a checkpoint) and
 hands them back to the queue.
@@ -21,8 +21,8 @@ from gemcut.cli import app
 
 @app.command("worker")
 def worker(
-    db: str | None = typer.Option(None, help="SQLAlchemy URL of the job store (default: sqlite under --root; teams: postgresql+psycopg://...)."),
-    root: Path | None = typer.Option(None, help="The service folder every worker and the server share (uploaded files, run folders); default ~/.cache/gemcut/service."),
+    db: str | None = typer.Option(None, "--jobs-db", help="SQLAlchemy URL of the job store (default: sqlite under --service-root; teams: postgresql+psycopg://...)."),
+    root: Path | None = typer.Option(None, "--service-root", help="The service folder every worker and the server share (uploaded files, run folders); default ~/.cache/gemcut/service."),
     max_jobs: int = typer.Option(1, "--max-jobs", min=1, help="Jobs run at once by this worker."),
     lease: float = typer.Option(30.0, "--lease", min=1.0, help="Seconds a job stays this worker's without a heartbeat before another worker may take it over."),
     poll: float = typer.Option(1.0, "--poll", min=0.05, help="Seconds between heartbeats and looks at the queue."),
