@@ -201,7 +201,7 @@ def test_a_key_in_the_query_string_never_reaches_the_log(tmp_path):
     env = {**os.environ, "GEMCUT_API_KEYS": API_KEY}
     gemcut = str(Path(sys.executable).parent / "gemcut")
     proc = subprocess.Popen([gemcut, "serve", "--model", str(folder), "--port", str(port),
-                             "--db", f"sqlite:///{tmp_path / 'serve.db'}", "--threads", "1"],
+                             "--db", f"sqlite:///{tmp_path / 'serve.db'}", "--threads", "1", "--service-root", str(tmp_path / "service")],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120

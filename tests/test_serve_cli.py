@@ -22,7 +22,7 @@ def test_serve_command_runs_uvicorn_on_loopback(tmp_path):
     port = free_port()
     env = {**os.environ, "GEMCUT_API_KEYS": API_KEY, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-c", "from gemcut.cli import main; main()", "serve", "--model", str(model), "--port", str(port),
-           "--db", f"sqlite:///{tmp_path / 'serve.db'}", "--threads", "1"]
+           "--db", f"sqlite:///{tmp_path / 'serve.db'}", "--threads", "1", "--service-root", str(tmp_path / "service")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 90
