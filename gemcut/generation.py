@@ -63,6 +63,18 @@ class GenerationResult:
     logprobs: list[TokenLogprob] | None = None
 
 
+@dataclass
+class StreamDelta:
+    """A piece of a streamed completion: new text (may be empty), the id generated in this step (none on a
+    final eos delta) with its `logprobs` when asked, and `finish_reason` ("stop" or "length") on the last
+    delta only."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
 class Constraint(Protocol):
     """What a row's output may be (gemcut/serve/structured.py: JSON); one object per row, used once.
 
@@ -133,7 +145,7 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: float,
 MAX_TOP_LOGPROBS = 20
 
 
-class _Picker:
+class TokenPicker:
     """Per-row logits processing and the pick of one batch (the module docstring gives the order).
 
     Called with each step's last-position logits [B, V]; returns the picked ids [B] and, with `logprobs`,
@@ -148,6 +160,13 @@ class _Picker:
         self.logprobs = logprobs
         self.counts: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Whether the pick is the argmax of the raw logits: greedy, nothing added, no constraint, no logprobs
+        (a caller may then take the argmax of many rows at once)."""
+        return (self.temperature == 0 and not self.logit_bias and not self.presence and not self.frequency
+                and self.logprobs is None and all(c is None for c in self.constraints))
 
     def constraint_done(self, row: int) -> bool:
         c = self.constraints[row]
@@ -247,7 +266,7 @@ def _answer_nll(model, first_logits, past, mask, last_pos, answers, pad_id) -> l
     return [(float(sums[r]), int(targets[r].sum())) for r in range(rows)]
 
 
-def _token_steps(model, prompt_ids, *, pick: _Picker, pad_id, answers=None,
+def _token_steps(model, prompt_ids, *, pick: TokenPicker, pad_id, answers=None,
                  answer_nll: list | None = None) -> Iterator[tuple[torch.Tensor, list[TokenLogprob] | None]]:
     """Yield the next token of every row (and its logprobs, when asked), step after step, keeping a KV
     cache; the caller stops it.
@@ -287,51 +306,95 @@ def _token_steps(model, prompt_ids, *, pick: _Picker, pad_id, answers=None,
         mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], dim=-1)
 
 
-def _pad_id(tokenizer, eos_ids) -> int:
+def padding_id(tokenizer, eos_ids) -> int:
+    """The id padding columns hold."""
     # The pad id never reaches attention (masked), any valid id will do.
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos_ids) if eos_ids else 0)
 
 
-def _generate_batch(model, tokenizer, prompt_ids, *, max_new_tokens, pick: _Picker, stop, eos_ids, answers=None):
-    n = len(prompt_ids)
-    out: list[list[int]] = [[] for _ in range(n)]
-    lps: list[list[TokenLogprob]] = [[] for _ in range(n)]
-    results: list[GenerationResult | None] = [None] * n
+class Completion:
+    """One row's output as its picked ids arrive: the rules of the module docstring for when it ends and
+    what its text is, and the deltas a stream sends. `generate`, `stream_generate` and the server's running
+    batch (gemcut/serve/running_batch.py) all go through it, so those rules live once.
+
+        completion = Completion(tokenizer, max_new_tokens=16, eos_ids={2}, stop=["\\n"], stream=True)
+        deltas = completion.add(token_id, logprob, constraint_done)   # until completion.finished
+        completion.result()                                             # -> GenerationResult
+
+    `add` returns the `StreamDelta`s the id releases (none with `stream=False`; two when the budget ends: the
+    token's, then an empty "length" one). Text that could still become a stop string, or half of a
+    multi-byte character, is held back until it is final, so a stop string never reaches a client. Without
+    `stream` the text is decoded only where a stop string needs it, and once at the end.
+    """
+
+    def __init__(self, tokenizer, *, max_new_tokens: int, eos_ids: set[int], stop: Sequence[str] = (), logprobs: bool = False,
+                 stream: bool = False):
+        self.tokenizer, self.max_new_tokens, self.eos_ids, self.stream = tokenizer, max_new_tokens, eos_ids, stream
+        self.stop = [s for s in stop if s]
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if logprobs else None
+        self.finish_reason: str | None = None
+        self.text = ""
+        self.sent = 0  # characters of the text already sent as deltas
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+
+    def add(self, token_id: int, logprob: TokenLogprob | None = None, constraint_done: bool = False) -> list[StreamDelta]:
+        """Take the next picked id (`constraint_done`: the row's constraint admits nothing after it)."""
+        if token_id in self.eos_ids:
+            return self._end("stop", self._decode(), [])
+        self.token_ids.append(token_id)
+        lp = None if logprob is None else [logprob]
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(logprob)
+        text = self._decode() if self.stream or self.stop else None
+        cut = _first_stop(text, self.stop) if self.stop else -1
+        if cut >= 0:
+            return self._end("stop", text[:cut], [token_id], lp)
+        if constraint_done:
+            return self._end("stop", text, [token_id], lp)
+        deltas = []
+        if self.stream:
+            ready = len(text) - _held_back(text, self.stop)
+            deltas.append(StreamDelta(text[self.sent:ready] if ready > self.sent else "", [token_id], logprobs=lp))
+            self.sent = max(self.sent, ready)
+        if len(self.token_ids) >= self.max_new_tokens:
+            deltas += self._end("length", text, [])
+        return deltas
+
+    def _end(self, reason: str, text: str | None, token_ids: list[int], lp=None) -> list[StreamDelta]:
+        self.finish_reason, self.text = reason, self._decode() if text is None else text
+        if not self.stream:
+            return []
+        return [StreamDelta(self.text[self.sent:] if len(self.text) > self.sent else "", token_ids, reason, lp)]
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(self.text, list(self.token_ids), self.finish_reason or "length",
+                                logprobs=None if self.logprobs is None else list(self.logprobs))
+
+
+def _generate_batch(model, tokenizer, prompt_ids, *, max_new_tokens, pick: TokenPicker, stop, eos_ids, answers=None):
     answer_nll: list[tuple[float, int]] = []
-    steps = _token_steps(model, prompt_ids, pick=pick, pad_id=_pad_id(tokenizer, eos_ids), answers=answers, answer_nll=answer_nll)
-
-    def finish(i: int, reason: str, text: str | None = None) -> None:
-        text = tokenizer.decode(out[i], skip_special_tokens=True) if text is None else text
-        results[i] = GenerationResult(text, list(out[i]), reason, logprobs=list(lps[i]) if pick.logprobs is not None else None)
-
+    steps = _token_steps(model, prompt_ids, pick=pick, pad_id=padding_id(tokenizer, eos_ids), answers=answers, answer_nll=answer_nll)
+    rows = [Completion(tokenizer, max_new_tokens=max_new_tokens, eos_ids=eos_ids, stop=stop, logprobs=pick.logprobs is not None)
+            for _ in prompt_ids]
     for _ in range(max_new_tokens):
         nxt, logprobs = next(steps)
-        nxt = nxt.tolist()
-        for i in range(n):
-            if results[i] is not None:
-                continue
-            if nxt[i] in eos_ids:
-                finish(i, "stop")
-                continue
-            out[i].append(nxt[i])
-            if logprobs is not None:
-                lps[i].append(logprobs[i])
-            if stop:
-                text = tokenizer.decode(out[i], skip_special_tokens=True)
-                cut = _first_stop(text, stop)
-                if cut >= 0:
-                    finish(i, "stop", text[:cut])
-                    continue
-            if pick.constraint_done(i):
-                finish(i, "stop")
-        if all(r is not None for r in results):
+        for i, token_id in enumerate(nxt.tolist()):
+            if not rows[i].finished:
+                rows[i].add(token_id, None if logprobs is None else logprobs[i], pick.constraint_done(i))
+        if all(row.finished for row in rows):
             break
     steps.close()
-    for i in range(n):
-        if results[i] is None:
-            finish(i, "length")
+    results = [row.result() for row in rows]
+    for i, result in enumerate(results):
         if answer_nll:
-            results[i].answer_nll = answer_nll[i]
+            result.answer_nll = answer_nll[i]
     return results
 
 
@@ -350,7 +413,7 @@ def _check(max_new_tokens: int, temperature: float, top_p: float, presence_penal
         raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}")
 
 
-def _generator(temperature: float, seed: int | Sequence[int] | None) -> torch.Generator | list[torch.Generator] | None:
+def sampling_generator(temperature: float, seed: int | Sequence[int] | None) -> torch.Generator | list[torch.Generator] | None:
     """The sampling generator: one for the batch, or one per row when `seed` is a list (one seed per prompt)."""
     if temperature == 0:
         return None
@@ -361,7 +424,7 @@ def _generator(temperature: float, seed: int | Sequence[int] | None) -> torch.Ge
     return generator
 
 
-def _eos_set(model, tokenizer, eos_ids) -> set[int]:
+def resolve_eos_ids(model, tokenizer, eos_ids) -> set[int]:
     if eos_ids is None:
         return default_eos_ids(model, tokenizer)
     return {int(eos_ids)} if isinstance(eos_ids, int) else {int(e) for e in eos_ids}
@@ -403,10 +466,10 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
         raise ValueError("answers needs one non-empty (ids, targets) pair per prompt")
     if constraints is not None and len(constraints) != len(prompt_ids):
         raise ValueError(f"constraints needs one entry (or None) per prompt: {len(constraints)} for {len(prompt_ids)} prompts")
-    eos_set = _eos_set(model, tokenizer, eos_ids)
+    eos_set = resolve_eos_ids(model, tokenizer, eos_ids)
     if isinstance(seed, Sequence) and len(seed) != len(prompt_ids):
         raise ValueError(f"seed needs one value per prompt: {len(seed)} for {len(prompt_ids)} prompts")
-    generator = _generator(temperature, seed)
+    generator = sampling_generator(temperature, seed)
     was_training = model.training
     model.eval()
     try:
@@ -415,7 +478,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
         for start in range(0, len(prompt_ids), size):
             rows = prompt_ids[start:start + size]
             rows_generator = generator[start:start + size] if isinstance(generator, list) else generator
-            pick = _Picker(len(rows), temperature=temperature, top_p=top_p, generator=rows_generator, eos_ids=eos_set,
+            pick = TokenPicker(len(rows), temperature=temperature, top_p=top_p, generator=rows_generator, eos_ids=eos_set,
                            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias,
                            constraints=None if constraints is None else constraints[start:start + size], logprobs=logprobs)
             results.extend(_generate_batch(model, tokenizer, rows, max_new_tokens=max_new_tokens, pick=pick,
@@ -425,18 +488,6 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
     finally:
         if was_training:
             model.train()
-
-
-@dataclass
-class StreamDelta:
-    """A piece of a streamed completion: new text (may be empty), the id generated in this step (none on a
-    final eos delta) with its `logprobs` when asked, and `finish_reason` ("stop" or "length") on the last
-    delta only."""
-
-    text: str
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    logprobs: list[TokenLogprob] | None = None
 
 
 def _held_back(text: str, stop: Sequence[str]) -> int:
@@ -467,37 +518,20 @@ def stream_generate(model, tokenizer, prompt_ids: list[int], *, max_new_tokens: 
     _check(max_new_tokens, temperature, top_p, presence_penalty, frequency_penalty, logprobs)
     if not prompt_ids:
         raise ValueError("the prompt needs at least one token; got an empty prompt")
-    eos_set = _eos_set(model, tokenizer, eos_ids)
+    eos_set = resolve_eos_ids(model, tokenizer, eos_ids)
     stop = [s for s in (stop or []) if s]
     was_training = model.training
     model.eval()
-    pick = _Picker(1, temperature=temperature, top_p=top_p, generator=_generator(temperature, seed), eos_ids=eos_set,
-                   presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias,
-                   constraints=[constraint], logprobs=logprobs)
-    steps = _token_steps(model, [list(prompt_ids)], pick=pick, pad_id=_pad_id(tokenizer, eos_set))
-    out: list[int] = []
-    sent = 0  # characters of the decoded text already yielded
+    pick = TokenPicker(1, temperature=temperature, top_p=top_p, generator=sampling_generator(temperature, seed), eos_ids=eos_set,
+                       presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias,
+                       constraints=[constraint], logprobs=logprobs)
+    steps = _token_steps(model, [list(prompt_ids)], pick=pick, pad_id=padding_id(tokenizer, eos_set))
+    completion = Completion(tokenizer, max_new_tokens=max_new_tokens, eos_ids=eos_set, stop=stop, logprobs=logprobs is not None,
+                            stream=True)
     try:
-        for _ in range(max_new_tokens):
+        while not completion.finished:
             nxt, lps = next(steps)
-            tok = int(nxt[0])
-            if tok in eos_set:
-                yield StreamDelta(tokenizer.decode(out, skip_special_tokens=True)[sent:], [], "stop")
-                return
-            out.append(tok)
-            lp = lps[:1] if lps is not None else None
-            text = tokenizer.decode(out, skip_special_tokens=True)
-            cut = _first_stop(text, stop) if stop else -1
-            if cut >= 0:
-                yield StreamDelta(text[sent:cut] if cut > sent else "", [tok], "stop", lp)
-                return
-            if pick.constraint_done(0):
-                yield StreamDelta(text[sent:], [tok], "stop", lp)
-                return
-            ready = len(text) - _held_back(text, stop)
-            yield StreamDelta(text[sent:ready] if ready > sent else "", [tok], logprobs=lp)
-            sent = max(sent, ready)
-        yield StreamDelta(tokenizer.decode(out, skip_special_tokens=True)[sent:], [], "length")
+            yield from completion.add(int(nxt[0]), None if lps is None else lps[0], pick.constraint_done(0))
     finally:
         steps.close()
         if was_training:
