@@ -337,6 +337,16 @@ class EvalConfig(Section):
     forgetting_data: str | None = Field("chatterbot", description="General held-out set for the forgetting check (file or packaged alias): perplexity, plus accuracy where its records carry answers (label or prompt/completion); None disables.")
     forgetting_margin: float = Field(0.1, ge=0, description="Warn when general perplexity rises, or general task accuracy falls, by more than this fraction.")
     forgetting_max_examples: int = Field(200, ge=1, description="Conversations of forgetting_data scored (evenly spaced through it).")
+    baselines: list[Literal["zero_shot", "k_shot", "tfidf"]] | None = Field(None, description="Baselines scored beside the tuned model (docs/evaluation.md): zero_shot and k_shot prompt the base model, tfidf fits TF-IDF + logistic regression on the train split; None runs all that apply to the task, [] none.")
+    k_shot: int = Field(4, ge=1, description="Train examples shown in the prompt of the k_shot baseline (balanced over labels for label tasks).")
+
+    @field_validator("baselines", mode="before")
+    @classmethod
+    def _no_baselines(cls, value):
+        # `eval.baselines=none` on a command line reads as the string "none": no baselines; one name alone is a list of one
+        if isinstance(value, str):
+            return [] if value.strip().lower() in ("none", "[]", "") else [value.strip()]
+        return value
 
     @field_validator("forgetting_data", mode="before")
     @classmethod

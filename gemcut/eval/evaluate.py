@@ -11,8 +11,11 @@ Reads the run's `config.yaml` and its prepared `data/<split>.jsonl`, loads the c
    each scored by `task_scoring.score_model` in the run's compute precision (gemcut/models/precision.py);
 3. per-metric tuned-minus-base differences with paired bootstrap intervals (summary.py, bootstrap.py,
    `eval.bootstrap` resamples, seed `train.seed`);
-4. the forgetting check (forgetting.py);
-5. outputs in the run folder (outputs.py): `eval.json` (everything shown), `eval_predictions.jsonl` (one line
+4. the baselines of `eval.baselines` (baselines.py: the base model prompted zero- and k-shot, scored by constrained
+   label likelihood on label tasks, and TF-IDF + logistic regression on the train split), each against the tuned
+   model with a paired bootstrap interval (baseline_summary.py); the headline is the margin over the strongest;
+5. the forgetting check (forgetting.py);
+6. outputs in the run folder (outputs.py): `eval.json` (everything shown), `eval_predictions.jsonl` (one line
    per example: reference, base and tuned answers) and `report.html` (report.py).
 
 Choosing among a run's checkpoints is checkpoint_choice.py (`gemcut eval --select-checkpoint`).
@@ -26,9 +29,11 @@ from pathlib import Path
 
 from gemcut.config import RunConfig, load_config
 from gemcut.errors import ConfigError, GemcutError
+from gemcut.eval import baselines as B
+from gemcut.eval.baseline_summary import best_baseline, compare_baselines, margin_headline
 from gemcut.eval.examples import read_split, split_labels, to_example
 from gemcut.eval.forgetting import forgetting_check
-from gemcut.eval.model_views import base_model, is_lora, tuned_model
+from gemcut.eval.model_views import base_model, causal_base_model, causal_base_of, is_lora, tuned_model
 from gemcut.eval.outputs import clean_floats, predictions_lines, samples, write_json, write_jsonl
 from gemcut.eval.summary import headline_text, summarise
 from gemcut.eval.task_scoring import Progress, eval_task, no_progress, score_model
@@ -111,20 +116,57 @@ def evaluate(run_dir, *, split: str = "test", checkpoint: str = "final", base: b
     with compute(), tuned_model(loaded) as tm:
         tuned = score_model(task, tm, loaded.tokenizer, loaded.template, examples, labels, cfg, log, progress, "tuned",
                             scorer=scorer)
+    wanted, skipped = B.wanted(task, cfg), {}
+    train_examples: list = []
+    train_records: list = []
+    val_records: list = []
+    if wanted:
+        try:
+            train_examples, train_records, val_records = B.train_data(run_dir, examples[0].kind, labels, cfg)
+        except GemcutError as e:
+            skipped = {name: str(e) for name in wanted}
+            wanted = []
+    found: list[B.Baseline] = []
     base_res = None
     if base:
         log("scoring the base model" + (" (adapter disabled)" if is_lora(loaded.model) else ""))
         with base_model(loaded, cfg) as bm, compute():
             base_res = score_model(task, bm, loaded.tokenizer, loaded.template, examples, labels, cfg, log, progress, "base",
                                    scorer=scorer)
+            if task != "classification":
+                found += B.prompted_baselines(task, wanted, bm, loaded.tokenizer, loaded.template, examples, train_examples,
+                                              base_res, labels, cfg, log, progress)
+    prompted = [n for n in wanted if n in ("zero_shot", "k_shot")]
+    if prompted and not base:
+        skipped.update({n: "the base model was not scored (--no-base, eval.compare_base=false)" for n in prompted})
+    elif prompted and task == "classification":
+        why_not = causal_base_of(cfg)
+        if why_not is not None:
+            skipped.update({n: f"{why_not}; TF-IDF is the baseline" for n in prompted})
+        else:
+            log("scoring the prompted baselines with the base model loaded as a causal LM")
+            with causal_base_model(cfg, device_of(loaded.model)) as (lm, lm_tokenizer, lm_template), compute():
+                found += B.prompted_baselines(task, prompted, lm, lm_tokenizer, lm_template, examples, train_examples,
+                                              None, labels, cfg, log, progress)
+    if "tfidf" in wanted:
+        log("fitting the TF-IDF baseline on the train split")
+        try:
+            found.append(B.tfidf_baseline(examples, train_records, val_records, labels, cfg.train.seed))
+        except ValueError as e:
+            skipped["tfidf"] = str(e)
     summary = summarise(task, references, labels, tuned, base_res, n_resamples=cfg.eval.bootstrap, seed=cfg.train.seed)
+    baselines = compare_baselines(task, references, labels, tuned, found, n_resamples=cfg.eval.bootstrap, seed=cfg.train.seed)
+    best = best_baseline(summary, baselines)
+    for b in baselines.values():
+        log(f"  baseline {b['title']}: {summary['headline_metric']} {b['metrics'].get(summary['headline_metric'])}")
     with compute():
         forgetting = forgetting_check(loaded, cfg, with_base=base, log=log, progress=progress)
 
     result = {
         "run": str(run_dir), "split": split, "checkpoint": checkpoint, "task": task, "labels": labels if summary["tuned"].get("per_class") else None,
         "n_examples": len(examples), "n_in_split": n_total, "n_left_out": n_total - len(examples), "precision": precision,
-        "headline": headline_text(summary), **summary, "forgetting": forgetting,
+        "headline": margin_headline(summary, best) if baselines and best else headline_text(summary), **summary,
+        "baselines": baselines, "baselines_skipped": skipped, "best_baseline": best, "forgetting": forgetting,
         "samples": samples(examples, tuned, base_res, cfg.eval.num_samples),
         "generation": {"max_new_tokens": tuned.extra.get("max_new_tokens"), "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
                        "finish_reasons": {"tuned": tuned.extra.get("finish_reasons"),

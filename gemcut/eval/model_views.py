@@ -62,3 +62,39 @@ def base_model(loaded, cfg: RunConfig):
         yield base
     finally:
         del base
+
+
+def causal_base_of(cfg: RunConfig) -> str | None:
+    """Why a classifier-head run's base cannot be prompted as a causal LM, or None when it can: its config's
+    `architectures` name a `...ForCausalLM` (an encoder such as MiniLM names none)."""
+    from transformers import AutoConfig
+
+    from gemcut.models.resolve import resolve_model
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(cfg.model.name, cfg.model.revision),
+                                            trust_remote_code=cfg.model.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - any failure to read the config means no causal LM to prompt
+        return f"the base model's config could not be read ({type(e).__name__})"
+    architectures = getattr(config, "architectures", None) or []
+    if not any(a.endswith("ForCausalLM") for a in architectures):
+        return f"the base model {cfg.model.name} is not a causal LM (architectures: {', '.join(architectures) or 'none'})"
+    return None
+
+
+@contextlib.contextmanager
+def causal_base_model(cfg: RunConfig, device):
+    """(model, tokenizer, template) of a classifier-head run's base loaded as the causal LM it was pre-trained as,
+    on `device`, for the prompted baselines; `causal_base_of(cfg)` says whether there is one. Raises ConfigError
+    when its tokenizer has no chat template and data.template names none."""
+    from gemcut.data.templates import ChatTemplate
+    from gemcut.models.load import load_base
+
+    model, tokenizer = load_base(cfg.model, "causal_lm")
+    template = ChatTemplate.from_tokenizer(tokenizer, cfg.data.template, cfg.data.system_prompt)
+    model.to(device)
+    model.eval()
+    try:
+        yield model, tokenizer, template
+    finally:
+        del model

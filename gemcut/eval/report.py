@@ -3,7 +3,8 @@
     gemcut eval runs/<name>          # writes runs/<name>/report.html
     python -c "from gemcut.eval.report import write_report; import json; write_report('runs/x', json.load(open('runs/x/eval.json')))"
 
-Sections: the headline (base -> tuned with the difference and its interval), warnings, a metrics table
+Sections: the headline (the margin over the best baseline, or base -> tuned, with its interval), warnings, the
+baselines beside the tuned model (baseline_summary.py), a metrics table
 (base, tuned, difference, confidence interval), training and validation loss curves from metrics.jsonl,
 the confusion matrices as pictures (with the "unparseable" column), the per-class table, how generated
 answers were mapped to labels, the forgetting check, and side-by-side samples. Pictures are matplotlib
@@ -188,6 +189,40 @@ def mapping_table(ev: dict) -> str:
             f'<table class="mapping">{head}{"".join(rows)}</table>')
 
 
+def baselines_section(ev: dict) -> str:
+    """The tuned model beside each baseline (base prompted zero- and k-shot, TF-IDF, the free-text base) on the
+    headline metric and accuracy, with tuned minus baseline and its interval; the strongest one marked."""
+    found, skipped = ev.get("baselines") or {}, ev.get("baselines_skipped") or {}
+    if not found and not skipped:
+        return ""
+    metric = ev.get("headline_metric") or "macro_f1"
+    shown = [m for m in dict.fromkeys([metric, "accuracy", "exact_match", "bleu"]) if m in ev["tuned"]]
+    best = (ev.get("best_baseline") or {}).get("name")
+    rows = [(name, b["title"], b["how"], b["metrics"], b["deltas"]) for name, b in found.items()]
+    if ev.get("base") is not None and not any(b["info"].get("same_as") == "base" for b in found.values()):
+        rows.append(("base", "base (free text)", "the base model's generated answer, mapped to a label (section below)",
+                     ev["base"], ev.get("deltas") or {}))
+    head = ("<tr><th>model</th><th>how it answers</th>" + "".join(f"<th>{esc(m)}</th>" for m in shown)
+            + f"<th>tuned − it ({esc(metric)})</th><th>95% interval</th></tr>")
+    body = ['<tr><th>tuned</th><td>the fine-tuned model</td>'
+            + "".join(f'<td class="num" data-metric="{m}" data-model="tuned">{fmt(ev["tuned"].get(m))}</td>' for m in shown)
+            + "<td></td><td></td></tr>"]
+    for name, title, how, metrics, deltas in rows:
+        d = deltas.get(metric) or {}
+        mark = " <b>(best)</b>" if name == best else ""
+        interval = f"[{fmt(d.get('low'))}, {fmt(d.get('high'))}]" if d.get("low") is not None else ""
+        body.append(f"<tr><th>{esc(title)}{mark}</th><td>{esc(how)}</td>"
+                    + "".join(f'<td class="num" data-metric="{m}" data-model="baseline:{esc(name)}">{fmt(metrics.get(m))}</td>'
+                              for m in shown)
+                    + f'<td class="num" data-metric="{metric}" data-model="delta:{esc(name)}">{fmt(d.get("diff"))}</td>'
+                    f'<td class="num">{interval}</td></tr>')
+    notes = "".join(f"<p>No {esc(name.replace('_', '-'))} baseline: {esc(why)}.</p>" for name, why in skipped.items())
+    return ("<h2>Baselines</h2><p>What the same data gives without fine-tuning; the headline is the margin over the "
+            "strongest. Prompted baselines are scored by constrained label likelihood on label tasks, so they always "
+            f"answer a label (docs/evaluation.md).</p>"
+            f'<table class="baselines">{head}{"".join(body)}</table>{notes}')
+
+
 def forgetting_section(ev: dict) -> str:
     f = ev.get("forgetting")
     if not f:
@@ -232,7 +267,7 @@ def render_report(ev: dict, metrics_log: list[dict]) -> str:
              + "</p>",
              f'<p class="headline" id="headline">{esc(ev["headline"])}</p>']
     parts += [f'<div class="warn">{esc(w)}</div>' for w in ev.get("warnings") or []]
-    parts += ["<h2>Metrics</h2>", metrics_table(ev)]
+    parts += [baselines_section(ev), "<h2>Metrics</h2>", metrics_table(ev)]
     curve = loss_curve_uri(metrics_log)
     parts.append("<h2>Training</h2>" + (img(curve, "training and validation loss") if curve else "<p>No metrics.jsonl in this run.</p>"))
     pics = []

@@ -23,6 +23,8 @@ from gemcut.eval.bootstrap import paired_bootstrap_indexed
 HEADLINE = {"classification": "macro_f1", "generative_classification": "macro_f1", "generation": "rougeL",
             "language_modeling": "perplexity", "preference": "pairwise_accuracy"}
 LOWER_IS_BETTER = {"perplexity", "loss", "unparseable_rate"}
+# How the headline writes each headline metric.
+SHOWN = {"macro_f1": "macro-F1", "rougeL": "ROUGE-L", "perplexity": "perplexity", "pairwise_accuracy": "pairwise accuracy"}
 
 
 @dataclass
@@ -119,17 +121,17 @@ def summarise(task: str, references: list[str], labels: list[str], tuned: ModelR
 def headline_text(summary: dict) -> str:
     """"macro-F1 0.31 -> 0.70 (+0.39 ± 0.02)", or the tuned value alone when there is no base."""
     name = summary["headline_metric"]
-    shown = {"macro_f1": "macro-F1", "rougeL": "ROUGE-L", "perplexity": "perplexity",
-             "pairwise_accuracy": "pairwise accuracy"}.get(name, name)
+    shown = SHOWN.get(name, name)
     tuned = summary["tuned"].get(name)
     d = summary["deltas"].get(name)
     if d is None:
-        return f"{shown} {_fmt(tuned)}"
+        return f"{shown} {fmt_value(tuned)}"
     pm = f" ± {d['half_width']:.2f}" if d.get("half_width") is not None else ""
-    return f"{shown} {_fmt(d['base'])} -> {_fmt(d['tuned'])} ({d['diff']:+.2f}{pm})"
+    return f"{shown} {fmt_value(d['base'])} -> {fmt_value(d['tuned'])} ({d['diff']:+.2f}{pm})"
 
 
-def _fmt(x) -> str:
+def fmt_value(x) -> str:
+    """A headline number with two decimals, "n/a" for None or a non-finite value."""
     if x is None or (isinstance(x, float) and not np.isfinite(x)):
         return "n/a"
     return f"{x:.2f}"
