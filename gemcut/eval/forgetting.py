@@ -73,7 +73,7 @@ def forgetting_check(loaded, cfg: RunConfig, *, with_base: bool, log: Callable[[
     spec = cfg.eval.forgetting_data
     if spec is None:
         return {"skipped": "eval.forgetting_data is None"}
-    if in_training_data(spec, cfg.data.train):
+    if in_training_data(spec, cfg.data.training_sources()):  # data.train, or every source of a data mixture
         # Perplexity on what the run trained on can only fall: it would hide forgetting, and costs half of eval.
         why = (f"eval.forgetting_data={spec} is part of this run's training data (data.train), so it measures fit, not "
                "forgetting; pass eval.forgetting_data=chitchat (or another set the run did not train on) or eval.forgetting_data=none")

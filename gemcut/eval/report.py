@@ -21,6 +21,8 @@ import json
 import math
 from pathlib import Path
 
+from gemcut.eval.per_source import per_source_section
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
@@ -281,7 +283,7 @@ def render_report(ev: dict, metrics_log: list[dict]) -> str:
     table = per_class_table(ev)
     if table:
         parts += ["<h2>Per class</h2>", table]
-    parts += [mapping_table(ev), forgetting_section(ev), samples_table(ev)]
+    parts += [mapping_table(ev), per_source_section(ev), forgetting_section(ev), samples_table(ev)]
     return page(f"gemcut eval {Path(ev['run']).name}", "\n".join(p for p in parts if p))
 
 

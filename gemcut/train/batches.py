@@ -11,6 +11,11 @@ a `Step` at the run's data position (epoch, index in the epoch's order) and trai
 
 The data order of epoch e is a permutation drawn from (seed, e), with length grouping batches of similar
 lengths, so the position (epoch, index) is all that resume needs to continue exactly.
+
+A data mixture (`data.mixture`, gemcut/data/mixture.py) draws instead: each example of epoch e comes from a
+source picked with its sampling share, and is that source's next example in a seeded shuffle of its own
+(`mixture_order`); all of it is drawn from (seed, e), so the mixture's position is the same (epoch, index) and a
+resumed run draws what the uninterrupted one would have. An epoch is as many draws as there are examples.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from typing import Protocol
 
 import torch
 
-from gemcut.config import TrainConfig
+from gemcut.config import MixtureConfig, TrainConfig
 from gemcut.data import collate as C
+from gemcut.data.mixture import sampling_shares
+from gemcut.data.records import SOURCE_FIELD
 from gemcut.tasks import Task
 from gemcut.train.distributed import Group, micro_batch_size
 
@@ -87,6 +94,30 @@ def epoch_order(lengths: Sequence[int], *, seed: int, epoch: int, batch_size: in
     order = torch.randperm(len(lengths), generator=g).tolist()
     if not group_by_length:
         return order
+    return grouped_by_length(order, lengths, batch_size, g)
+
+
+def mixture_order(sources: Sequence[str], shares: dict[str, float], *, seed: int, epoch: int) -> list[int]:
+    """Example indices of epoch `epoch` of a mixture: `len(sources)` draws, each picking a source by `shares`
+    (name -> probability) and taking that source's next example in a seeded shuffle of its examples, shuffled
+    again each time it runs out (a small source with a large share repeats; a large one is sampled)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    names = [n for n in shares if shares[n] > 0]
+    members = {n: [i for i, s in enumerate(sources) if s == n] for n in names}
+    probs = torch.tensor([shares[n] for n in names], dtype=torch.float64)
+    draws = torch.multinomial(probs, len(sources), replacement=True, generator=g).tolist()
+    streams: dict[str, list[int]] = {n: [] for n in names}
+    order = []
+    for d in draws:
+        name = names[d]
+        if not streams[name]:
+            streams[name] = [members[name][i] for i in torch.randperm(len(members[name]), generator=g).tolist()][::-1]
+        order.append(streams[name].pop())
+    return order
+
+
+def grouped_by_length(order: list[int], lengths: Sequence[int], batch_size: int, g: torch.Generator) -> list[int]:
+    """`order` with length grouping: longest first inside windows of GROUP_BATCHES batches, then the batches shuffled."""
     window = batch_size * GROUP_BATCHES  # longest first inside each window, then batches shuffled
     order = [i for s in range(0, len(order), window) for i in sorted(order[s:s + window], key=lambda i: -lengths[i])]
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
@@ -126,11 +157,22 @@ class ExampleSource:
     updates_per_step = 1
 
     def __init__(self, examples: Sequence[dict], collate: Callable[[list[dict]], Batch], train: TrainConfig, *,
-                 group_by_length: bool):
+                 group_by_length: bool, mixture: MixtureConfig | None = None):
         self.examples, self.collate, self.train = examples, collate, train
         self.batch_size, self.seed, self.grouped = train.batch_size, train.seed, group_by_length
         self.lengths = [example_length(ex) for ex in examples]
         self._order: tuple[int, list[int]] | None = None  # (epoch, order), drawn once per epoch
+        self.sources: list[str] | None = None
+        self.shares: dict[str, float] | None = None  # a mixture's sampling share of each source, by name
+        if mixture is not None:
+            self.sources = [ex.get(SOURCE_FIELD) for ex in examples]
+            if None in self.sources:
+                raise ValueError(f"data.mixture is set but training example {self.sources.index(None)} has no {SOURCE_FIELD}; "
+                                 "prepare the data with the mixture (gemcut/data/prepare.py)")
+            sizes: dict[str, int] = {}
+            for name in self.sources:
+                sizes[name] = sizes.get(name, 0) + 1
+            self.shares = sampling_shares(mixture, sizes)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -140,8 +182,14 @@ class ExampleSource:
 
     def order(self, epoch: int) -> list[int]:
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_order(self.lengths, seed=self.seed, epoch=epoch,
-                                              batch_size=micro_batch_size(self.train, 1), group_by_length=self.grouped))
+            size = micro_batch_size(self.train, 1)
+            if self.shares is None:
+                order = epoch_order(self.lengths, seed=self.seed, epoch=epoch, batch_size=size, group_by_length=self.grouped)
+            else:
+                order = mixture_order(self.sources, self.shares, seed=self.seed, epoch=epoch)
+                if self.grouped:  # a generator of its own: the draws above stay what they are with grouping on or off
+                    order = grouped_by_length(order, self.lengths, size, torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 1))
+            self._order = (epoch, order)
         return self._order[1]
 
     def step(self, model, *, epoch: int, index: int, step: int, group: Group) -> Step:

@@ -155,6 +155,7 @@ def train_run(config: RunConfig, *, resume: bool | str = False, command: list[st
     from gemcut.train.batches import ExampleSource, collator_for, resolve_group_by_length
     from gemcut.train.distributed import launch_plan, lost_processes, micro_batch_size, sharded, start, strategy_name
     from gemcut.train.loop import fit
+    from gemcut.train.paraphrase import model_paraphraser
     from gemcut.train.samples import sample_fn
     from gemcut.train.validation import LossValidation
 
@@ -181,12 +182,13 @@ def train_run(config: RunConfig, *, resume: bool | str = False, command: list[st
 
     # Resuming, the data is prepared outside the run folder and the checkpoint checked before anything is written.
     # Every process prepares the same data (the split is seeded); the main one writes it.
-    prepared = prepare(config.data, None if resume or not main else run_dir / "data")
+    paraphrase = model_paraphraser(config.data.augment)  # data.augment.paraphrase's model, loaded when first asked
+    prepared = prepare(config.data, None if resume or not main else run_dir / "data", paraphrase=paraphrase)
     if resume:
         check_compatible(resume_point(run_dir / "checkpoints", resume), data_hash=prepared.content_hash,
                          config=config.model_dump(mode="json"))
         if main and not (run_dir / "data" / "content_hash.txt").is_file():  # data/ lost since: the same data, written again
-            prepared = prepare(config.data, run_dir / "data")
+            prepared = prepare(config.data, run_dir / "data", paraphrase=paraphrase)
     if main:
         (run_dir / "config.yaml").write_text(config.to_yaml())
     kind = prepared.kind
@@ -247,7 +249,7 @@ def train_run(config: RunConfig, *, resume: bool | str = False, command: list[st
         source, validation, trained = _rollouts(task, config, model, tokenizer, template, train_records, val_records)
     else:
         collate = collator_for(task, tokenizer.pad_token_id)
-        source = ExampleSource(train_ex, collate, cfg, group_by_length=grouped)
+        source = ExampleSource(train_ex, collate, cfg, group_by_length=grouped, mixture=config.data.mixture)
         # Samples are generated on the main process alone, which a sharded model cannot do.
         samples = sample_fn(config, kind, val_records, tokenizer, template, labels) if task.samples and not fsdp2 else None
         validation = LossValidation(objective, val_ex, collate, batch_size=micro_batch_size(cfg, group.world),
