@@ -57,7 +57,8 @@ def test_quickstart_end_to_end_on_tiny_models(tmp_path):
     said = "".join(first.output.split())  # the console wraps long paths; compare without whitespace
     run_dir = tmp_path / "runs" / "quickstart"
     assert f"startingafreshrunin{run_dir}" in said
-    assert re.search(r"macro-F1\d\.\d\d->\d\.\d\d\([+-]\d\.\d\d±\d\.\d\d\)", said), first.output
+    # The headline is the tuned model's margin over the strongest baseline (prompted base, TF-IDF, free-text base).
+    assert re.search(r"macro-F1\d\.\d\d,[+-]\d\.\d\d±\d\.\d\d(over|behind)thebestbaseline\(.+\d\.\d\d\)", said), first.output
     assert f"report:{run_dir}/report.html" in said and f"gemcutchat{run_dir}" in said
     assert re.search(r"time:\d+min\d\ds\(prepareandtrain\d+min\d\ds,evaluate\d+min\d\ds\)", said), first.output
 
@@ -65,6 +66,7 @@ def test_quickstart_end_to_end_on_tiny_models(tmp_path):
     assert ev["n_examples"] == ev["n_in_split"] == 9  # the preset holds out 10% of the 90 tweets; all scored
     assert set(ev["tuned"]) >= {"macro_f1", "accuracy", "confusion", "unparseable"} and "macro_f1" in ev["base"]
     assert ev["forgetting"] is not None
+    assert set(ev["baselines"]) == {"zero_shot", "k_shot", "tfidf"} and ev["best_baseline"]["name"] in {*ev["baselines"], "base"}
     report = (run_dir / "report.html").read_text()
     assert f'data-metric="macro_f1" data-model="tuned">{ev["tuned"]["macro_f1"]:.4f}<' in report and "data:image/png;base64," in report
 
