@@ -90,6 +90,11 @@ def sampling_shares(mixture: MixtureConfig, sizes: dict[str, int]) -> dict[str, 
     return {n: raw[n] / total for n in names}
 
 
+def interleave(lists: list[list[dict]]) -> list[dict]:
+    """Round-robin over the lists (a1, b1, a2, b2, ...; a longer list's tail at the end)."""
+    return [x for i in range(max(map(len, lists), default=0)) for part in lists if i < len(part) for x in (part[i],)]
+
+
 def _add(a, b):
     """Sum of two report values: numbers add, dicts add key by key, lists join (without repeats), else the first."""
     if isinstance(a, bool) or isinstance(b, bool):

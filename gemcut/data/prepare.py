@@ -27,7 +27,7 @@ from gemcut.data.assets import default_columns, is_alias, resolve_source
 from gemcut.data.augment import Paraphraser, augment_records
 from gemcut.data.clean import Cleaner
 from gemcut.data.dedup import Deduplicator, LeakageCheck, text_key
-from gemcut.data.mixture import CHAT_KINDS, as_chat, merge_reports, sampling_shares, source_config, source_summary
+from gemcut.data.mixture import CHAT_KINDS, as_chat, interleave, merge_reports, sampling_shares, source_config, source_summary
 from gemcut.data.normalize import Normalizer, infer_kind
 from gemcut.data.readers import SourceStats, expand, read_source
 from gemcut.data.records import record_text, sort_labels
@@ -348,7 +348,8 @@ def _prepare_mixture(cfg: DataConfig, out_dir: Path | None, *, console, skip_hin
         for name in chats:
             for r in originals[name][s]:
                 leak.add_eval(s, r, record_text(r))
-    splits: dict[str, list[dict]] = {s: [r for name in chats for r in chats[name][s]] for s in EVAL_SPLITS}
+    # Evaluation splits interleave the sources, so the first N (train.val_max_examples, eval.max_examples) hold every task.
+    splits: dict[str, list[dict]] = {s: interleave([chats[name][s] for name in chats]) for s in EVAL_SPLITS}
     splits["train"] = []
     removed: Counter = Counter()
     for name in chats:
