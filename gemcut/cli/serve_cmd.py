@@ -1,6 +1,8 @@
 """`gemcut serve|export|chat|monitor`: put a run in front of clients and watch it.
 
     gemcut export runs/my-run --merge --dtype bf16 --out exported/my-run
+    gemcut export runs/my-run --format gguf --quantize q8_0     # + Ollama Modelfile
+    gemcut export runs/my-run --format vllm
     GEMCUT_API_KEYS=secret gemcut serve --model runs/my-run --model runs/other-run --port 8000
     gemcut chat runs/my-run
     gemcut monitor --db sqlite:///runs/serve.db --run runs/my-run --since 7d
@@ -72,16 +74,45 @@ def serve(
 @app.command("export")
 def export(
     run: Path = typer.Argument(..., help="Run folder (with final/)."),
+    export_format: str = typer.Option("transformers", "--format", help="transformers (safetensors folder), gguf (llama.cpp, Ollama) or vllm (a folder vllm serve loads)."),
     merge: bool = typer.Option(True, "--merge/--no-merge", help="Merge LoRA into the base (default) or export the adapter alone."),
-    dtype: str = typer.Option("fp32", help="Weights dtype of a merged export: fp32 or bf16."),
-    quantize: str | None = typer.Option(None, help="int8: gemcut's int8 format for CPU serving (see docs/serving.md)."),
+    dtype: str | None = typer.Option(None, help="Weights dtype of a merged transformers/vllm export: fp32 (transformers default) or bf16 (vllm default)."),
+    quantize: str | None = typer.Option(None, help="transformers: int8 (gemcut's CPU format); gguf: f16 (default), bf16, q8_0 or q4_0."),
     out: Path | None = typer.Option(None, help="Output folder (default RUN/export/<kind>)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
-    """Export a run as a merged transformers folder, a peft adapter, or int8 for CPU."""
+    """Export a run: a merged transformers folder, a peft adapter, int8 for CPU, GGUF with an Ollama Modelfile,
+    or a vLLM-ready folder (see docs/serving.md)."""
+    if export_format == "gguf":
+        from gemcut.export.gguf_export import export_gguf
+
+        if dtype is not None:
+            raise GemcutError("--dtype is for transformers and vllm exports; a GGUF's type is --quantize f16|bf16|q8_0|q4_0")
+        folder = export_gguf(run, out, quantize=quantize or "f16", merge=merge, trust_remote_code=trust_remote_code)
+        info = json.loads((folder / "export.json").read_text(encoding="utf-8"))
+        for name, written in info["files"].items():
+            typer.echo(f"exported {folder / name} ({written['bytes'] / 1e6:.1f} MB, {quantize or 'f16'})")
+        if "modelfile" in info:
+            typer.echo(f"ollama: ollama create {run.resolve().name} -f {folder / info['modelfile']}")
+        else:
+            typer.secho(f"warning: no Ollama Modelfile: {info['modelfile_error']}", fg="yellow", err=True)
+        return
+    if export_format == "vllm":
+        from gemcut.export.vllm import README, export_vllm
+
+        if quantize is not None:
+            raise GemcutError("--quantize is not used by --format vllm (vLLM quantizes at load time); leave it out")
+        folder = export_vllm(run, out, merge=merge, dtype=dtype or "bf16", trust_remote_code=trust_remote_code)
+        typer.echo(f"exported a vLLM folder to {folder}; serve it with the command in {folder / README}")
+        info = json.loads((folder / "export.json").read_text(encoding="utf-8"))
+        if "warning" in info:
+            typer.secho(f"warning: {info['warning']}", fg="yellow", err=True)
+        return
+    if export_format != "transformers":
+        raise GemcutError(f"--format {export_format!r} is not known; use transformers, gguf or vllm")
     from gemcut.export.merge import export_run
 
-    folder = export_run(run, out, merge=merge, dtype=dtype, quantize=quantize, trust_remote_code=trust_remote_code)
+    folder = export_run(run, out, merge=merge, dtype=dtype or "fp32", quantize=quantize, trust_remote_code=trust_remote_code)
     info = json.loads((folder / "export.json").read_text(encoding="utf-8"))
     typer.echo(f"exported {info['format']} to {folder} ({info['bytes']['weights'] / 1e6:.1f} MB of weights)")
     if "warning" in info:
