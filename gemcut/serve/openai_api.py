@@ -492,6 +492,7 @@ async def classify(body: ClassifyRequest, request: Request) -> dict:
         raise invalid(f"at most {request.app.state.settings.max_batch * 8} texts per request", param="input")
     n_tokens = sum(map(len, await run_in_threadpool(lambda: served.tokenizer(texts)["input_ids"])))
     job = ClassifyJob(served, texts=texts)
+    await run_in_threadpool(job.token_ids)  # the rows the model reads (cut to the context), off the worker thread
     probs = await _await(_worker(request).submit(job))
     labels = served.labels or [str(i) for i in range(len(probs[0]))]
     data = []

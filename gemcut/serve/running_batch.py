@@ -1,0 +1,207 @@
+"""The sequences decoding together on one served model, one token each per step (continuous batching).
+
+    python -m pytest -q tests/test_serve_batching.py
+    batch = RunningBatch(served)
+    events = batch.join(prompt_ids, rows)    # the prompt prefilled, each row's first token picked
+    events = batch.step()                    # one more token for every row; finished rows have left
+
+The worker (gemcut/serve/worker.py) calls `join` for a request that arrives while others decode, so it
+decodes with them from the next step on, and `step` in a loop. Rows share one KV cache, padded on the
+left (gemcut/models/kv_cache.py):
+- a new prompt runs alone (batch 1, no padding; its cache repeated for its n choices) and its rows are
+  joined by padding the shorter side with masked zero columns on the left;
+- every row keeps its own position ids (its real tokens counted), so its logits are those it would get
+  alone: batched greedy output equals one-by-one output (tests/test_serve_batching.py, with requests
+  arriving mid-batch);
+- a finished row leaves at once (its cache rows dropped), and columns only padding occupies are cut;
+- each row picks its token with its own `TokenPicker` (its request's sampling settings, a generator seeded
+  `seed + choice`), greedy rows with one argmax for all of them.
+
+Prefix sharing: a prompt that starts with the same tokens as the one before (the chat template's header
+and system prompt; 8 tokens at least, MIN_SHARED_TOKENS) has that prefix run once and kept; later prompts
+that start with it run only their own suffix on a copy of its cache. One prefix is kept per served model.
+
+A model whose cache cannot be joined (sliding-window layers) still decodes its rows together, but a new
+request waits until the running ones have finished (`accepts_more`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gemcut.generation import Completion, StreamDelta, TokenLogprob, TokenPicker, accepts_logits_to_keep
+from gemcut.models.kv_cache import (
+    cache_argument,
+    copy_of,
+    drop_leading_columns,
+    join_rows,
+    keep_rows,
+    returned_cache,
+    rows_joinable,
+)
+from gemcut.models.numerics import device_of
+from gemcut.models.shared_prefix import MIN_SHARED_TOKENS, prefix_cache, shared_prompt_length
+
+Event = tuple["Row", list[StreamDelta]]  # a row and the stream deltas its new token released
+
+
+@dataclass
+class Row:
+    """One choice of one request: how it picks (`picker`, one row), what it has produced (`completion`), the
+    id it feeds next and that id's position."""
+
+    owner: Any  # the request this row answers (the worker's GenJob)
+    choice: int
+    picker: TokenPicker
+    completion: Completion
+    token: int = 0
+    position: int = 0
+    last_token_at: float = 0.0  # perf_counter of its latest token (inter-token latency)
+
+
+def _left_padded(mask: torch.Tensor, columns: int) -> torch.Tensor:
+    if columns <= 0:
+        return mask
+    return torch.cat([mask.new_zeros((mask.shape[0], columns)), mask], dim=-1)
+
+
+class RunningBatch:
+    """The rows decoding on `served` (a ServedModel: its `model` computes under `served.activate()`, which
+    the caller enters around `join` and `step`)."""
+
+    def __init__(self, served):
+        self.served = served
+        self.model = served.model
+        self.device = device_of(self.model)
+        self.cache_name = cache_argument(self.model)
+        self.keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(self.model) else {}
+        self.rows: list[Row] = []
+        self.cache = None
+        self.mask: torch.Tensor | None = None  # [rows, cache columns + 1 per step], 0 on padding
+        self.joinable = True
+        self.prefix: tuple[list[int], Any] | None = None  # (ids, their batch-1 cache)
+        self.last_prompt: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def accepts_more(self) -> bool:
+        """Whether a new request may join now."""
+        return not self.rows or self.joinable
+
+    # ------------------------------------------------------------------ prompts
+
+    def _shared_prefix(self, prompt: list[int]) -> tuple[int, Any]:
+        """(tokens of `prompt` whose cache is already known, a copy of that cache) or (0, None)."""
+        previous, self.last_prompt = self.last_prompt, list(prompt)
+        if self.prefix is not None:
+            ids, cache = self.prefix
+            common = shared_prompt_length([ids + [-1], prompt])  # at most len(ids), and a token of the prompt left
+            if common == len(ids):
+                return common, copy_of(cache)
+            if common >= MIN_SHARED_TOKENS:  # a shorter part of it is shared: cut it back, no forward pass
+                cache.crop(common - len(ids))
+                self.prefix = (ids[:common], cache)
+                return common, copy_of(cache)
+        common = shared_prompt_length([previous, prompt]) if previous else 0
+        if common < MIN_SHARED_TOKENS:
+            return 0, None
+        ids = list(prompt[:common])
+        cache = prefix_cache(self.model, torch.tensor([ids], device=self.device), 1, **self.keep_last)
+        self.prefix = (ids, cache)
+        return common, copy_of(cache)
+
+    def _prefill(self, prompt: list[int]) -> tuple[torch.Tensor, Any]:
+        """The last position's logits [1, V] and the cache of `prompt`, computed alone."""
+        start, cache = self._shared_prefix(prompt)
+        ids = torch.tensor([prompt[start:]], device=self.device)
+        positions = torch.arange(start, len(prompt), device=self.device)[None]
+        mask = torch.ones((1, len(prompt)), dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self.cache_name: cache},
+                         **self.keep_last)
+        cache = returned_cache(out)
+        if cache is None:
+            raise RuntimeError(f"{type(self.model).__name__} returned no KV cache; the running batch needs one")
+        return out.logits[:, -1, :], cache
+
+    def join(self, prompt: list[int], rows: list[Row]) -> list[Event]:
+        """Prefill `prompt` for `rows` (its choices), pick each row's first token; the rows not finished by it
+        decode with the others from the next `step`."""
+        logits, cache = self._prefill(prompt)
+        events = self._pick(rows, logits.expand(len(rows), -1))
+        for row in rows:
+            row.position = len(prompt)
+        staying = [i for i, row in enumerate(rows) if not row.completion.finished]
+        if not staying:
+            return events
+        if len(rows) > 1:
+            cache.batch_repeat_interleave(len(rows))
+        if len(staying) < len(rows):
+            cache.batch_select_indices(torch.tensor(staying, device=self.device))
+        mask = torch.ones((len(staying), len(prompt)), dtype=torch.long, device=self.device)
+        if self.cache is None:
+            self.cache, self.mask, self.joinable = cache, mask, rows_joinable(cache)
+        else:
+            added = join_rows(self.cache, cache)
+            self.mask = torch.cat([_left_padded(self.mask, added), _left_padded(mask, self.mask.shape[1] - len(prompt))])
+        self.rows += [rows[i] for i in staying]
+        return events
+
+    # ------------------------------------------------------------------ decoding
+
+    def step(self) -> list[Event]:
+        """Feed every row its last token, pick the next one; finished rows leave."""
+        ids = torch.tensor([[row.token] for row in self.rows], device=self.device)
+        positions = torch.tensor([[row.position] for row in self.rows], device=self.device)
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=-1)
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                         **{self.cache_name: self.cache})
+        self.cache = returned_cache(out)
+        for row in self.rows:
+            row.position += 1
+        events = self._pick(self.rows, out.logits[:, -1, :])
+        self.leave(lambda row: row.completion.finished)
+        return events
+
+    def _pick(self, rows: list[Row], logits: torch.Tensor) -> list[Event]:
+        picked: list[int] = [0] * len(rows)
+        logprobs: list[TokenLogprob | None] = [None] * len(rows)
+        greedy = [i for i, row in enumerate(rows) if row.picker.plain_greedy]
+        if greedy:  # one argmax for every plain greedy row (what TokenPicker computes for each)
+            for i, token_id in zip(greedy, logits[greedy].float().argmax(dim=-1).tolist()):
+                picked[i] = token_id
+        for i, row in enumerate(rows):
+            if not row.picker.plain_greedy:
+                ids, lps = row.picker(logits[i:i + 1])
+                picked[i], logprobs[i] = int(ids[0]), None if lps is None else lps[0]
+        events = []
+        for i, row in enumerate(rows):
+            row.token = picked[i]
+            events.append((row, row.completion.add(picked[i], logprobs[i], row.picker.constraint_done(0))))
+        return events
+
+    def leave(self, gone: Callable[[Row], bool]) -> list[Row]:
+        """Remove the rows for which `gone(row)` holds (finished, or their client went away); returns them."""
+        keep = [i for i, row in enumerate(self.rows) if not gone(row)]
+        if len(keep) == len(self.rows):
+            return []
+        left = [row for i, row in enumerate(self.rows) if i not in set(keep)]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = None
+            self.joinable = True
+            return left
+        if self.joinable:
+            keep_rows(self.cache, keep)
+        else:
+            self.cache.batch_select_indices(torch.tensor(keep, device=self.device))
+        self.mask = self.mask[keep]
+        leading = int(torch.nonzero(self.mask.any(dim=0))[0, 0])  # columns that are padding in every row left
+        if self.joinable and leading:
+            drop_leading_columns(self.cache, leading)
+            self.mask = self.mask[:, leading:]
+        return left
