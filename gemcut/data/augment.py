@@ -99,7 +99,7 @@ def chosen(record: dict, operation: str, share: float, seed: int) -> bool:
 
 
 def _same(a: str, b: str) -> bool:
-    return " ".join(a.split()).casefold() == " ".join(b.split()).casefold()
+    return " ".join(a.split()) == " ".join(b.split())
 
 
 def augment_records(train: list[dict], kind: str, cfg: AugmentConfig, paraphrase: Paraphraser | None) -> tuple[list[dict], dict]:
