@@ -452,6 +452,7 @@ class EvalConfig(Section):
     forgetting_max_examples: int = Field(200, ge=1, description="Conversations of forgetting_data scored (evenly spaced through it).")
     baselines: list[Literal["zero_shot", "k_shot", "tfidf"]] | None = Field(None, description="Baselines scored beside the tuned model (docs/evaluation.md): zero_shot and k_shot prompt the base model, tfidf fits TF-IDF + logistic regression on the train split; None runs all that apply to the task, [] none.")
     k_shot: int = Field(4, ge=1, description="Train examples shown in the prompt of the k_shot baseline (balanced over labels for label tasks).")
+    judge: str | None = Field(None, description="A reward-model run folder (objective.kind=reward) that scores the tuned model's answers against each generation baseline's, prompt by prompt (a win rate with its interval); None: no judge.")
 
     @field_validator("baselines", mode="before")
     @classmethod
@@ -461,7 +462,7 @@ class EvalConfig(Section):
             return [] if value.strip().lower() in ("none", "[]", "") else [value.strip()]
         return value
 
-    @field_validator("forgetting_data", mode="before")
+    @field_validator("forgetting_data", "judge", mode="before")
     @classmethod
     def _none_disables(cls, value):
         # `eval.forgetting_data=none` on a command line reads as the string "none"

@@ -155,3 +155,65 @@ def test_generation_runs_get_zero_and_k_shot(root):
     assert zero["info"]["same_as"] == "base" and zero["metrics"]["rougeL"] == pytest.approx(ev["base"]["rougeL"])
     assert ev["baselines"]["k_shot"]["info"]["k"] == 2 and math.isfinite(ev["baselines"]["k_shot"]["metrics"]["rougeL"])
     assert "exact_match" in ev["baselines"]["k_shot"]["deltas"] and ev["headline"].startswith("ROUGE-L ")
+
+
+def reward_run(root):
+    """A reward-model run folder written by hand (tiny BERT, one output, LoRA), the layout gemcut.train writes."""
+    from tiny import save_tiny_bert
+
+    from gemcut.data.templates import ChatTemplate
+    from gemcut.models.adapters import apply_adapter
+    from gemcut.models.load import load_base, save_final
+    from gemcut.run_folder import run_meta
+
+    cfg = RunConfig.model_validate({"model": {"name": str(save_tiny_bert(root / "judge-base", num_labels=1))},
+                                    "adapter": {"r": 4}, "objective": {"kind": "reward"}})
+    torch.manual_seed(0)
+    model, tok = load_base(cfg.model, "reward")
+    model = apply_adapter(model, cfg.adapter, "reward")
+    run = root / "judge"
+    save_final(model, tok, ChatTemplate.from_tokenizer(tok), run / "final", meta=run_meta(cfg, "reward"))
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    return run
+
+
+def test_a_reward_model_judges_tuned_answers_against_the_baselines(root):
+    from gemcut.eval.examples import read_split, to_example
+    from gemcut.models.load import load_run
+
+    judge_dir = reward_run(root)
+    run = train_run(root, "sft-judged", records="completion")
+    ev = evaluate(run, overrides=[f"eval.judge={judge_dir}", "eval.k_shot=2"])
+    vs = ev["judge"]["vs"]
+    assert set(vs) == {"zero_shot", "k_shot"} and ev["judge"]["run"] == str(judge_dir)
+    # The zero-shot comparison by hand: the judge's score of each prompt + answer, tuned against base.
+    judge = load_run(judge_dir)
+    cfg = RunConfig.model_validate_json(json.dumps(__import__("yaml").safe_load((run / "config.yaml").read_text())))
+    examples = [to_example(r, data_cfg=cfg.data) for r in read_split(run, "test")]
+    lines = [json.loads(x) for x in (run / "eval_predictions.jsonl").read_text().splitlines()]
+
+    def score(e, answer):
+        ids = judge.template.render([*e.prompt, {"role": "assistant", "content": answer}])[0]
+        with torch.no_grad():
+            return float(judge.model(input_ids=torch.tensor([ids])).logits[0, 0])
+
+    tuned = [score(e, x["tuned_text"]) for e, x in zip(examples, lines)]
+    base = [score(e, x["base_text"]) for e, x in zip(examples, lines)]
+    same = [x["tuned_text"] == x["base_text"] for x in lines]
+    wins = sum(t > b and not s for t, b, s in zip(tuned, base, same))
+    ties = sum(s or t == b for t, b, s in zip(tuned, base, same))
+    assert (vs["zero_shot"]["wins"], vs["zero_shot"]["ties"]) == (wins, ties)
+    assert vs["zero_shot"]["win_rate"] == pytest.approx((wins + ties / 2) / len(lines))
+    assert vs["zero_shot"]["tuned_mean"] == pytest.approx(sum(tuned) / len(tuned), abs=1e-4)
+    assert 'data-metric="judge_win_rate" data-model="baseline:k_shot"' in (run / "report.html").read_text()
+    # A judge that is not a reward model is refused with the fix.
+    with pytest.raises(Exception, match="not a reward model"):
+        evaluate(run, report=False, overrides=[f"eval.judge={run}"])
+
+
+def test_pairwise_win_rate_counts_ties_half():
+    from gemcut.eval.judge import pairwise
+
+    w = pairwise([3.0, 1.0, 2.0, 5.0], [1.0, 2.0, 2.0, 4.9999], [False, False, False, True], n_resamples=100)
+    assert (w["wins"], w["ties"], w["losses"]) == (1, 2, 1) and w["win_rate"] == pytest.approx(0.5)
+    assert w["low"] <= 0.5 <= w["high"] and w["n"] == 4

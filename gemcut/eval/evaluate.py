@@ -158,6 +158,18 @@ def evaluate(run_dir, *, split: str = "test", checkpoint: str = "final", base: b
     summary = summarise(task, references, labels, tuned, base_res, n_resamples=cfg.eval.bootstrap, seed=cfg.train.seed)
     baselines = compare_baselines(task, references, labels, tuned, found, n_resamples=cfg.eval.bootstrap, seed=cfg.train.seed)
     best = best_baseline(summary, baselines) if baselines else None
+    judged = None
+    if cfg.eval.judge and task == "generation":
+        from gemcut.eval.judge import judge_baselines
+
+        log(f"judging tuned against baseline answers with the reward model {cfg.eval.judge}")
+        with compute():
+            judged = judge_baselines(cfg.eval.judge, device_of(loaded.model), examples, tuned.texts,
+                                     {b.name: b.results.texts for b in found if b.results.texts is not None},
+                                     batch_size=cfg.eval.batch_size, n_resamples=cfg.eval.bootstrap, seed=cfg.train.seed,
+                                     trust_remote_code=trust_remote_code, progress=progress)
+    elif cfg.eval.judge:
+        skipped["judge"] = f"eval.judge applies to generation tasks; this is {task}"
     for b in baselines.values():
         log(f"  baseline {b['title']}: {summary['headline_metric']} {b['metrics'].get(summary['headline_metric'])}")
     with compute():
@@ -167,7 +179,7 @@ def evaluate(run_dir, *, split: str = "test", checkpoint: str = "final", base: b
         "run": str(run_dir), "split": split, "checkpoint": checkpoint, "task": task, "labels": labels if summary["tuned"].get("per_class") else None,
         "n_examples": len(examples), "n_in_split": n_total, "n_left_out": n_total - len(examples), "precision": precision,
         "headline": margin_headline(summary, best) if best else headline_text(summary), **summary,
-        "baselines": baselines, "baselines_skipped": skipped, "best_baseline": best, "forgetting": forgetting,
+        "baselines": baselines, "baselines_skipped": skipped, "best_baseline": best, "judge": judged, "forgetting": forgetting,
         "samples": samples(examples, tuned, base_res, cfg.eval.num_samples),
         "generation": {"max_new_tokens": tuned.extra.get("max_new_tokens"), "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
                        "finish_reasons": {"tuned": tuned.extra.get("finish_reasons"),

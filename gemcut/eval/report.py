@@ -219,6 +219,13 @@ def baselines_section(ev: dict) -> str:
                     + f'<td class="num" data-metric="{metric}" data-model="delta:{esc(name)}">{fmt(d.get("diff"))}</td>'
                     f'<td class="num">{interval}</td></tr>')
     notes = "".join(f"<p>No {esc(name.replace('_', '-'))} baseline: {esc(why)}.</p>" for name, why in skipped.items())
+    judge = ev.get("judge") or {}
+    for name, w in (judge.get("vs") or {}).items():
+        title = (found.get(name) or {}).get("title", name)
+        interval = f" (interval [{fmt(w['low'], 2)}, {fmt(w['high'], 2)}])" if w.get("low") is not None else ""
+        notes += (f"<p>Judge <code>{esc(judge['run'])}</code>: the tuned answer scores above {esc(title)}'s on "
+                  f'<span data-metric="judge_win_rate" data-model="baseline:{esc(name)}">{fmt(w["win_rate"])}</span> of '
+                  f"the prompts{interval}; {w['wins']} wins, {w['ties']} ties, {w['losses']} losses.</p>")
     return ("<h2>Baselines</h2><p>What the same data gives without fine-tuning; the headline is the margin over the "
             "strongest. Prompted baselines are scored by constrained label likelihood on label tasks, so they always "
             f"answer a label (docs/evaluation.md).</p>"
