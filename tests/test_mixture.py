@@ -6,6 +6,7 @@ sampling error, exact resume of a mixture run, and a tiny two-task run evaluated
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import signal
@@ -13,12 +14,14 @@ from collections import Counter
 
 import pytest
 import torch
+from rich.console import Console
 from tiny import save_tiny_llama
 from train_helpers import causal_examples, collate_causal, config, deterministic, llama, train_losses
 
 from gemcut.config import DataConfig, MixtureConfig, RunConfig, load_config, validate
 from gemcut.data.mixture import sampling_shares
 from gemcut.data.prepare import prepare
+from gemcut.data.report import render, summary_lines
 from gemcut.errors import ConfigError
 from gemcut.objectives import CausalLM
 
@@ -83,6 +86,9 @@ def test_prepare_renders_each_source_as_chats_and_counts_it(tmp_path):
         assert sum(s["splits"][split] for s in by_name.values()) == rep["splits"][split]["count"] == len(prepared.splits[split])
         assert Counter(r["mixture_source"] for r in prepared.splits[split]) == {n: s["splits"][split] for n, s in by_name.items()}
     assert rep["records"]["rows_read"] == 100
+    lines = summary_lines(rep)
+    assert any(line.startswith("source chat (messages): train ") and line.endswith("sampled share 75.0%") for line in lines)
+    render(rep, Console(file=io.StringIO(), width=200))  # the terminal tables, a Mixture table among them
     first = next(r for r in prepared.splits["train"] if r["mixture_source"] == "sentiment")
     assert first["messages"][0]["content"].startswith("Sentiment of: i ") and first["messages"][1]["content"] == first["label"]
     test = [r["mixture_source"] for r in prepared.splits["test"]]

@@ -369,6 +369,8 @@ def _prepare_mixture(cfg: DataConfig, out_dir: Path | None, *, console, skip_hin
                       "removed_from_train": rep["leakage"]["removed_from_train"] + across["removed_from_train"]}
     rep["records"]["leakage_removed"] += across["removed_from_train"]
     rep["records"]["final"] = sum(len(splits[s]) for s in SPLITS)
+    if rep.get("augment"):  # the sources' copies, summed; their share is of the whole training split
+        rep["augment"]["share_of_train"] = round(rep["augment"]["added"] / max(1, len(splits["train"])), 4)
     summaries = []
     for source in mixture.sources:
         line = source_summary(source, parts[source.name].report, parts[source.name].kind, parts[source.name].labels,

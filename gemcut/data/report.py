@@ -3,7 +3,7 @@
     gemcut data check my.jsonl            # prints the summary and writes data_report.json
 
 `prepare` fills the sections (sources, records, errors, cleaning, duplicates, leakage, splits, labels,
-limit); this module adds the derived parts (label balance and its warning, the warnings list) and renders
+limit, and `augment` and a data mixture's per-source `mixture`); this module adds the derived parts (label balance and its warning, the warnings list) and renders
 rich tables. Every number that removes or changes records appears here: nothing is dropped without a line.
 """
 
@@ -86,6 +86,14 @@ def summary_lines(report: dict) -> list[str]:
     d = report["duplicates"]
     lines.append(f"duplicates removed: {d['exact_removed']} exact (raw text alone: {d['exact_before_normalization']}), "
                  f"{d['near_removed']} near; leakage removed from train: {report['leakage']['removed_from_train']}")
+    for src in (report.get("mixture") or {}).get("sources", []):
+        lines.append(f"source {src['name']} ({src['kind']}): " + ", ".join(f"{k} {v}" for k, v in src["splits"].items())
+                     + f"; sampled share {src['sampling_share']:.1%}")
+    if report.get("augment"):
+        a = report["augment"]
+        lines.append(f"augmented: {a['added']} training copies ({a['share_of_train']:.1%} of train; "
+                     + ", ".join(f"{k} {v['made']}" for k, v in a["operations"].items())
+                     + f"; {a['removed_by_leakage_check']} removed by the leakage check)")
     c = report["cleaning"]
     lines.append(f"cleaning: mojibake repaired in {c['mojibake_repaired']} records, "
                  + ", ".join(f"{k} {v}" for k, v in c["changed"].items() if k != "fix_mojibake")
@@ -115,6 +123,7 @@ def render(report: dict, console: Console | None = None) -> None:
     label_names = list(dict.fromkeys(seen))  # label-id order, as the counts are written
     console.print(_table(f"Splits ({report['split_method']})", ["split", "records", *label_names],
                          [[k, v["count"], *[(v.get("labels") or {}).get(n, 0) for n in label_names]] for k, v in splits.items()]))
+    _render_mixture(report.get("mixture"), console)
     _render_by_file(report.get("splits_by_file") or {}, console)
     c = report["cleaning"]
     rows = [[f"changed by {k}", v] for k, v in c["changed"].items()]
@@ -140,6 +149,19 @@ def render(report: dict, console: Console | None = None) -> None:
 
 
 FILES_SHOWN = 25
+
+
+def _render_mixture(mixture: dict | None, console: Console) -> None:
+    """A data mixture's sources: what each read, skipped, lost to cleaning and duplicates, its splits, its sampling share."""
+    if not mixture:
+        return
+    rows = [[s["name"], s["kind"], s["records"]["rows_read"], s["records"]["bad_records"], s["records"]["dropped_by_cleaning"],
+             s["records"]["duplicates_removed"], s["records"]["leakage_removed"] + s.get("removed_across_sources", 0),
+             s["splits"]["train"], s["splits"]["validation"], s["splits"]["test"], (s.get("augment") or {}).get("added", 0),
+             f"{s['sampling_share']:.1%}"] for s in mixture["sources"]]
+    console.print(_table(f"Mixture sources (shares from {mixture['shares_from']})",
+                         ["source", "kind", "rows", "skipped", "cleaned away", "duplicates", "leaked", "train", "validation",
+                          "test", "augmented", "sampled share"], rows))
 
 
 def _render_by_file(by_file: dict[str, dict[str, int]], console: Console) -> None:
