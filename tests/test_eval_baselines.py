@@ -134,6 +134,15 @@ def test_a_generative_classifier_run_reports_every_baseline(root):
     for name, b in ev["baselines"].items():
         assert f'data-metric="macro_f1" data-model="baseline:{name}">{b["metrics"]["macro_f1"]:.4f}<' in report
     assert "<h2>Baselines</h2>" in report and "(best)" in report
+    # Every baseline's answers are in eval_predictions.jsonl; its macro-F1 recomputed from them by hand.
+    from sklearn.metrics import f1_score
+
+    lines = [json.loads(x) for x in (run / "eval_predictions.jsonl").read_text().splitlines()]
+    for name, b in ev["baselines"].items():
+        answers = [x[f"{name}_label"] for x in lines]
+        assert all(a in LABELS for a in answers), name
+        hand = f1_score([x["reference"] for x in lines], answers, labels=LABELS, average="macro", zero_division=0)
+        assert b["metrics"]["macro_f1"] == pytest.approx(hand), name
 
     # No baselines: the headline is base -> tuned, as before.
     plain = evaluate(run, overrides=["eval.baselines=none"], report=False)

@@ -198,7 +198,8 @@ def evaluate(run_dir, *, split: str = "test", checkpoint: str = "final", base: b
     result["seconds"] = round(time.time() - t_start, 2)
     result = clean_floats(result)
     write_json(run_dir / "eval.json", result)
-    write_jsonl(run_dir / "eval_predictions.jsonl", predictions_lines(examples, tuned, base_res))
+    write_jsonl(run_dir / "eval_predictions.jsonl", predictions_lines(examples, tuned, base_res,
+                                                                       {b.name: b.results for b in found if b.results is not base_res}))
     if report:
         from gemcut.eval.report import write_report
 

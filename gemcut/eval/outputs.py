@@ -43,11 +43,15 @@ def samples(examples: list[Example], tuned: ModelResults, base: ModelResults | N
     return out
 
 
-def predictions_lines(examples: list[Example], tuned: ModelResults, base: ModelResults | None) -> list[dict]:
+def predictions_lines(examples: list[Example], tuned: ModelResults, base: ModelResults | None,
+                      baselines: dict[str, ModelResults] | None = None) -> list[dict]:
+    """One row per example: source, reference, and each model's answer (`tuned_label`, `base_text`, ...); a
+    baseline's under its name (`zero_shot_label`, `tfidf_label`, `k_shot_text`), so every number of the
+    report can be recomputed from this file."""
     lines = []
     for i, e in enumerate(examples):
         row: dict = {"source": e.source, "reference": e.reference}
-        for name, r in (("tuned", tuned), ("base", base)):
+        for name, r in (("tuned", tuned), ("base", base), *(baselines or {}).items()):
             if r is None:
                 continue
             if r.texts is not None:
