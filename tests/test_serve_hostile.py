@@ -351,12 +351,11 @@ def test_an_unexpected_exception_is_a_generic_500_logged_and_the_connection_stay
 
 
 def test_a_failing_model_call_is_a_500_without_internals(server, monkeypatch, caplog):
-    import gemcut.generation
-
     def broken(*args, **kwargs):
         raise RuntimeError(SECRET)
 
-    monkeypatch.setattr(gemcut.generation, "generate", broken)
+    # The model itself fails (whichever code of the worker calls it).
+    monkeypatch.setattr(server["app"].state.registry.models["tiny-chat"].model, "forward", broken)
     with caplog.at_level(logging.ERROR, logger="gemcut.serve"):
         r = httpx.post(server["url"] + "/v1/completions", headers=AUTH, json={"model": "tiny-chat", "prompt": "hello", "max_tokens": 2})
     assert (r.status_code, r.json()) == (500, _error("the model call failed; the details are in the server's log", None, "model_error",
