@@ -32,6 +32,7 @@ def register_commands() -> None:
         quickstart_cmd,
         runs_cmd,
         serve_cmd,
+        sweep_cmd,
         train_cmd,
         worker_cmd,
     )
