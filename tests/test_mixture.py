@@ -152,6 +152,9 @@ def test_exact_resume_of_a_mixture_run(tmp_path):
     result = _mixture_fit(run, CausalLM(), resume=True)
     assert result.state.step == 12
     assert train_losses(run) == pytest.approx(train_losses(straight), rel=1e-6)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    drawn = [(r["examples_a"], r["examples_b"]) for r in rows if "examples_a" in r]
+    assert len(drawn) == 12 and all(a + b == 4 for a, b in drawn)  # each step's draws, by source
 
 
 def test_two_task_run_is_evaluated_per_task(tmp_path):

@@ -197,4 +197,6 @@ class ExampleSource:
         micro, weights = deal(take, micro_batch_size(self.train, group.world), group)
         batches = [self.collate([self.examples[i] for i in ids]) for ids in micro]
         tokens = sum(self.lengths[i] for ids, w in zip(micro, weights) if w for i in ids)
-        return Step([batches], len(take), tokens, weights=weights)
+        # A mixture logs how many of the step's examples each source gave (the whole step's, on every process).
+        drawn = {f"examples_{name}": float(sum(self.sources[i] == name for i in take)) for name in self.shares or {}}
+        return Step([batches], len(take), tokens, metrics=drawn, weights=weights)
