@@ -156,6 +156,13 @@ def test_a_classifier_head_on_an_encoder_gets_tfidf_and_says_why_not_more(root):
     assert "not a causal LM" in ev["baselines_skipped"]["zero_shot"]
 
 
+def test_a_classifier_head_on_a_causal_lm_prompts_that_lm(root):
+    run = train_run(root, "cls-llama", model="llama", objective="classify")
+    ev = evaluate(run, report=False, overrides=["eval.forgetting_data=none"])
+    assert set(ev["baselines"]) == {"zero_shot", "k_shot", "tfidf"} and ev["baselines_skipped"] == {}
+    assert all(b["metrics"]["unparseable"] == 0 for b in ev["baselines"].values())
+
+
 def test_generation_runs_get_zero_and_k_shot(root):
     run = train_run(root, "sft", records="completion")
     ev = evaluate(run, report=False, overrides=["eval.k_shot=2"])
