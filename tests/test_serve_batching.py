@@ -61,14 +61,16 @@ def test_requests_joining_mid_batch_give_their_one_by_one_greedy_output(chat_mod
                      ("what is the capital of france? tell me", 25), ("i love this product", 8), ("ok", 30)]
     prompts = [list(template.prompt_ids([{"role": "user", "content": text}])) for text, _ in conversations]
     eos = served.eos_ids()
-    alone = [generate(served.model, served.tokenizer, [p], max_new_tokens=n, eos_ids=eos)[0] for p, (_, n) in zip(prompts, conversations)]
+    # logprobs=0: each token's log-probability, which shows the logits themselves match, not only their argmax.
+    alone = [generate(served.model, served.tokenizer, [p], max_new_tokens=n, eos_ids=eos, logprobs=0)[0]
+             for p, (_, n) in zip(prompts, conversations)]
     assert len(alone[0].token_ids) >= 20, "the first request must still decode when the others join"
 
     metrics = Metrics()
     worker = Worker(ServeSettings(max_batch=8, batch_wait_ms=0), metrics, registry.lock)
     worker.start()
     try:
-        jobs = [GenJob(served, prompts=[p], max_new_tokens=n) for p, (_, n) in zip(prompts, conversations)]
+        jobs = [GenJob(served, prompts=[p], max_new_tokens=n, logprobs=0) for p, (_, n) in zip(prompts, conversations)]
         first = worker.submit(jobs[0])
         _wait(lambda: jobs[0].first_token_at > 0)  # the first is decoding
         with worker.lock:  # the worker pauses between two steps
@@ -82,6 +84,7 @@ def test_requests_joining_mid_batch_give_their_one_by_one_greedy_output(chat_mod
         worker.stop()
     for got, want in zip(results, alone):
         assert got.token_ids == want.token_ids and got.text == want.text and got.finish_reason == want.finish_reason
+        torch.testing.assert_close([lp.logprob for lp in got.logprobs], [lp.logprob for lp in want.logprobs], atol=1e-5, rtol=1e-5)
     assert _steps_with_at_least(metrics, 3) > 0  # they did decode together
     assert worker.decoding() == 0 and worker.active.cache is None  # finished rows left, their cache with them
 
