@@ -379,7 +379,8 @@ def _prepare_mixture(cfg: DataConfig, out_dir: Path | None, *, console, skip_hin
         line["removed_across_sources"] = removed[source.name]
         summaries.append(line)
     rep = {"kind": "messages", **rep, "splits": {s: {"count": len(splits[s])} for s in SPLITS},
-           "split_method": "each source split on its own: " + describe(cfg.split, cfg.split.stratify, streaming=False, from_files=()),
+           "split_method": "each source split on its own" + (", label sources stratified by label" if cfg.split.stratify else "")
+                           + ": " + describe(cfg.split, False, streaming=False, from_files=()),
            "content_hash": content_hash,
            "mixture": {"shares_from": "weights" if mixture.sources[0].weight is not None else f"temperature {mixture.temperature or 1.0}",
                        "sources": summaries}}
