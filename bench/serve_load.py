@@ -4,9 +4,11 @@
 
 Starts the real server (create_app + uvicorn) in this process on 127.0.0.1 at a free port, sends
 `--requests` chat completions, `--concurrency` at a time, with the official `openai` client (greedy, so
-every run does the same work), and reports errors, p50/p95 latency and throughput. Then the same prompts
-go one by one through `AutoModelForCausalLM.generate` (what a script without a server does) for the
-baseline. Prompts are questions from the packaged chatterbot corpus. Prints a Markdown table and JSON.
+every run does the same work), and reports errors, p50/p95 latency, throughput, and the server's own time
+to first token and inter-token latency (p50/p95 from its /metrics histograms, interpolated within a bucket
+as Prometheus' histogram_quantile does). Then the same prompts go one by one through
+`AutoModelForCausalLM.generate` (what a script without a server does) for the baseline. Prompts are
+questions from the packaged chatterbot corpus. Prints a Markdown table and JSON.
 """
 
 from __future__ import annotations
@@ -37,6 +39,38 @@ def stats(latencies: list[float], wall: float, tokens: int, n: int) -> dict:
     arr = np.asarray(latencies) * 1000
     return {"requests": n, "p50_ms": round(float(np.percentile(arr, 50)), 1), "p95_ms": round(float(np.percentile(arr, 95)), 1),
             "requests_per_s": round(n / wall, 2), "completion_tokens_per_s": round(tokens / wall, 1), "wall_s": round(wall, 1)}
+
+
+def histogram_quantile(q: float, histogram) -> float | None:
+    """The q-quantile of a prometheus-client Histogram (all label sets together), linear within its bucket."""
+    counts: dict[float, float] = {}
+    for metric in histogram.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_bucket"):
+                bound = float(sample.labels["le"])
+                counts[bound] = counts.get(bound, 0.0) + sample.value
+    bounds = sorted(counts)
+    total = counts[bounds[-1]] if bounds else 0.0
+    if not total:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound in bounds:
+        if counts[bound] >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * (rank - below) / max(counts[bound] - below, 1e-12)
+        lower, below = bound, counts[bound]
+    return lower
+
+
+def latency_figures(metrics) -> dict:
+    """Server-side time to first token and inter-token latency, p50 and p95 in ms."""
+    out = {}
+    for key, histogram in (("ttft", metrics.time_to_first_token), ("itl", metrics.inter_token_latency)):
+        for q in (0.5, 0.95):
+            value = histogram_quantile(q, histogram)
+            out[f"{key}_p{int(q * 100)}_ms"] = None if value is None else round(value * 1000, 1)
+    return out
 
 
 def run_server(args) -> dict:
@@ -75,10 +109,13 @@ def run_server(args) -> dict:
                 except Exception as e:  # counted and shown, never dropped
                     errors.append(f"{type(e).__name__}: {e}")
         wall = time.perf_counter() - t0
+        # Sequences per decode step (per generate call before continuous batching).
         metrics = app.state.metrics.batch_size.collect()[0].samples
         mean_batch = next(s.value for s in metrics if s.name.endswith("_sum")) / max(1, next(s.value for s in metrics if s.name.endswith("_count")))
+        timing = latency_figures(app.state.metrics) if hasattr(app.state.metrics, "time_to_first_token") else {}
     out = stats(latencies, wall, tokens, len(texts))
     out |= {"errors": len(errors), "error_samples": errors[:3], "concurrency": args.concurrency, "mean_batch": round(mean_batch, 2)}
+    out |= timing
     return out
 
 
@@ -120,20 +157,24 @@ def main() -> None:
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--baseline-requests", type=int, default=40, help="Prompts sent one by one through plain generate.")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--skip-baseline", action="store_true", help="Only the server (the baseline takes a minute or more).")
     p.add_argument("--db", default="/tmp/gemcut_bench_serve.db")
     p.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     server = run_server(args)
-    plain = run_plain(args)
+    plain = run_plain(args) if not args.skip_baseline else {"requests": 0, "p50_ms": None, "p95_ms": None, "requests_per_s": None,
+                                                              "completion_tokens_per_s": None}
     result = {"model": args.model, "max_tokens": args.max_tokens, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
               "load_average": os.getloadavg()[0], "gemcut_serve": server, "plain_generate": plain}
-    print("| setup | requests | concurrency | errors | p50 ms | p95 ms | req/s | completion tok/s |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| gemcut serve (batched, max_batch {args.max_batch}) | {server['requests']} | {server['concurrency']} | {server['errors']} | "
-          f"{server['p50_ms']} | {server['p95_ms']} | {server['requests_per_s']} | {server['completion_tokens_per_s']} |")
+    print("| setup | requests | concurrency | errors | p50 ms | p95 ms | req/s | completion tok/s | TTFT p50/p95 ms | ITL p50/p95 ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| gemcut serve (max_batch {args.max_batch}, mean {server['mean_batch']} per step) | {server['requests']} | "
+          f"{server['concurrency']} | {server['errors']} | {server['p50_ms']} | {server['p95_ms']} | {server['requests_per_s']} | "
+          f"{server['completion_tokens_per_s']} | {server.get('ttft_p50_ms')}/{server.get('ttft_p95_ms')} | "
+          f"{server.get('itl_p50_ms')}/{server.get('itl_p95_ms')} |")
     print(f"| plain transformers generate, one at a time | {plain['requests']} | 1 | 0 | {plain['p50_ms']} | {plain['p95_ms']} | "
-          f"{plain['requests_per_s']} | {plain['completion_tokens_per_s']} |")
+          f"{plain['requests_per_s']} | {plain['completion_tokens_per_s']} | | |")
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
