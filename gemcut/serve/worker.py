@@ -281,10 +281,17 @@ class Worker:
                 rows += job.size()
             else:
                 group = groups.setdefault(job.batch_key(), [])
-                if group and sum(j.tokens() for j in group) + job.tokens() > self.settings.max_batch_tokens:
+                try:
+                    over = group and sum(j.tokens() for j in group) + job.tokens() > self.settings.max_batch_tokens
+                except Exception:  # its texts do not tokenise: answer it, never drop it
+                    log.exception("tokenising a request failed")
+                    self._fail(job, _model_error())
+                    over, job = False, None
+                if over:
                     self.waiting.appendleft(job)  # runs in the next cycle, with what queues behind it
                     break
-                group.append(job)
+                if job is not None:
+                    group.append(job)
             if rows >= self.settings.max_batch:
                 break  # no room for another completion: what queues stays in the queue (and counts toward 429)
             job = self._next(max(0.0, deadline - time.perf_counter()))
@@ -313,13 +320,9 @@ class Worker:
                 self.metrics.queue_wait.labels(model=job.served.name).observe(now - job.enqueued)
             for group in groups:
                 self._guarded(group, self._forward_group, group)
-            deferred = []
+            deferred: list[GenJob] = []
             for job in generating:
-                batch = self._batch_for(job.served)
-                if not batch.accepts_more():  # a cache that cannot take rows (sliding window): after the running ones
-                    deferred.append(job)
-                    continue
-                self._guarded([job], self._join, batch, job)
+                self._guarded([job], self._join, job, deferred)
             self.waiting.extendleft(reversed(deferred))
             if self.active is not None:  # streams whose client went away end where they are
                 for row in self.active.leave(lambda row: row.owner.cancelled):
@@ -347,7 +350,11 @@ class Worker:
 
     # ------------------------------------------------------------------ completions
 
-    def _join(self, batch: RunningBatch, job: GenJob) -> None:
+    def _join(self, job: GenJob, deferred: list[GenJob]) -> None:
+        batch = self._batch_for(job.served)
+        if not batch.accepts_more():  # a cache that cannot take rows (sliding window): after the running ones
+            deferred.append(job)
+            return
         job.results = [None] * job.size()
         with torch.inference_mode(), job.served.activate():
             events: list[Event] = []
