@@ -64,10 +64,16 @@ def run_cmd(config: Path = typer.Argument(..., help="The base YAML run file ever
                              metric=metric, direction=direction, pruner=pruner, startup_trials=startup_trials, name=name,
                              db=db, timeout=timeout, seed=seed, evaluate=evaluate)
 
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial from us instead, failures with their reason
+
     def show(study, trial) -> None:
         value = "" if trial.value is None else f" {trial.value:.4f}"
+        error = f": {trial.user_attrs['error']}" if trial.state.name == "FAIL" and trial.user_attrs.get("error") else ""
         console.print(f"trial {trial.number}: {trial.state.name.lower()}{value} "
-                      f"{' '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}' for k, v in trial.params.items())}")
+                      f"{' '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}' for k, v in trial.params.items())}{error}",
+                      highlight=False)
 
     result = run_sweep(settings, on_trial=show)
     print_table(result.rows, title=f"study {result.study.study_name}")

@@ -217,6 +217,8 @@ def run_sweep(s: SweepSettings, *, on_trial=None) -> SweepResult:
                        pruner=make_pruner(s.pruner, s.startup_trials))
     _remember(study, plan)
     done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    log.info("study %s in %s: %d of %d trials finished%s; run folders in %s", plan.name, _shown(plan.db_url), done,
+             s.trials, " (resuming)" if done else "", plan.study_dir)
     stopping = threading.Event()
     deadline = time.monotonic() + s.timeout if s.timeout else None
     objective = Objective(plan, stopping, deadline)
@@ -262,6 +264,13 @@ def finish_sweep(plan: SweepPlan, study: optuna.Study, *, evaluate: bool, interr
         headline = eval_headline(best_dir)
     write_report(study, rows, plan.study_dir / "report.html", metric=plan.metric, headline=headline, best_dir=best_dir)
     return SweepResult(study, plan.study_dir, rows, best_dir, headline, interrupted)
+
+
+def _shown(url: str) -> str:
+    """The URL without its password (`postgresql+psycopg://user:***@host/db`)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def _remember(study: optuna.Study, plan: SweepPlan) -> None:

@@ -47,6 +47,7 @@ class Param:
     step: float | int | None = None
     values: tuple = ()
     when: dict[str, tuple] = field(default_factory=dict)
+    where: str = "space"  # the file and the key's line, for errors
 
     @property
     def is_int(self) -> bool:
@@ -182,7 +183,7 @@ def _param(key: str, spec: Any, where: str, params: list[Param], all_keys: list[
         for v in values:
             if not (v is None or isinstance(v, (bool, int, float, str))):
                 raise bad(f"each value must be a number, a string, true/false or null (Optuna stores them); got {v!r}")
-        return Param(key, values=tuple(values), when=conditions)
+        return Param(key, values=tuple(values), when=conditions, where=where)
     if "low" not in spec or "high" not in spec:
         raise bad("a range needs both low and high (or give values: [...])")
     low, high, step = _number(spec["low"]), _number(spec["high"]), _number(spec.get("step"))
@@ -200,7 +201,7 @@ def _param(key: str, spec: Any, where: str, params: list[Param], all_keys: list[
         raise bad("a log range takes no step; remove step or log")
     if step is not None and step <= 0:
         raise bad(f"step must be > 0; got {step}")
-    return Param(key, low=low, high=high, log=log, step=step, when=conditions)
+    return Param(key, low=low, high=high, log=log, step=step, when=conditions, where=where)
 
 
 def check_space(space: SearchSpace, base_raw: dict, base_source: str) -> None:
@@ -216,7 +217,7 @@ def check_space(space: SearchSpace, base_raw: dict, base_source: str) -> None:
             try:
                 RunConfig.model_validate(raw)
             except Exception as err:
-                raise ConfigError(f"{format_validation_error(err, space.source)} (search space key {p.key}, value {value!r})") from None
+                raise ConfigError(f"{format_validation_error(err, p.where)} (search space key {p.key}, value {value!r})") from None
 
 
 def load_space(path: str | Path, base_raw: dict, base_source: str = "config") -> SearchSpace:

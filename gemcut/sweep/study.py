@@ -72,9 +72,10 @@ def open_study(name: str, storage: RDBStorage, *, direction: str, seed: int,
     sampler = optuna.samplers.TPESampler(seed=seed + existing_trials(storage, name))
     study = optuna.create_study(study_name=name, storage=storage, direction=direction, sampler=sampler,
                                 pruner=pruner, load_if_exists=True)
-    if study.direction.name.lower() != direction:
-        raise GemcutError(f"study {name!r} maximizes/minimizes differently ({study.direction.name.lower()}) from "
-                          f"--direction {direction[:3]}; use --direction {study.direction.name.lower()[:3]} or another --name")
+    held = study.direction.name.lower()  # "minimize" or "maximize"
+    if held != direction:
+        raise GemcutError(f"study {name!r} was created to {held} its metric, not to {direction} it; continue it with "
+                          f"--direction {held[:3]}, or start another with --name")
     return study
 
 
