@@ -177,3 +177,32 @@ def test_classifier_inputs_split_by_the_token_budget_give_the_same_probabilities
     assert answers[10_000, "passes"] == 1  # both requests in one forward pass
     assert answers[16, "passes"] >= 3  # 16 tokens hold at most two short rows, one long one
     torch.testing.assert_close(torch.tensor(answers[16]), torch.tensor(answers[10_000]), atol=1e-5, rtol=1e-4)
+
+
+def test_a_sliding_window_model_decodes_requests_in_turn_each_as_alone():
+    """A cache whose layers slide cannot take rows: the next request starts when the running ones finish."""
+    from tiny import tiny_tokenizer
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from gemcut.serve.registry import ServedModel
+    from gemcut.tasks import task_named
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                             sliding_window=6, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)).eval()
+    served = ServedModel("sliding", task_named("causal_lm"), model, tok, None, 256)
+    prompts = [tok("the quick brown fox jumps over the lazy dog")["input_ids"], tok("hello world")["input_ids"]]
+    alone = [generate(model, tok, [p], max_new_tokens=12, eos_ids=served.eos_ids())[0].token_ids for p in prompts]
+    metrics = Metrics()
+    worker = Worker(ServeSettings(max_batch=8, batch_wait_ms=0), metrics)
+    worker.start()
+    try:
+        with worker.lock:
+            futures = [worker.submit(GenJob(served, prompts=[p], max_new_tokens=12)) for p in prompts]
+        got = [f.result(timeout=60)[0].token_ids for f in futures]
+    finally:
+        worker.stop()
+    assert got == alone
+    assert worker.batches["sliding"].joinable is False and _steps_with_at_least(metrics, 2) == 0

@@ -82,7 +82,9 @@ class RunningBatch:
         self.rows: list[Row] = []
         self.cache = None
         self.mask: torch.Tensor | None = None  # [rows, cache columns + 1 per step], 0 on padding
-        self.joinable = True
+        # Whether the model's cache is plain growing layers (kv_cache.rows_joinable), learnt from its first prompt;
+        # rows join, and prefixes are shared, only then.
+        self.joinable: bool | None = None
         self.prefix: tuple[list[int], Any] | None = None  # (ids, their batch-1 cache)
         self.last_prompt: list[int] = []
 
@@ -91,13 +93,15 @@ class RunningBatch:
 
     def accepts_more(self) -> bool:
         """Whether a new request may join now."""
-        return not self.rows or self.joinable
+        return not self.rows or bool(self.joinable)
 
     # ------------------------------------------------------------------ prompts
 
     def _shared_prefix(self, prompt: list[int]) -> tuple[int, Any]:
         """(tokens of `prompt` whose cache is already known, a copy of that cache) or (0, None)."""
         previous, self.last_prompt = self.last_prompt, list(prompt)
+        if not self.joinable:  # unknown yet, or layers a copy would not keep (sliding windows)
+            return 0, None
         if self.prefix is not None:
             ids, cache = self.prefix
             common = shared_prompt_length([ids + [-1], prompt])  # at most len(ids), and a token of the prompt left
@@ -126,6 +130,8 @@ class RunningBatch:
         cache = returned_cache(out)
         if cache is None:
             raise RuntimeError(f"{type(self.model).__name__} returned no KV cache; the running batch needs one")
+        if self.joinable is None:
+            self.joinable = rows_joinable(cache)
         return out.logits[:, -1, :], cache
 
     def join(self, prompt: list[int], rows: list[Row]) -> list[Event]:
@@ -144,7 +150,7 @@ class RunningBatch:
             cache.batch_select_indices(torch.tensor(staying, device=self.device))
         mask = torch.ones((len(staying), len(prompt)), dtype=torch.long, device=self.device)
         if self.cache is None:
-            self.cache, self.mask, self.joinable = cache, mask, rows_joinable(cache)
+            self.cache, self.mask = cache, mask
         else:
             added = join_rows(self.cache, cache)
             self.mask = torch.cat([_left_padded(self.mask, added), _left_padded(mask, self.mask.shape[1] - len(prompt))])
@@ -193,7 +199,6 @@ class RunningBatch:
         self.rows = [self.rows[i] for i in keep]
         if not keep:
             self.cache = self.mask = None
-            self.joinable = True
             return left
         if self.joinable:
             keep_rows(self.cache, keep)
