@@ -81,6 +81,13 @@ def test_tfidf_separates_a_separable_toy_set():
     predictions, info = tfidf_predictions(*zip(*train), test, validation=tuple(zip(*val)))
     assert predictions == [lab for i in range(6) for lab in LABELS]
     assert info["n_train"] == 60 and info["validation_macro_f1"] == 1.0 and info["c"] in C_GRID
+    # A large train split is fitted once, at scikit-learn's default C (the grid would cost minutes).
+    import gemcut.eval.tfidf as tfidf
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tfidf, "GRID_UP_TO", 10)
+        again, info = tfidf_predictions(*zip(*train), test, validation=tuple(zip(*val)))
+    assert again == predictions and info["c"] == 1.0 and info["validation_macro_f1"] is None and info["grid"] == {}
     with pytest.raises(ValueError, match="at least two"):
         tfidf_predictions(["a", "b"], ["x", "x"], ["c"])
 

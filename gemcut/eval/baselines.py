@@ -149,7 +149,7 @@ def tfidf_baseline(examples: list[Example], train: list[dict], validation: list[
     # A label the train split never saw cannot be predicted; one the model does not know cannot be scored.
     predictions = [p if p in labels else None for p in predictions]
     how = (f"scikit-learn TF-IDF (word 1-2 grams) and logistic regression, fitted on the {info['n_train']} train texts, "
-           f"C={info['c']:g}" + (" chosen on the validation split" if info["validation_macro_f1"] is not None else ""))
+           f"C={info['c']:g}" + (" chosen on the validation split" if info["validation_macro_f1"] is not None else " (scikit-learn's default)"))
     return Baseline("tfidf", TITLES["tfidf"], how, ModelResults(predictions=predictions), info)
 
 
