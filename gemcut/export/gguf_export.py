@@ -47,6 +47,14 @@ def ollama_parameters(model) -> dict:
     return params
 
 
+def turn_end_id(template) -> int | None:
+    """The end-of-turn token the template writes after an assistant message (<|im_end|> in ChatML)."""
+    mark = "GemcutAnswerMark"
+    text = template.render_text([{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}])
+    tail = template.tokenizer(text[text.index(mark) + len(mark):], add_special_tokens=False)["input_ids"]
+    return next((i for i in tail if i in template.stop_token_ids), None)
+
+
 def export_gguf(run_dir: str | Path, out_dir: str | Path | None = None, *, quantize: str = "f16", merge: bool = True,
                 trust_remote_code: bool = False) -> Path:
     """Export the run's `final/` model as GGUF (+ Modelfile, export.json); returns the output folder.
@@ -81,7 +89,7 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path | None = None, *, quant
     out.mkdir(parents=True, exist_ok=True)
     name = run_dir.resolve().name
     chat = {"chat_template": template.source if template else None,
-            "end_of_turn_ids": template.stop_token_ids if template else []}
+            "end_of_turn_id": turn_end_id(template) if template else None}
     info: dict = {"source_run": str(run_dir.resolve()), "base_model": loaded.base_name, "task": loaded.task,
                   "format": "gguf", "merge": merge, "quantize": quantize, "files": {}}
     if merge:

@@ -145,7 +145,7 @@ def tokenizer_fields(tokenizer, vocab_size: int) -> dict:
             "add_eos": len(full) > len(plain) and full[-1] == tokenizer.eos_token_id}
 
 
-def add_tokenizer(writer, fields: dict, chat_template: str | None, end_of_turn_ids: list[int]) -> None:
+def add_tokenizer(writer, fields: dict, chat_template: str | None, end_of_turn_id: int | None) -> None:
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(fields["pre"])
     writer.add_token_list(fields["tokens"])
@@ -157,10 +157,9 @@ def add_tokenizer(writer, fields: dict, chat_template: str | None, end_of_turn_i
             add(int(fields[key]))
     writer.add_add_bos_token(bool(fields["add_bos"]))
     writer.add_add_eos_token(bool(fields["add_eos"]))
-    # The end-of-turn token is the template's own (<|im_end|> for ChatML), which may differ from EOS.
-    eot = [i for i in end_of_turn_ids if i != fields["eos"]] or [i for i in end_of_turn_ids]
-    if eot:
-        writer.add_eot_token_id(int(eot[0]))
+    # The token the template ends an assistant turn with (<|im_end|> for ChatML), which may differ from EOS.
+    if end_of_turn_id is not None:
+        writer.add_eot_token_id(int(end_of_turn_id))
     if chat_template:
         writer.add_chat_template(chat_template)
 
@@ -222,7 +221,7 @@ def add_llama_hparams(writer, config, quantize: str | None) -> None:
 
 
 def write_model_gguf(model, tokenizer, path: str | Path, *, quantize: str = "f16", chat_template: str | None = None,
-                     end_of_turn_ids: list[int] | None = None, name: str = "gemcut-export") -> dict:
+                     end_of_turn_id: int | None = None, name: str = "gemcut-export") -> dict:
     """Write a (merged, float) transformers LlamaForCausalLM to `path` as GGUF; returns a summary.
 
     Args:
@@ -230,7 +229,7 @@ def write_model_gguf(model, tokenizer, path: str | Path, *, quantize: str = "f16
         tokenizer: the run's fast tokenizer (byte-level BPE).
         quantize: matrix type: f16, bf16, q8_0 or q4_0.
         chat_template: Jinja source stored as `tokenizer.chat_template` (the run's template).
-        end_of_turn_ids: token ids that end an assistant turn; the first one besides EOS becomes the EOT id.
+        end_of_turn_id: the token that ends an assistant turn in the chat template (`tokenizer.ggml.eot_token_id`).
         name: `general.name`.
     Returns: {"path", "bytes", "tensor_types": {type: count}, "pre_tokenizer"}.
     """
@@ -246,7 +245,7 @@ def write_model_gguf(model, tokenizer, path: str | Path, *, quantize: str = "f16
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     add_llama_hparams(writer, config, quantize)
-    add_tokenizer(writer, fields, chat_template, list(end_of_turn_ids or []))
+    add_tokenizer(writer, fields, chat_template, end_of_turn_id)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     counts: dict[str, int] = {}
     tied = bool(getattr(config, "tie_word_embeddings", False))
