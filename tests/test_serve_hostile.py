@@ -141,19 +141,20 @@ def test_default_limit_and_the_serve_flag(monkeypatch, models):
     assert ServeSettings().max_body_bytes == 8 * 1024 * 1024
     import uvicorn
 
-    import gemcut.serve.app
+    import gemcut.service.app
     from gemcut.cli import app, register_commands
 
     seen = {}
 
-    def fake_create_app(settings):
+    def fake_create_service_app(settings):
         seen["settings"] = settings
         return SimpleNamespace(state=SimpleNamespace(registry=SimpleNamespace(models={"tiny": None})))
 
-    monkeypatch.setattr(gemcut.serve.app, "create_app", fake_create_app)
+    monkeypatch.setattr(gemcut.service.app, "create_service_app", fake_create_service_app)
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
     register_commands()
-    result = CliRunner().invoke(app, ["serve", "--model", str(models[1]), "--api-key", "k", "--max-body-bytes", "65536"])
+    result = CliRunner().invoke(app, ["serve", "--model", str(models[1]), "--api-key", "k", "--max-body-bytes", "65536",
+                                      "--service-root", str(models[1].parent / "service")])
     assert result.exit_code == 0, result.output
     assert seen["settings"].max_body_bytes == 65536
 
