@@ -5,9 +5,10 @@
 For each type: `gemcut export RUN --format gguf --quantize T` (timed), the file size, then chat prompts from
 the chatterbot corpus rendered with the run's template answered greedily (EOS ignored, --tokens each) by
 llama.cpp (llama-cpp-python) and by the merged float32 model in transformers on the same thread count:
-decode tokens/s of each, and how many of llama.cpp's greedy tokens equal transformers' (position by
-position, up to the first difference counted as the rest differing). Prints a JSON summary and the first
-answers as text.
+decode tokens/s of each, how many of llama.cpp's greedy tokens equal transformers' (the common prefix of
+each answer), and how many answers are identical up to the end-of-turn token. Prompts are the run's
+data.instruction applied to a few tweets for label runs (the quickstart), else chat questions. Prints a
+JSON summary and the first answers as text.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ import torch
 
 QUESTIONS = ["What is AI?", "Tell me a joke.", "What is your favorite color?", "Do you like music?",
              "Who are you?", "What is the meaning of life?", "Can you help me?", "What is a computer?"]
+# For runs that put each text into an instruction (data.instruction, e.g. the quickstart's tweets).
+TEXTS = ["I love this new phone, the camera is amazing!", "Worst customer service ever, still waiting on hold.",
+         "The meeting is moved to 3pm tomorrow.", "Can't believe how good the concert was last night",
+         "My flight got cancelled again. Great.", "Just had lunch, going back to work now.",
+         "This update broke everything on my laptop", "Happy birthday to my best friend!"]
 
 
 def transformers_answers(model, prompts: list[list[int]], tokens: int) -> tuple[list[list[int]], float]:
@@ -59,6 +65,11 @@ def llama_cpp_answers(gguf: Path, prompts: list[list[int]], tokens: int, threads
     return answers, len(prompts) * tokens / decode_s
 
 
+def until(answer: list[int], stops: set[int]) -> list[int]:
+    """The answer up to its first end-of-turn token (what a chat client shows)."""
+    return answer[:next((i for i, t in enumerate(answer) if t in stops), len(answer))]
+
+
 def agreement(got: list[list[int]], want: list[list[int]]) -> float:
     same = total = 0
     for a, b in zip(got, want):
@@ -82,7 +93,12 @@ def main() -> None:
     from gemcut.models.load import load_run
 
     loaded = load_run(args.run)
-    prompts = [loaded.template.prompt_ids([{"role": "user", "content": q}]) for q in QUESTIONS]
+    data = loaded.config.get("data") or {}
+    labels = ", ".join(data.get("labels") or [])
+    questions = ([data["instruction"].format(text=t, labels=labels) for t in TEXTS] if data.get("kind") == "label"
+                 else QUESTIONS)
+    prompts = [loaded.template.prompt_ids([{"role": "user", "content": q}]) for q in questions]
+    stops = set(loaded.template.stop_token_ids)
     merged = loaded.model.merge_and_unload().float().eval()
     shutil.rmtree(args.out, ignore_errors=True)
     merged_dir = export_run(args.run, args.out / "merged-fp32", report=False)
@@ -99,10 +115,11 @@ def main() -> None:
         result[f"llama_cpp_{quantize}"] = {"bytes": (folder / "model.gguf").stat().st_size, "export_s": round(seconds, 1),
                                            "decode_tokens_per_s": round(speed, 1),
                                            "greedy_agreement": round(agreement(answers, reference), 3),
-                                           "answers_identical": sum(a == b for a, b in zip(answers, reference))}
+                                           "answers_identical": sum(until(a, stops) == until(b, stops)
+                                                                    for a, b in zip(answers, reference))}
         texts[quantize] = loaded.tokenizer.decode(answers[0])
     print(json.dumps(result, indent=2))
-    print(f"Q: {QUESTIONS[0]}")
+    print(f"Q: {questions[0]!r}")
     for name, text in texts.items():
         print(f"  {name}: {text!r}")
 
