@@ -43,6 +43,22 @@ def chat_model(tmp):
     return plain_model(tmp / "tiny")
 
 
+@pytest.fixture(scope="module")
+def sharp_model(tmp):
+    """The tiny Llama with sharp attention: at its random initialisation attention is nearly uniform, so
+    positions hardly change its logits; scaled queries and keys make a wrong position or mask show."""
+    from transformers import AutoModelForCausalLM
+
+    path = plain_model(tmp / "sharp")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(12.0)
+            layer.self_attn.k_proj.weight.mul_(12.0)
+    model.save_pretrained(path)
+    return path
+
+
 def _steps_with_at_least(metrics: Metrics, rows: int) -> float:
     """How many decode steps ran with `rows` sequences or more (from the batch-size histogram)."""
     samples = metrics.batch_size.collect()[0].samples
@@ -51,15 +67,16 @@ def _steps_with_at_least(metrics: Metrics, rows: int) -> float:
     return count - below
 
 
-def test_requests_joining_mid_batch_give_their_one_by_one_greedy_output(chat_model):
+def test_requests_joining_mid_batch_give_their_one_by_one_greedy_output(sharp_model):
     registry = ModelRegistry(ServeSettings(device="cpu"))
-    served = registry.add(str(chat_model))
+    served = registry.add(str(sharp_model))
     template = served.template
     # Different lengths (left padding on both sides of a join), the same ChatML header (a shared prefix), budgets
     # that end at different steps (rows leave while others go on).
     conversations = [("the quick brown fox jumps over the lazy dog and runs far away", 40), ("hi", 12),
                      ("what is the capital of france? tell me", 25), ("i love this product", 8), ("ok", 30)]
-    prompts = [list(template.prompt_ids([{"role": "user", "content": text}])) for text, _ in conversations]
+    system = {"role": "system", "content": "you are a helpful assistant: answer the question briefly."}
+    prompts = [list(template.prompt_ids([system, {"role": "user", "content": text}])) for text, _ in conversations]
     eos = served.eos_ids()
     # logprobs=0: each token's log-probability, which shows the logits themselves match, not only their argmax.
     alone = [generate(served.model, served.tokenizer, [p], max_new_tokens=n, eos_ids=eos, logprobs=0)[0]
@@ -87,6 +104,7 @@ def test_requests_joining_mid_batch_give_their_one_by_one_greedy_output(chat_mod
         torch.testing.assert_close([lp.logprob for lp in got.logprobs], [lp.logprob for lp in want.logprobs], atol=1e-5, rtol=1e-5)
     assert _steps_with_at_least(metrics, 3) > 0  # they did decode together
     assert worker.decoding() == 0 and worker.active.cache is None  # finished rows left, their cache with them
+    assert len(worker.active.prefix[0]) >= 16  # the template's header and system prompt ran once, then were shared
 
 
 def test_streams_and_n_choices_join_the_running_batch(chat_model, tmp):
@@ -199,8 +217,12 @@ def test_a_sliding_window_model_decodes_requests_in_turn_each_as_alone():
     worker = Worker(ServeSettings(max_batch=8, batch_wait_ms=0), metrics)
     worker.start()
     try:
-        with worker.lock:
-            futures = [worker.submit(GenJob(served, prompts=[p], max_new_tokens=12)) for p in prompts]
+        jobs = [GenJob(served, prompts=[p], max_new_tokens=12) for p in prompts]
+        futures = [worker.submit(jobs[0])]
+        _wait(lambda: jobs[0].first_token_at > 0)
+        with worker.lock:  # arrives while the first decodes
+            assert not futures[0].done()
+            futures.append(worker.submit(jobs[1]))
         got = [f.result(timeout=60)[0].token_ids for f in futures]
     finally:
         worker.stop()

@@ -44,7 +44,7 @@ from gemcut.models.kv_cache import (
     rows_joinable,
 )
 from gemcut.models.numerics import device_of
-from gemcut.models.shared_prefix import MIN_SHARED_TOKENS, prefix_cache, shared_prompt_length
+from gemcut.models.shared_prefix import MIN_SHARED_TOKENS, prefix_cache, shared_prompt_length, suffix_positions
 
 Event = tuple["Row", list[StreamDelta]]  # a row and the stream deltas its new token released
 
@@ -97,8 +97,10 @@ class RunningBatch:
 
     # ------------------------------------------------------------------ prompts
 
-    def _shared_prefix(self, prompt: list[int]) -> tuple[int, Any]:
-        """(tokens of `prompt` whose cache is already known, a copy of that cache) or (0, None)."""
+    def _shared_prefix(self, prompt: list[int], others: list[list[int]]) -> tuple[int, Any]:
+        """(tokens at the start of `prompt` whose cache is known, a copy of that cache) or (0, None). The kept
+        prefix, cut back to what `prompt` shares with it; else a new one, what `prompt` shares with the prompt
+        before it, or with all of `others` (prompts arriving with it)."""
         previous, self.last_prompt = self.last_prompt, list(prompt)
         if not self.joinable:  # unknown yet, or layers a copy would not keep (sliding windows)
             return 0, None
@@ -111,7 +113,7 @@ class RunningBatch:
                 cache.crop(common - len(ids))
                 self.prefix = (ids[:common], cache)
                 return common, copy_of(cache)
-        common = shared_prompt_length([previous, prompt]) if previous else 0
+        common = max(shared_prompt_length([prompt, *others]) if others else 0, shared_prompt_length([previous, prompt]) if previous else 0)
         if common < MIN_SHARED_TOKENS:
             return 0, None
         ids = list(prompt[:common])
@@ -119,42 +121,64 @@ class RunningBatch:
         self.prefix = (ids, cache)
         return common, copy_of(cache)
 
-    def _prefill(self, prompt: list[int]) -> tuple[torch.Tensor, Any]:
-        """The last position's logits [1, V] and the cache of `prompt`, computed alone."""
-        start, cache = self._shared_prefix(prompt)
-        ids = torch.tensor([prompt[start:]], device=self.device)
-        positions = torch.arange(start, len(prompt), device=self.device)[None]
-        mask = torch.ones((1, len(prompt)), dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self.cache_name: cache},
-                         **self.keep_last)
+    def _prefill(self, prompts: list[list[int]], start: int, cache) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """Logits [k, V] at the last position of each prompt, their cache and its mask [k, columns], in one
+        forward pass: the prompts' suffixes left-padded after their first `start` tokens, whose cache (one
+        row) is `cache`; each row's positions count its real tokens."""
+        suffixes = [p[start:] for p in prompts]
+        width = max(map(len, suffixes))
+        ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        mask = torch.zeros((len(prompts), start + width), dtype=torch.long)
+        mask[:, :start] = 1
+        for i, suffix in enumerate(suffixes):
+            ids[i, width - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
+            mask[i, start + width - len(suffix):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        if cache is not None and len(prompts) > 1:
+            cache.batch_repeat_interleave(len(prompts))
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=suffix_positions(mask, start), use_cache=True,
+                         **{self.cache_name: cache}, **self.keep_last)
         cache = returned_cache(out)
         if cache is None:
             raise RuntimeError(f"{type(self.model).__name__} returned no KV cache; the running batch needs one")
         if self.joinable is None:
             self.joinable = rows_joinable(cache)
-        return out.logits[:, -1, :], cache
+        return out.logits[:, -1, :], cache, mask
 
-    def join(self, prompt: list[int], rows: list[Row]) -> list[Event]:
-        """Prefill `prompt` for `rows` (its choices), pick each row's first token; the rows not finished by it
-        decode with the others from the next `step`."""
-        logits, cache = self._prefill(prompt)
-        events = self._pick(rows, logits.expand(len(rows), -1))
-        for row in rows:
-            row.position = len(prompt)
-        staying = [i for i, row in enumerate(rows) if not row.completion.finished]
+    def join(self, requests: list[tuple[list[int], list[Row]]]) -> list[Event]:
+        """Prefill each request's prompt for its rows (its choices) and pick each row's first token; the rows
+        not finished by it decode with the others from the next `step`. The prompts that start with the
+        same shared prefix run in one forward pass on its cache; any others in another."""
+        events: list[Event] = []
+        while requests:
+            first = requests[0][0]
+            start, cache = self._shared_prefix(first, [prompt for prompt, _ in requests[1:]])
+            together = [r for r in requests if len(r[0]) > start and r[0][:start] == first[:start]]
+            requests = [r for r in requests if all(r is not t for t in together)]
+            events += self._join_together(together, start, cache)
+        return events
+
+    def _join_together(self, requests: list[tuple[list[int], list[Row]]], start: int, cache) -> list[Event]:
+        logits, cache, mask = self._prefill([prompt for prompt, _ in requests], start, cache)
+        rows = [row for _, request_rows in requests for row in request_rows]
+        source = [i for i, (_, request_rows) in enumerate(requests) for _ in request_rows]  # each row's prompt
+        events = self._pick(rows, logits[source])
+        for (prompt, request_rows) in requests:
+            for row in request_rows:
+                row.position = len(prompt)
+        staying = [j for j, row in enumerate(rows) if not row.completion.finished]
         if not staying:
             return events
-        if len(rows) > 1:
-            cache.batch_repeat_interleave(len(rows))
-        if len(staying) < len(rows):
-            cache.batch_select_indices(torch.tensor(staying, device=self.device))
-        mask = torch.ones((len(staying), len(prompt)), dtype=torch.long, device=self.device)
+        keep = [source[j] for j in staying]  # a prompt's cache row, repeated for each of its staying choices
+        if keep != list(range(len(requests))):
+            cache.batch_select_indices(torch.tensor(keep, device=self.device))
+        mask = mask[keep]
         if self.cache is None:
             self.cache, self.mask = cache, mask
         else:
             added = join_rows(self.cache, cache)
-            self.mask = torch.cat([_left_padded(self.mask, added), _left_padded(mask, self.mask.shape[1] - len(prompt))])
-        self.rows += [rows[i] for i in staying]
+            self.mask = torch.cat([_left_padded(self.mask, added), _left_padded(mask, self.mask.shape[1] - mask.shape[1])])
+        self.rows += [rows[j] for j in staying]
         return events
 
     # ------------------------------------------------------------------ decoding

@@ -320,10 +320,7 @@ class Worker:
                 self.metrics.queue_wait.labels(model=job.served.name).observe(now - job.enqueued)
             for group in groups:
                 self._guarded(group, self._forward_group, group)
-            deferred: list[GenJob] = []
-            for job in generating:
-                self._guarded([job], self._join, job, deferred)
-            self.waiting.extendleft(reversed(deferred))
+            self._guarded(generating, self._join, generating)
             if self.active is not None:  # streams whose client went away end where they are
                 for row in self.active.leave(lambda row: row.owner.cancelled):
                     self._finish_row(row)
@@ -350,16 +347,21 @@ class Worker:
 
     # ------------------------------------------------------------------ completions
 
-    def _join(self, job: GenJob, deferred: list[GenJob]) -> None:
-        batch = self._batch_for(job.served)
-        if not batch.accepts_more():  # a cache that cannot take rows (sliding window): after the running ones
-            deferred.append(job)
+    def _join(self, jobs: list[GenJob]) -> None:
+        """Prefill the admitted completions (one forward pass for those that share a prefix) into the running
+        batch; with a cache that cannot take rows (sliding window), those that come while others decode wait."""
+        if not jobs:
             return
-        job.results = [None] * job.size()
-        with torch.inference_mode(), job.served.activate():
-            events: list[Event] = []
-            for prompt, rows in job.rows():
-                events += batch.join(prompt, rows)
+        batch = self._batch_for(jobs[0].served)
+        if not batch.accepts_more():
+            self.waiting.extendleft(reversed(jobs))
+            return
+        requests = []
+        for job in jobs:
+            job.results = [None] * job.size()
+            requests += job.rows()
+        with torch.inference_mode(), batch.served.activate():
+            events = batch.join(requests)
         if len(batch):
             self.active = batch
         self._deliver(events, time.perf_counter())
