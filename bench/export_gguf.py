@@ -65,6 +65,18 @@ def llama_cpp_answers(gguf: Path, prompts: list[list[int]], tokens: int, threads
     return answers, len(prompts) * tokens / decode_s
 
 
+def llama_cpp_chat(gguf: Path, template, question: str) -> dict:
+    """One chat completion through llama-cpp-python's own chat handling: the template and stop come from the file."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, verbose=False)
+    messages = ([{"role": "system", "content": template.system_prompt}] if template.system_prompt else []) + \
+        [{"role": "user", "content": question}]
+    reply = llm.create_chat_completion(messages=messages, temperature=0.0, max_tokens=64)
+    choice = reply["choices"][0]
+    return {"question": question, "answer": choice["message"]["content"], "finish_reason": choice["finish_reason"]}
+
+
 def until(answer: list[int], stops: set[int]) -> list[int]:
     """The answer up to its first end-of-turn token (what a chat client shows)."""
     return answer[:next((i for i, t in enumerate(answer) if t in stops), len(answer))]
@@ -118,6 +130,7 @@ def main() -> None:
                                            "answers_identical": sum(until(a, stops) == until(b, stops)
                                                                     for a, b in zip(answers, reference))}
         texts[quantize] = loaded.tokenizer.decode(answers[0])
+        result[f"llama_cpp_{quantize}"]["chat"] = llama_cpp_chat(folder / "model.gguf", loaded.template, questions[0])
     print(json.dumps(result, indent=2))
     print(f"Q: {questions[0]!r}")
     for name, text in texts.items():
