@@ -233,3 +233,33 @@ def test_vllm_folder_loads_in_transformers_with_template_and_stops(run, tmp_path
     assert config["r"] == 4 and (adapter / "adapter_model.safetensors").is_file()
     readme = (adapter / "README.md").read_text()
     assert "--enable-lora" in readme and f"--lora-modules run={adapter.resolve()}" in readme and "--max-lora-rank 8" in readme
+
+
+@needs_llama_cpp
+def test_llama3_rope_scaling_gives_the_models_logits_in_llama_cpp(tmp_path):
+    """Llama 3.1/3.2 scale rope frequencies; the GGUF carries them as rope_freqs.weight (a tiny model whose original
+    context of 16 puts most frequencies in the scaled range)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16}
+    logits = {}
+    for kind, scaling in (("llama3", rope), ("default", None)):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                                             rope_scaling=scaling, tie_word_embeddings=True, initializer_range=0.1)).eval()
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(param.half().float())  # the f16 file's weights
+            logits[kind] = model(torch.tensor([list(range(5, 105))])).logits[0].numpy()
+        if kind == "llama3":
+            from gemcut.export.gguf_writer import write_model_gguf
+
+            info = write_model_gguf(model, tok, tmp_path / "rope.gguf", quantize="f16")
+            assert info["tensor_types"]["F32"] == 6  # 5 norms + rope_freqs
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "rope.gguf"), logits_all=True, n_ctx=128, verbose=False)
+    llm.eval(list(range(5, 105)))
+    got = np.array(llm.scores[:100])
+    assert np.abs(got - logits["llama3"]).max() < 0.02 < np.abs(got - logits["default"]).max() / 10

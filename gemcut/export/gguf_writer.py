@@ -27,8 +27,8 @@ import numpy as np
 from gemcut.errors import GemcutError
 
 QUANTIZE_TYPES = ("f16", "bf16", "q8_0", "q4_0")
-# Rope variants llama.cpp's llama graph reads from metadata alone; others need extra tensors we do not write.
-SUPPORTED_ROPE = ("default", "linear")
+# Rope variants gemcut writes: llama.cpp reads linear from metadata, llama3 (Llama 3.1/3.2) from a rope_freqs tensor.
+SUPPORTED_ROPE = ("default", "linear", "llama3")
 
 
 def permute_qk(weights: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
@@ -66,13 +66,37 @@ def check_llama(config) -> None:
     """Refuse models llama.cpp's llama graph would run differently, naming what differs."""
     archs = getattr(config, "architectures", None) or []
     if getattr(config, "model_type", None) != "llama":
-        raise GemcutError(f"GGUF export supports Llama-architecture models (model_type llama: SmolLM2, Llama 2/3, TinyLlama); "
+        raise GemcutError(f"GGUF export supports Llama-architecture models (model_type llama: SmolLM2, Llama 2/3.x, TinyLlama); "
                           f"this one is {getattr(config, 'model_type', None)!r} ({', '.join(archs) or 'no architectures'}); "
                           "export --format transformers or --format vllm instead")
     rope_type = rope_parameters(config).get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE:
         raise GemcutError(f"config.json rope_scaling type {rope_type!r} is not supported by gemcut's GGUF export "
                           f"(supported: {', '.join(SUPPORTED_ROPE)}); use llama.cpp's convert_hf_to_gguf.py on --format transformers output")
+
+
+def llama3_rope_factors(config) -> np.ndarray:
+    """Per-frequency divisors of Llama 3.1's rope scaling, as convert_hf_to_gguf.py writes them (`rope_freqs.weight`)."""
+    import math
+
+    rope = rope_parameters(config)
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    freqs = 1.0 / (float(rope["rope_theta"]) ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_context = rope.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
 
 
 def rope_parameters(config) -> dict:
@@ -258,6 +282,9 @@ def write_model_gguf(model, tokenizer, path: str | Path, *, quantize: str = "f16
         writer.add_tensor(new, array, raw_dtype=raw_dtype)
         kind = raw_dtype.name if raw_dtype is not None else {np.float32: "F32", np.float16: "F16"}[array.dtype.type]
         counts[kind] = counts.get(kind, 0) + 1
+    if rope_parameters(config).get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(config))
+        counts["F32"] = counts.get("F32", 0) + 1
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
