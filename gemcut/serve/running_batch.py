@@ -2,27 +2,29 @@
 
     python -m pytest -q tests/test_serve_batching.py
     batch = RunningBatch(served)
-    events = batch.join(prompt_ids, rows)    # the prompt prefilled, each row's first token picked
-    events = batch.step()                    # one more token for every row; finished rows have left
+    events = batch.join([(prompt_ids, rows), ...])   # prompts prefilled, each row's first token picked
+    events = batch.step()                            # one more token for every row; finished rows have left
 
-The worker (gemcut/serve/worker.py) calls `join` for a request that arrives while others decode, so it
-decodes with them from the next step on, and `step` in a loop. Rows share one KV cache, padded on the
+The worker (gemcut/serve/worker.py) calls `join` with the requests that arrived while others decode, so
+they decode with them from the next step on, and `step` in a loop. Rows share one KV cache, padded on the
 left (gemcut/models/kv_cache.py):
-- a new prompt runs alone (batch 1, no padding; its cache repeated for its n choices) and its rows are
-  joined by padding the shorter side with masked zero columns on the left;
+- the prompts joining together run in one forward pass (their own suffixes left-padded after the prefix
+  they share; a request's cache row repeated for its n choices), and their rows are joined to the running
+  ones by padding the shorter side with masked zero columns on the left;
 - every row keeps its own position ids (its real tokens counted), so its logits are those it would get
-  alone: batched greedy output equals one-by-one output (tests/test_serve_batching.py, with requests
-  arriving mid-batch);
+  alone: batched greedy output equals one-by-one output, log-probabilities within 1e-5
+  (tests/test_serve_batching.py, with requests arriving mid-batch);
 - a finished row leaves at once (its cache rows dropped), and columns only padding occupies are cut;
 - each row picks its token with its own `TokenPicker` (its request's sampling settings, a generator seeded
   `seed + choice`), greedy rows with one argmax for all of them.
 
-Prefix sharing: a prompt that starts with the same tokens as the one before (the chat template's header
-and system prompt; 8 tokens at least, MIN_SHARED_TOKENS) has that prefix run once and kept; later prompts
-that start with it run only their own suffix on a copy of its cache. One prefix is kept per served model.
+Prefix sharing: the tokens a prompt shares with the one before it, or with all the prompts arriving with
+it (the chat template's header and system prompt; 8 tokens at least, MIN_SHARED_TOKENS), run once and are
+kept; later prompts that start with them run only their own suffix on a copy of that cache. One prefix is
+kept per served model; a prompt that shares only part of it cuts it back (no forward pass).
 
-A model whose cache cannot be joined (sliding-window layers) still decodes its rows together, but a new
-request waits until the running ones have finished (`accepts_more`).
+A model whose cache cannot be joined (sliding-window layers) decodes the requests that start together as
+one batch, but a request that arrives while they decode waits until they have finished (`accepts_more`).
 """
 
 from __future__ import annotations
