@@ -51,6 +51,8 @@ def turn_end_id(template) -> int | None:
     """The end-of-turn token the template writes after an assistant message (<|im_end|> in ChatML)."""
     mark = "GemcutAnswerMark"
     text = template.render_text([{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}])
+    if mark not in text:  # a template that rewrites contents: no turn end to point at
+        return None
     tail = template.tokenizer(text[text.index(mark) + len(mark):], add_special_tokens=False)["input_ids"]
     return next((i for i in tail if i in template.stop_token_ids), None)
 
