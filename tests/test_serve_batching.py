@@ -228,3 +228,31 @@ def test_a_sliding_window_model_decodes_requests_in_turn_each_as_alone():
         worker.stop()
     assert got == alone
     assert worker.batches["sliding"].joinable is False and _steps_with_at_least(metrics, 2) == 0
+
+
+def test_a_stream_whose_client_goes_away_leaves_the_batch(chat_model, tmp):
+    import httpx
+
+    app = create_app(ServeSettings(models=[str(chat_model)], api_keys=[API_KEY], db_url=f"sqlite:///{tmp / 'db-gone'}", batch_wait_ms=0))
+    worker, metrics = app.state.worker, app.state.metrics
+    served = app.state.registry.get("tiny")
+    served.model.register_forward_pre_hook(lambda module, args: time.sleep(0.02))  # 240 tokens take seconds
+    never_end = {str(e): -100 for e in served.eos_ids()}
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 240, "temperature": 0, "stream": True, "logit_bias": never_end}
+
+    def answered() -> float:
+        return sum(s.value for s in metrics.requests.collect()[0].samples if s.name == "gemcut_requests_total")
+
+    with running(app) as url, httpx.Client(timeout=30) as client:
+        with client.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+            lines = r.iter_lines()  # kept: a dropped iterator closes the connection at once
+            next(lines)
+            worker.lock.acquire()  # the worker pauses between two steps
+        try:
+            _wait(lambda: answered() == 1)  # the server saw the client go and logged the request
+            assert worker.decoding() == 1
+        finally:
+            worker.lock.release()
+        _wait(lambda: worker.decoding() == 0)
+    generated = next(s.value for s in metrics.generated_tokens.collect()[0].samples if s.name == "gemcut_generated_tokens_total")
+    assert 0 < generated < 240  # it stopped where the client left, not at max_tokens
