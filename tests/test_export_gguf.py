@@ -215,6 +215,10 @@ def test_gguf_refusals_and_command(run, tmp_path):
     info = json.loads((tmp_path / "q4" / "export.json").read_text())
     assert info["files"]["model.gguf"]["tensor_types"] == {"Q4_0": 14, "Q8_0": 1, "F32": 5}
     assert CliRunner().invoke(app, ["export", str(run["run"]), "--format", "onnx"]).exit_code != 0
+    assert CliRunner().invoke(app, ["export", str(run["run"]), "--format", "vllm", "--quantize", "q8_0"]).exit_code != 0
+    assert CliRunner().invoke(app, ["export", str(run["run"]), "--format", "gguf", "--dtype", "bf16"]).exit_code != 0
+    vllm = CliRunner().invoke(app, ["export", str(run["run"]), "--format", "vllm", "--out", str(tmp_path / "v")])
+    assert vllm.exit_code == 0 and "README.md" in vllm.output, vllm.output
 
 
 def test_vllm_folder_loads_in_transformers_with_template_and_stops(run, tmp_path):
