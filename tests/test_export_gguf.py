@@ -97,6 +97,7 @@ def llama_cpp_greedy(gguf: Path, prompts: list[list[int]], lora: Path | None = N
             if len(out) == NEW_TOKENS:
                 break
         answers.append(out)
+    llm.close()  # free the model now, not in a finalizer at interpreter exit
     return answers
 
 
