@@ -230,6 +230,7 @@ def test_vllm_folder_loads_in_transformers_with_template_and_stops(run, tmp_path
     source = (run["run"] / "final" / "chat_template.jinja").read_text()
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == source
     assert (out / "chat_template.jinja").read_text() == source
+    assert AutoTokenizer.from_pretrained(out).chat_template == source  # what vLLM's tokenizer loading reads
     eos = GenerationConfig.from_pretrained(out).eos_token_id
     assert run["tokenizer"].convert_tokens_to_ids("<|im_end|>") in (eos if isinstance(eos, list) else [eos])
     assert f"vllm serve {out.resolve()}" in (out / "README.md").read_text()
