@@ -27,8 +27,8 @@ def root(tmp_path_factory):
 
 
 def test_constrained_scores_equal_a_hand_computed_forward_pass():
-    """Each label's score is the summed log-probability of its answer tokens (the label and end of turn) after
-    the prompt, computed here by hand with one forward pass per (prompt, label); the answer is their argmax."""
+    """Each label's score is the summed log-probability of its tokens after the prompt (up to the end of turn),
+    computed here by hand with one forward pass per (prompt, label); the answer is their argmax."""
     from gemcut.data.templates import ChatTemplate
 
     tok = tiny_tokenizer()
@@ -43,7 +43,9 @@ def test_constrained_scores_equal_a_hand_computed_forward_pass():
             ids, weights = template.render([*prompt, {"role": "assistant", "content": label}])
             with torch.no_grad():
                 logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
-            hand = sum(float(logp[t - 1, ids[t]]) for t in range(start, len(ids)) if weights[t] > 0)
+            answer = [t for t in range(start, len(ids)) if weights[t] > 0]
+            answer = answer[: next(k for k, t in enumerate(answer) if ids[t] in template.stop_token_ids)]  # up to end of turn
+            hand = sum(float(logp[t - 1, ids[t]]) for t in answer)
             assert scores[i, j] == pytest.approx(hand, abs=1e-4)
         assert predictions[i] == LABELS[int(scores[i].argmax())]
     assert all(p in LABELS for p in predictions)  # by construction: never unparseable

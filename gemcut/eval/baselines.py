@@ -109,7 +109,7 @@ def prompted_label_baselines(names: list[str], model, tokenizer, template, examp
         prompts = [with_examples(with_label_set(e.prompt, labels), shots, labels) for e in examples]
         title = TITLES[name].format(k=len(shots))
         predictions, _ = constrained_labels(model, tokenizer, template, prompts, labels, batch_size=cfg.eval.batch_size,
-                                            progress=progress(f"{title}: label likelihood", len(prompts) * len(labels)))
+                                            progress=progress(f"{title}: label likelihood", len(prompts)))
         how = ("the base model, the label set named in the prompt"
                + (f", {len(shots)} train examples (balanced over labels) as earlier turns" if shots else "")
                + "; its answer is the label with the highest log-probability after the prompt")
