@@ -492,6 +492,10 @@ class RunConfig(Section):
             raise ValueError(f"train.early_stopping: metric {es.metric!r} is a loss but mode is 'max'; set train.early_stopping.mode=min")
         if self.objective.kind != "auto" and TASKS[self.objective.kind].reference and self.adapter.method not in ("lora", "qlora"):
             raise ValueError(f"objective.kind={self.objective.kind} needs adapter.method=lora (the reference is the adapter-disabled model); got {self.adapter.method!r}")
+        if self.data.mixture is not None and self.train.group_by_length is True:
+            raise ValueError("train.group_by_length=true with data.mixture would fill each batch with one source's examples "
+                             "(each source's examples have lengths of their own); a mixture draws uniformly random batches, "
+                             "so set train.group_by_length=auto or false")
         if self.data.mixture is not None and self.objective.kind not in ("auto", "causal_lm"):
             raise ValueError(f"data.mixture trains its sources as chats with one causal-LM objective; objective.kind="
                              f"{self.objective.kind} does not train chats that way, so set objective.kind=causal_lm (or auto)")

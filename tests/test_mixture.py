@@ -56,6 +56,8 @@ def _mixture(labels, chats, **weights) -> dict:
 def test_bad_mixtures_are_refused_with_the_fix(data, message):
     with pytest.raises(ConfigError, match=message):
         validate({"data": data})
+    with pytest.raises(ConfigError, match="set train.group_by_length=auto or false"):
+        validate({"data": {"mixture": {"sources": [{"name": "a", "train": ["y"]}]}}, "train": {"group_by_length": True}})
     with pytest.raises(ConfigError, match="set objective.kind=causal_lm"):
         validate({"data": {"mixture": {"sources": [{"name": "a", "train": ["y"]}]}}, "objective": {"kind": "dpo"}})
 
@@ -113,6 +115,19 @@ def test_mixture_weights_respected_within_sampling_error():
     assert mixture_order(sources, shares, seed=3, epoch=0) != mixture_order(sources, shares, seed=3, epoch=1)
 
 
+def test_mixture_batches_mix_the_sources_even_where_length_grouping_is_on():
+    from gemcut.train.batches import ExampleSource
+
+    examples = [{"input_ids": [5] * (4 if i % 2 else 60), "labels": [5] * (4 if i % 2 else 60), "mixture_source": "ab"[i % 2]}
+                for i in range(400)]
+    mixture = MixtureConfig.model_validate({"sources": [{"name": "a", "train": ["x"]}, {"name": "b", "train": ["y"]}]})
+    cfg = config(batch_size=8).train
+    source = ExampleSource(examples, collate_causal, cfg, group_by_length=True, mixture=mixture)  # what run.py passes for auto
+    order = source.order(0)
+    batches = [{examples[i]["mixture_source"] for i in order[s:s + 8]} for s in range(0, len(order), 8)]
+    assert sum(len(b) == 2 for b in batches) >= 0.9 * len(batches)  # grouped by length, nearly every batch would be one source
+
+
 class InterruptAt:
     """The objective, sending this process SIGINT inside training step `step` (the loop saves and stops after it)."""
 
@@ -139,7 +154,7 @@ def _mixture_fit(run_dir, objective, resume=False):
     examples = [{**ex, "mixture_source": "a" if i % 4 else "b"} for i, ex in enumerate(causal_examples(40))]
     cfg = config(max_steps=12, save_every=2, keep_last_n=10)
     mixture = MixtureConfig.model_validate({"sources": [{"name": "a", "train": ["x"], "weight": 1}, {"name": "b", "train": ["y"], "weight": 3}]})
-    source = ExampleSource(examples, collate_causal, cfg.train, group_by_length=True, mixture=mixture)
+    source = ExampleSource(examples, collate_causal, cfg.train, group_by_length=False, mixture=mixture)
     return fit(llama(), objective, source, config=cfg, task=task_named("causal_lm"), run_dir=run_dir, data_hash="mixture-v1", resume=resume)
 
 

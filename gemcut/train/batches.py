@@ -16,6 +16,8 @@ A data mixture (`data.mixture`, gemcut/data/mixture.py) draws instead: each exam
 source picked with its sampling share, and is that source's next example in a seeded shuffle of its own
 (`mixture_order`); all of it is drawn from (seed, e), so the mixture's position is the same (epoch, index) and a
 resumed run draws what the uninterrupted one would have. An epoch is as many draws as there are examples.
+Its batches are never grouped by length: each source's examples have lengths of their own (tweets against
+conversations), so a length-grouped batch would hold one source's examples instead of the shares.
 """
 
 from __future__ import annotations
@@ -185,10 +187,8 @@ class ExampleSource:
             size = micro_batch_size(self.train, 1)
             if self.shares is None:
                 order = epoch_order(self.lengths, seed=self.seed, epoch=epoch, batch_size=size, group_by_length=self.grouped)
-            else:
+            else:  # never length-grouped: a source's examples have lengths of their own, so a grouped batch would hold one source
                 order = mixture_order(self.sources, self.shares, seed=self.seed, epoch=epoch)
-                if self.grouped:  # a generator of its own: the draws above stay what they are with grouping on or off
-                    order = grouped_by_length(order, self.lengths, size, torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 1))
             self._order = (epoch, order)
         return self._order[1]
 
