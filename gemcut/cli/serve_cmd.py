@@ -32,6 +32,7 @@ def serve(
     log_prompts: bool = typer.Option(None, "--log-prompts/--no-log-prompts", help="Store prompt and answer text (needed for drift and data export)."),
     max_queue: int | None = typer.Option(None, help="Waiting requests before 429 (default 64)."),
     max_batch: int | None = typer.Option(None, help="Sequences per batch (default 8)."),
+    max_batch_tokens: int | None = typer.Option(None, help="Tokens per classifier/embedding forward pass (default 8192)."),
     threads: int | None = typer.Option(None, help="torch CPU threads for the model worker."),
     max_body_bytes: int | None = typer.Option(None, help="Largest request body accepted, in bytes (default 8 MiB); bigger ones get 413."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
@@ -52,7 +53,7 @@ def serve(
 
     settings = load_settings(config, cls=ServiceSettings, models=list(model) or None, host=host, allowed_hosts=allowed_host or None,
                              port=port, db_url=db, log_prompts=log_prompts,
-                             max_queue=max_queue, max_batch=max_batch, num_threads=threads, max_body_bytes=max_body_bytes,
+                             max_queue=max_queue, max_batch=max_batch, max_batch_tokens=max_batch_tokens, num_threads=threads, max_body_bytes=max_body_bytes,
                              trust_remote_code=trust_remote_code or None, workers=workers, service_root=service_root,
                              jobs_db_url=jobs_db, max_upload_bytes=max_upload_bytes)
     if api_key:
