@@ -496,7 +496,8 @@ class RunConfig(Section):
             raise ValueError("train.group_by_length=true with data.mixture would fill each batch with one source's examples "
                              "(each source's examples have lengths of their own); a mixture draws uniformly random batches, "
                              "so set train.group_by_length=auto or false")
-        if self.data.mixture is not None and self.objective.kind not in ("auto", "causal_lm"):
+        # A mixture trains every source as chats: the objective must take chat records as chats (the table's shape).
+        if self.data.mixture is not None and self.objective.kind != "auto" and TASKS[self.objective.kind].shapes.get("messages") != "chat":
             raise ValueError(f"data.mixture trains its sources as chats with one causal-LM objective; objective.kind="
                              f"{self.objective.kind} does not train chats that way, so set objective.kind=causal_lm (or auto)")
         if self.objective.kind != "auto" and TASKS[self.objective.kind].rollouts:
