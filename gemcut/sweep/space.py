@@ -2,7 +2,7 @@
 
     python -m pytest -q tests/test_sweep.py -k space
 
-    space = load_space("examples/sweep_classify.yaml", base_raw)   # checked against RunConfig, or a ConfigError
+    space = load_space("examples/sweeps/sweep_space.yaml", base_raw)   # checked against RunConfig, or a ConfigError
     overrides = space.suggest(trial)                                 # {"train.lr": 3.1e-4, "adapter.method": "lora"}
 
 The file, in the conventions of Optuna, Ray Tune and W&B sweeps:
