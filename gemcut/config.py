@@ -540,16 +540,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def set_path(raw: dict, path: tuple[str, ...] | list[str], value: Any) -> None:
+    """Set `raw[a][b]... = value` for path (a, b, ...), creating (or replacing non-dict) sections on the way."""
+    node = raw
+    for part in path[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[path[-1]] = value
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Set each `a.b=c` in a nested dict, creating sections as needed. Unknown keys are caught at validation."""
     for text in overrides:
-        path, value = parse_override(text)
-        node = raw
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[path[-1]] = value
+        set_path(raw, *parse_override(text))
     return raw
 
 

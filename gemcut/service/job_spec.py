@@ -62,7 +62,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from gemcut.config import RunConfig, format_validation_error
+from gemcut.config import RunConfig, format_validation_error, set_path
 from gemcut.data.assets import is_alias
 from gemcut.errors import GemcutError
 from gemcut.tasks import AUTO, TASKS
@@ -363,12 +363,7 @@ def _param(path: tuple[str, ...]) -> str:
 def _set(raw: dict, path: tuple[str, ...], value: Any) -> None:
     # Not config.apply_overrides: that parses `a.b=text` from a command line as YAML, and these values are
     # JSON already (a string "8" stays a string; pydantic converts where a field wants a number).
-    node = raw
-    for part in path[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[path[-1]] = value
+    set_path(raw, path, value)
 
 
 def _no_second_setting(mtype: str, name: str, value: Any, set_by: dict) -> None:
