@@ -169,7 +169,8 @@ def test_cancel_stops_a_running_job_and_keeps_its_checkpoint(svc, training_file)
 
 def test_pause_and_resume_continue_from_the_checkpoint(svc, training_file):
     alice = client_for(svc, "alice")
-    job = _long_job(alice, training_file, steps=24)
+    steps = 300  # long enough that the pause lands mid-run on a fast machine too (a tiny step is milliseconds)
+    job = _long_job(alice, training_file, steps=steps)
     wait_for(alice, job.id, {"running"})
     _wait_for_checkpoint(svc, job.id)
     alice.fine_tuning.jobs.pause(job.id)
@@ -179,6 +180,7 @@ def test_pause_and_resume_continue_from_the_checkpoint(svc, training_file):
     done = wait_for(alice, job.id, {"succeeded"})
     messages = [e.message for e in alice.fine_tuning.jobs.list_events(job.id, limit=1000).data]
     assert any(m.startswith("Resumed from checkpoint step") for m in messages), messages
-    steps = [e.data["step"] for e in alice.fine_tuning.jobs.list_events(job.id, limit=1000).data if e.type == "metrics" and "train_loss" in e.data]
-    assert sorted(steps) == list(range(1, 25)), "each step reported once across the pause"
-    assert done.fine_tuned_model and step_at_pause < 24
+    reported = [e.data["step"] for e in alice.fine_tuning.jobs.list_events(job.id, limit=1000).data
+                if e.type == "metrics" and "train_loss" in e.data]
+    assert sorted(reported) == list(range(1, steps + 1)), "each step reported once across the pause"
+    assert done.fine_tuned_model and step_at_pause < steps
