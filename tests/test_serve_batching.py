@@ -213,6 +213,8 @@ def test_a_sliding_window_model_decodes_requests_in_turn_each_as_alone():
     served = ServedModel("sliding", task_named("causal_lm"), model, tok, None, 256)
     prompts = [tok("the quick brown fox jumps over the lazy dog")["input_ids"], tok("hello world")["input_ids"]]
     alone = [generate(model, tok, [p], max_new_tokens=12, eos_ids=served.eos_ids())[0].token_ids for p in prompts]
+    # Slowed (12 steps take a quarter second or more), so on a fast machine the first is still decoding when the second arrives.
+    model.register_forward_pre_hook(lambda module, args: time.sleep(0.02))
     metrics = Metrics()
     worker = Worker(ServeSettings(max_batch=8, batch_wait_ms=0), metrics)
     worker.start()
